@@ -1,0 +1,713 @@
+"""Shared core of the model scripts: data split, flags, device, seeding, the training loop with
+early stopping, checkpoints, and every output (curve, GIF, sample grid, samples, metrics).
+
+Every model script defines an ``nn.Module`` with a uniform contract, so the loop below never
+branches on the family:
+
+    name = "ARM"                      # short name used for every output file
+    nll_kind = "exact" | "upper_bound" | None
+    objective = "NLL (nats/image)"    # what loss() returns, for the curve's y axis
+    loss(x) -> scalar                 # training objective, mean over the batch
+    eval_loss(x) -> scalar            # optional: validation objective (default: loss)
+    sample(n) -> (n, 64)              # samples on the 0..16 pixel scale
+    test_nll(x) -> (B,)               # optional: nats per image on the discrete 0..16 pixels
+    extra_metrics(splits) -> dict     # optional: family-specific numbers for the metrics JSON
+    configure_optimizer(lr)           # optional: default Adam
+    grad_clip = None | float          # optional: gradient-norm clipping
+
+x is always a float tensor (B, 64) of pixels on the 0..16 scale of ``load_digits().data``; each
+model maps it to its own space with the transforms here.
+"""
+
+import argparse
+import contextlib
+import copy
+import io
+import json
+import math
+import os
+import pickle
+import random
+import signal
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+from torch import nn
+
+NUM_PIXELS = 64  # 8 x 8 images
+PIXEL_MAX = 16  # pixels are integers 0..16
+NUM_LEVELS = PIXEL_MAX + 1
+TRAIN_END, VAL_END = 1000, 1350  # train = [:1000], val = [1000:1350], test = [1350:] (447)
+PM1_LOGDET = NUM_PIXELS * math.log(1 / 8)  # log|det d pixels_to_pm1 / dx| per image
+QUICK_SIZES = dict(train=200, val=100, test=100)  # --quick trains and evaluates on subsets
+DEFAULT_THREADS = 1  # measured: README "CPU threads"
+EXIT_USAGE, EXIT_NONFINITE, EXIT_INTERRUPTED = 2, 1, 130
+
+
+# -----------------------------------------------------------------------------
+# data and the transforms between pixel spaces
+
+
+def load_digits_arrays():
+    """All 1797 digits: pixels (1797, 64) float32 on 0..16 and labels (1797,) int64."""
+    from sklearn.datasets import load_digits
+
+    digits = load_digits()
+    return digits.data.astype(np.float32), digits.target.astype(np.int64)
+
+
+def split_arrays(array, quick=False):
+    """Split any per-image array the same way: train [:1000], val [1000:1350], test [1350:]."""
+    splits = dict(train=array[:TRAIN_END], val=array[TRAIN_END:VAL_END], test=array[VAL_END:])
+    if quick:
+        splits = {key: value[: QUICK_SIZES[key]] for key, value in splits.items()}
+    return splits
+
+
+def load_splits(device, quick=False):
+    """dict(train, val, test) of float32 tensors (N, 64) on 0..16, moved to the device once."""
+    pixels, _ = load_digits_arrays()
+    return {k: torch.from_numpy(v.copy()).to(device) for k, v in split_arrays(pixels, quick).items()}
+
+
+def load_label_splits(device, quick=False):
+    """dict(train, val, test) of int64 label tensors (N,), aligned with load_splits."""
+    _, labels = load_digits_arrays()
+    return {k: torch.from_numpy(v.copy()).to(device) for k, v in split_arrays(labels, quick).items()}
+
+
+def pixels_to_pm1(x):
+    """0..16 -> [-1, 1]: y = x / 8 - 1 (log|det| per image is PM1_LOGDET)."""
+    return x / 8 - 1
+
+
+def pm1_to_pixels(y):
+    """[-1, 1] -> 0..16, clamped."""
+    return ((y + 1) * 8).clamp(0, PIXEL_MAX)
+
+
+def dequantize(x):
+    """Uniform dequantization: x + u, u ~ U[0, 1)^64, so x + u lies in [x, x + 1).
+
+    A density p on the continuous v = x + u bounds the discrete likelihood:
+    -log P(x) <= E_u[-log p(x + u)] (Jensen), in nats per image on the 0..16 pixels.
+    """
+    return x + torch.rand_like(x)
+
+
+def nats_to_bpd(nats):
+    """Nats per image -> bits per dimension on the 64 pixels."""
+    return nats / (NUM_PIXELS * math.log(2))
+
+
+# -----------------------------------------------------------------------------
+# flags
+
+
+class UsageError(Exception):
+    """Bad input from the user: reported in one line, exit status 2."""
+
+
+def _number(kind, test, allowed):
+    def parse(text):
+        try:
+            value = kind(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"expected {allowed}, got {text!r}") from None
+        if not (math.isfinite(value) and test(value)):
+            raise argparse.ArgumentTypeError(f"expected {allowed}, got {text!r}")
+        return value
+
+    return parse
+
+
+positive_int = _number(int, lambda v: v > 0, "an integer >= 1")
+nonnegative_int = _number(int, lambda v: v >= 0, "an integer >= 0")
+positive_float = _number(float, lambda v: v > 0, "a number > 0")
+nonnegative_float = _number(float, lambda v: v >= 0, "a number >= 0")
+unit_interval = _number(float, lambda v: 0 <= v < 1, "a number in [0, 1)")
+
+
+class _Parser(argparse.ArgumentParser):
+    def error(self, message):  # one line, exit 2 (argparse's default prints the whole usage)
+        self.exit(EXIT_USAGE, f"{self.prog}: error: {message} (see --help)\n")
+
+
+def make_parser(script, doc, *, epochs, batch_size, lr, patience, ema=0.0, gif_every=1, num_samples=1000):
+    """The flags every script shares; defaults are the script's own. script: its __file__."""
+    parser = _Parser(prog=Path(script).name, description=doc, formatter_class=argparse.RawDescriptionHelpFormatter)
+    train = parser.add_argument_group("training")
+    train.add_argument("--epochs", type=positive_int, default=None,
+                       help=f"maximum number of epochs (default {epochs}; 2 with --quick)")
+    train.add_argument("--batch-size", type=positive_int, default=batch_size,
+                       help="minibatch size (default %(default)s)")
+    train.add_argument("--lr", type=positive_float, default=lr, help="learning rate (default %(default)s)")
+    train.add_argument("--patience", type=positive_int, default=patience,
+                       help="early stopping: epochs without a better validation objective (default %(default)s)")
+    train.add_argument("--ema", type=unit_interval, default=ema,
+                       help="decay of an exponential moving average of the weights used for "
+                            "evaluation and sampling; 0 turns it off (default %(default)s)")
+    train.add_argument("--seed", type=nonnegative_int, default=0, help="random seed (default %(default)s)")
+    train.add_argument("--resume", action="store_true",
+                       help="continue training from OUT/NAME.pt (model, optimizer, epoch, RNG states)")
+    run_group = parser.add_argument_group("machine and outputs")
+    run_group.add_argument("--device", default="auto", choices=("auto", "cpu", "cuda", "mps"),
+                           help="auto picks cuda, then mps, then cpu (default %(default)s)")
+    run_group.add_argument("--threads", type=positive_int, default=DEFAULT_THREADS,
+                           help="CPU threads for torch (default %(default)s, measured fastest for these models)")
+    run_group.add_argument("--out", type=Path, default=Path("results"),
+                           help="folder for every output (default %(default)s)")
+    run_group.add_argument("--num-samples", type=positive_int, default=None,
+                           help=f"samples written to NAME_samples.npy (default {num_samples}; 64 with --quick)")
+    run_group.add_argument("--gif-every", type=positive_int, default=gif_every,
+                           help="add a frame to the training GIF every K epochs (default %(default)s)")
+    run_group.add_argument("--sample-only", action="store_true",
+                           help="load OUT/NAME.pt and write samples and metrics without training")
+    run_group.add_argument("--quick", action="store_true",
+                           help="a tiny run for smoke tests: 2 epochs, small data subsets, 64 samples")
+    run_group.add_argument("--no-progress", action="store_true", help="no progress bar")
+    parser.set_defaults(_full_epochs=epochs, _full_samples=num_samples)
+    return parser
+
+
+def parse_args(parser, argv=None):
+    args = parser.parse_args(argv)
+    if args.epochs is None:
+        args.epochs = 2 if args.quick else args._full_epochs
+    if args.num_samples is None:
+        args.num_samples = 64 if args.quick else args._full_samples
+    if args.quick:
+        args.gif_every = 1  # several frames even in a 2-epoch run
+    if args.resume and args.sample_only:
+        parser.error("--resume and --sample-only exclude each other")
+    del args._full_epochs, args._full_samples
+    args.prog = parser.prog
+    return args
+
+
+# -----------------------------------------------------------------------------
+# device, threads, seeding
+
+
+def choose_device(name):
+    has_mps = getattr(torch.backends, "mps", None) is not None and torch.backends.mps.is_available()
+    if name == "auto":
+        name = "cuda" if torch.cuda.is_available() else "mps" if has_mps else "cpu"
+    available = {"cpu": True, "cuda": torch.cuda.is_available(), "mps": has_mps}
+    if name not in available:
+        raise UsageError(f"unknown device {name!r}; choose one of auto, cpu, cuda, mps")
+    if not available[name]:
+        have = ", ".join(k for k, ok in available.items() if ok)
+        raise UsageError(f"--device {name} was asked for but is not available here (available: {have})")
+    return torch.device(name)
+
+
+def set_seed(seed):
+    """Seed python, numpy and torch (all CUDA devices too)."""
+    random.seed(seed)
+    np.random.seed(seed % 2**32)
+    torch.manual_seed(seed)
+
+
+@contextlib.contextmanager
+def seeded(seed, device):
+    """Run a block with its own RNG stream, leaving the training stream untouched."""
+    cuda = [device.index or 0] if device.type == "cuda" else []
+    with torch.random.fork_rng(devices=cuda):
+        torch.manual_seed(seed)
+        yield
+
+
+def rng_state():
+    numpy_state = np.random.get_state()
+    state = dict(python=random.getstate(), torch=torch.get_rng_state(),
+                 numpy=[numpy_state[0], torch.from_numpy(numpy_state[1].astype(np.int64)), *numpy_state[2:]])
+    if torch.cuda.is_available():
+        state["cuda"] = torch.cuda.get_rng_state_all()
+    return state
+
+
+def set_rng_state(state):
+    version, internal, gauss_next = state["python"]
+    random.setstate((version, tuple(internal), gauss_next))
+    torch.set_rng_state(state["torch"])
+    kind, keys, *rest = state["numpy"]
+    np.random.set_state((kind, keys.numpy().astype(np.uint32), *rest))
+    if "cuda" in state and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(state["cuda"])
+
+
+def synchronize(device):
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+    elif device.type == "mps":
+        torch.mps.synchronize()
+
+
+# -----------------------------------------------------------------------------
+# outputs, each written atomically: a temporary file in the same folder, then a rename
+
+
+def atomic_write(path, write):
+    """Call write(tmp_path), then rename over path: a killed run never leaves a truncated file."""
+    path = Path(path)
+    tmp = path.with_name(f".{path.stem}.tmp{os.getpid()}{path.suffix}")
+    try:
+        write(tmp)
+        os.replace(tmp, path)
+    finally:
+        if tmp.exists():
+            tmp.unlink()
+
+
+def _finite_or_none(value):
+    if isinstance(value, float) and not math.isfinite(value):
+        return None
+    if isinstance(value, dict):
+        return {k: _finite_or_none(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [_finite_or_none(v) for v in value]
+    return value
+
+
+def save_json(path, data):
+    text = json.dumps(_finite_or_none(data), indent=2, allow_nan=False) + "\n"
+    atomic_write(path, lambda tmp: tmp.write_text(text))
+
+
+def save_npy(path, array):
+    def write(tmp):
+        with open(tmp, "wb") as f:
+            np.save(f, array)
+
+    atomic_write(path, write)
+
+
+def save_image(path, image):
+    """image: uint8 array (H, W) or (H, W, 3)."""
+    from PIL import Image
+
+    atomic_write(path, lambda tmp: Image.fromarray(image).save(tmp, format="PNG"))
+
+
+def image_grid(samples, nrow=8, scale=4):
+    """(N, 64) pixels on 0..16 -> uint8 (H, W) grid, white strokes on black, upscaled `scale` times."""
+    from torchvision.utils import make_grid
+
+    images = (samples.detach().float().cpu().clamp(0, PIXEL_MAX) / PIXEL_MAX).view(-1, 1, 8, 8)
+    grid = make_grid(images, nrow=nrow, padding=1, pad_value=0.35)[0]  # (H, W) in [0, 1]
+    grid = (grid * 255).round().to(torch.uint8).numpy()
+    return np.kron(grid, np.ones((scale, scale), dtype=np.uint8))  # nearest-neighbour upscaling
+
+
+def labelled(image, text):
+    """Add a strip with `text` above a uint8 (H, W) image."""
+    from PIL import Image, ImageDraw
+
+    strip = 18
+    canvas = Image.new("L", (image.shape[1], image.shape[0] + strip), color=255)
+    canvas.paste(Image.fromarray(image), (0, strip))
+    ImageDraw.Draw(canvas).text((4, 3), text, fill=0)
+    return np.asarray(canvas)
+
+
+def save_gif(path, frames, last_frame_seconds=2.0, frame_seconds=0.2):
+    """frames: list of uint8 (H, W), in training order; the last one is held longer."""
+    import imageio.v3 as iio
+
+    durations = [frame_seconds * 1000] * (len(frames) - 1) + [last_frame_seconds * 1000]  # ms
+    if len(frames) == 1:
+        durations = durations[0]  # Pillow wants a number, not a list, for a single frame
+    atomic_write(path, lambda tmp: iio.imwrite(tmp, np.stack(frames), extension=".gif",
+                                              duration=durations, loop=0))
+
+
+def save_curve(path, history, best_epoch, name, objective):
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(6, 4), dpi=100)
+    epochs = np.arange(1, len(history["train"]) + 1)
+    ax.plot(epochs, history["train"], label="train")
+    ax.plot(epochs, history["val"], label="validation")
+    if best_epoch:
+        ax.axvline(best_epoch, color="gray", linestyle="--", linewidth=1,
+                   label=f"best epoch {best_epoch} (val {history['val'][best_epoch - 1]:.2f})")
+    ax.set_xlabel("epoch")
+    ax.set_ylabel(objective)
+    ax.set_title(f"{name}: training and validation objective")
+    ax.legend()
+    fig.tight_layout()
+    atomic_write(path, lambda tmp: fig.savefig(tmp, format="png"))
+    plt.close(fig)
+
+
+# -----------------------------------------------------------------------------
+# checkpoints: a dict of state_dicts, plain containers and tensors; loaded with weights_only=True
+
+
+def save_checkpoint(path, checkpoint):
+    atomic_write(path, lambda tmp: torch.save(checkpoint, tmp))
+
+
+def load_checkpoint(path, name, config, make_command):
+    """Load and check OUT/NAME.pt; every problem is a one-line UsageError."""
+    path = Path(path)
+    if not path.is_file():
+        raise UsageError(f"no checkpoint at {path}; make one with: {make_command}")
+    try:
+        checkpoint = torch.load(path, map_location="cpu", weights_only=True)
+    except pickle.UnpicklingError as error:
+        if "GLOBAL" in str(error).upper().replace("GLOBALS", ""):  # it names a class or function to import
+            raise UsageError(f"refused to load {path}: it holds pickled objects or code that "
+                             f"weights-only loading does not allow, so it is not a checkpoint of "
+                             f"this project") from None
+        raise UsageError(f"{path} is truncated or corrupted ({str(error).splitlines()[0]})") from None
+    except Exception as error:  # zip, EOF, and storage errors of a damaged file
+        first_line = str(error).splitlines()[0] if str(error) else type(error).__name__
+        raise UsageError(f"{path} is truncated or corrupted ({first_line})") from None
+    keys = {"model_name", "config", "model", "best_model", "epoch"}
+    if not isinstance(checkpoint, dict) or not keys <= checkpoint.keys():
+        raise UsageError(f"{path} is not a checkpoint of these scripts (missing keys)")
+    if checkpoint["model_name"] != name:
+        raise UsageError(f"{path} is a checkpoint of {checkpoint['model_name']}, not {name}")
+    if checkpoint["config"] != config:
+        diffs = ", ".join(f"{k}={checkpoint['config'].get(k)!r} (checkpoint) vs {config.get(k)!r} (now)"
+                          for k in sorted(set(config) | set(checkpoint["config"]))
+                          if checkpoint["config"].get(k) != config.get(k))
+        raise UsageError(f"{path} was made with another configuration: {diffs}")
+    return checkpoint
+
+
+def _load_state(model, state, path):
+    try:
+        model.load_state_dict(state)
+    except RuntimeError as error:
+        raise UsageError(f"{path} does not fit this model ({str(error).splitlines()[0]})") from None
+
+
+# -----------------------------------------------------------------------------
+# exponential moving average of the weights
+
+
+class EMA:
+    """Shadow weights w_ema <- decay * w_ema + (1 - decay) * w; buffers are copied, not averaged."""
+
+    def __init__(self, model, decay):
+        self.decay = decay
+        self.parameter_names = {name for name, _ in model.named_parameters()}
+        self.shadow = {k: v.detach().clone() for k, v in model.state_dict().items()}
+
+    @torch.no_grad()
+    def update(self, model):
+        for key, value in model.state_dict().items():
+            if key in self.parameter_names:
+                self.shadow[key].lerp_(value, 1 - self.decay)
+            else:
+                self.shadow[key].copy_(value)
+
+    @contextlib.contextmanager
+    def applied(self, model):
+        backup = {k: v.detach().clone() for k, v in model.state_dict().items()}
+        model.load_state_dict(self.shadow)
+        try:
+            yield
+        finally:
+            model.load_state_dict(backup)
+
+
+# -----------------------------------------------------------------------------
+# the training loop
+
+
+class NonFiniteLoss(Exception):
+    pass
+
+
+def _cpu_state(model):
+    return {k: v.detach().to("cpu", copy=True) for k, v in model.state_dict().items()}
+
+
+def batched(fn, x, batch_size=512):
+    """Apply fn to x in chunks; concatenate tensor results along dim 0."""
+    return torch.cat([fn(x[i:i + batch_size]) for i in range(0, len(x), batch_size)])
+
+
+def evaluate_objective(model, x, seed, device, batch_size=512):
+    """Validation objective: mean of eval_loss over x, with a fixed noise stream every epoch."""
+    eval_loss = getattr(model, "eval_loss", None) or model.loss
+    total = 0.0
+    with seeded(seed, device), torch.no_grad():
+        for i in range(0, len(x), batch_size):
+            batch = x[i:i + batch_size]
+            total += float(eval_loss(batch)) * len(batch)
+    return total / len(x)
+
+
+def draw_samples(model, n, seed, device, batch_size=1000):
+    with seeded(seed, device), torch.no_grad():
+        chunks = [model.sample(min(batch_size, n - i)) for i in range(0, n, batch_size)]
+    return torch.cat(chunks).float().clamp(0, PIXEL_MAX)
+
+
+class _Signals:
+    """SIGINT/SIGTERM raise KeyboardInterrupt while training; while outputs are written they are
+    only recorded, so that every output is completed before the process exits with 130."""
+
+    def __init__(self):
+        self.received = False
+        self.previous = {}
+
+    def _raise(self, signum, frame):
+        self.received = True
+        raise KeyboardInterrupt
+
+    def _record(self, signum, frame):
+        self.received = True
+
+    def _install(self, handler):
+        if threading_is_main():
+            for sig in (signal.SIGINT, signal.SIGTERM):
+                self.previous.setdefault(sig, signal.getsignal(sig))
+                signal.signal(sig, handler)
+
+    def raising(self):
+        self._install(self._raise)
+
+    @contextlib.contextmanager
+    def held(self):
+        """Signals that arrive inside the block take effect at its end."""
+        received, self.received = self.received, False
+        self.deferred()
+        try:
+            yield
+        finally:
+            arrived, self.received = self.received, received or self.received
+            self.raising()
+        if arrived:
+            raise KeyboardInterrupt
+
+    def deferred(self):
+        self._install(self._record)
+
+    def restore(self):
+        for sig, handler in self.previous.items():
+            signal.signal(sig, handler)
+
+
+def threading_is_main():
+    import threading
+
+    return threading.current_thread() is threading.main_thread()
+
+
+def train(model, splits, args, device, ema, optimizer, state, frames, signals, save):
+    """Train in place until max epochs, early stopping, a non-finite loss or an interrupt.
+
+    `state` (epoch, best_epoch, best_val, best_model, history, train_seconds, rng) is updated
+    after every epoch and checkpointed by save(current weights), so an interrupted or failed run
+    keeps its best state and loses at most one epoch. Returns the reason training stopped.
+    """
+    from tqdm import tqdm
+
+    train_x, val_x = splits["train"], splits["val"]
+    grad_clip = getattr(model, "grad_clip", None)
+    show = not args.no_progress and sys.stderr.isatty()
+    bar = tqdm(total=args.epochs, initial=state["epoch"], disable=not show, desc=model.name, unit="epoch")
+    reason = "max_epochs"
+    try:
+        signals.raising()
+        while state["epoch"] < args.epochs:
+            if state["epoch"] - state["best_epoch"] >= args.patience and state["best_epoch"] > 0:
+                reason = "early_stopping"
+                break
+            epoch = state["epoch"] + 1
+            start = time.perf_counter()
+            model.train()
+            permutation = torch.randperm(len(train_x), device=device)
+            total, count = 0.0, 0
+            for step, i in enumerate(range(0, len(train_x), args.batch_size), start=1):
+                batch = train_x[permutation[i:i + args.batch_size]]
+                loss = model.loss(batch)
+                value = loss.item()
+                if not math.isfinite(value):
+                    raise NonFiniteLoss(f"non-finite training loss ({value}) at epoch {epoch}, step {step}")
+                optimizer.zero_grad(set_to_none=True)
+                loss.backward()
+                if grad_clip:
+                    torch.nn.utils.clip_grad_norm_(model.parameters(), grad_clip)
+                optimizer.step()
+                if ema:
+                    ema.update(model)
+                total += value * len(batch)
+                count += len(batch)
+            model.eval()
+            best, frame = None, None
+            with ema.applied(model) if ema else contextlib.nullcontext():
+                val = evaluate_objective(model, val_x, args.seed + 1, device)
+                if not math.isfinite(val):
+                    raise NonFiniteLoss(f"non-finite validation objective ({val}) at epoch {epoch}")
+                if val < state["best_val"]:
+                    best = dict(best_val=val, best_epoch=epoch, best_model=_cpu_state(model))
+                if epoch % args.gif_every == 0 or epoch == args.epochs:
+                    frame = draw_samples(model, 64, args.seed + 2, device).cpu()
+            synchronize(device)
+            with signals.held():  # commit the whole epoch or none of it
+                state.update(best or {})
+                if frame is not None:
+                    frames["samples"].append(frame)
+                    frames["epochs"].append(epoch)
+                state["history"]["train"].append(total / count)
+                state["history"]["val"].append(val)
+                state["train_seconds"] += time.perf_counter() - start
+                state["epoch"] = epoch
+                state["rng"] = rng_state()
+                save(dict(model=_cpu_state(model), optimizer=optimizer.state_dict(),
+                          ema=ema.shadow if ema else None))
+            bar.set_postfix(train=f"{total / count:.3f}", val=f"{val:.3f}",
+                            best=f"{state['best_val']:.3f}@{state['best_epoch']}")
+            bar.update(1)
+    except KeyboardInterrupt:
+        reason = "interrupted"
+    except NonFiniteLoss as error:
+        print(f"{model.name}: error: {error}; keeping the best state "
+              f"(epoch {state['best_epoch']}) and writing the outputs", file=sys.stderr)
+        reason = "non_finite"
+    finally:
+        signals.deferred()
+        bar.close()
+    return reason
+
+
+def run(args, build_model, config):
+    """Everything a script does after parsing its flags; exits 2 on bad input, 1 on a non-finite
+    loss, 130 when interrupted, and returns normally otherwise."""
+    signals = _Signals()
+    try:
+        code = _run(args, build_model, config, signals)
+    except UsageError as error:
+        print(f"{args.prog}: error: {error}", file=sys.stderr)
+        code = EXIT_USAGE
+    finally:
+        signals.restore()
+    if code:
+        raise SystemExit(code)
+
+
+def _check_out(out):
+    if out.exists() and not out.is_dir():
+        raise UsageError(f"--out {out} is a file, not a folder")
+    try:
+        out.mkdir(parents=True, exist_ok=True)
+        probe = out / f".write-test-{os.getpid()}"
+        probe.write_bytes(b"")
+        probe.unlink()
+    except OSError as error:
+        raise UsageError(f"--out {out} can't be written ({error.strerror or error})") from None
+
+
+def _run(args, build_model, config, signals):
+    out = Path(args.out)
+    _check_out(out)
+    device = choose_device(args.device)
+    torch.set_num_threads(args.threads)
+    set_seed(args.seed)
+    model = build_model().to(device)
+    name = model.name
+    paths = {kind: out / f"{name}{suffix}" for kind, suffix in dict(
+        checkpoint=".pt", curve="_loss_val_curve.png", gif="_training.gif", grid="_samples.png",
+        npy="_samples.npy", metrics="_metrics.json").items()}
+    make_command = f"python {args.prog} --out {out}" + (" --quick" if args.quick else "")
+
+    splits = load_splits(device, args.quick)
+    optimizer = (model.configure_optimizer(args.lr) if hasattr(model, "configure_optimizer")
+                 else torch.optim.Adam(model.parameters(), lr=args.lr))
+    ema = EMA(model, args.ema) if args.ema > 0 else None
+    state = dict(epoch=0, best_epoch=0, best_val=math.inf, best_model=_cpu_state(model),
+                 history=dict(train=[], val=[]), train_seconds=0.0)
+    frames = dict(samples=[], epochs=[])
+    train_flags = dict(batch_size=args.batch_size, lr=args.lr, ema=args.ema, seed=args.seed)
+
+    if args.resume or args.sample_only:
+        checkpoint = load_checkpoint(paths["checkpoint"], name, config, make_command)
+        if args.sample_only:
+            _load_state(model, checkpoint["best_model"], paths["checkpoint"])
+        else:
+            _load_state(model, checkpoint["model"], paths["checkpoint"])
+            optimizer.load_state_dict(checkpoint["optimizer"])
+            if ema and checkpoint.get("ema") is not None:
+                ema.shadow = {k: v.to(device) for k, v in checkpoint["ema"].items()}
+            set_rng_state(checkpoint["rng"])
+        for key in ("epoch", "best_epoch", "best_val", "best_model", "history", "train_seconds"):
+            state[key] = checkpoint[key]
+        frames = dict(samples=list(checkpoint["frames"]), epochs=list(checkpoint["frame_epochs"]))
+
+    def save(current):
+        """Checkpoint after every epoch: an interrupted run loses at most one epoch."""
+        save_checkpoint(paths["checkpoint"], dict(
+            model_name=name, config=config, train_flags=train_flags, torch_version=str(torch.__version__),
+            epoch=state["epoch"], best_epoch=state["best_epoch"], best_val=state["best_val"],
+            best_model=state["best_model"], history=state["history"], train_seconds=state["train_seconds"],
+            rng=state.get("rng") or rng_state(), frames=frames["samples"], frame_epochs=frames["epochs"],
+            **current))
+
+    reason = "sample_only"
+    if not args.sample_only:
+        reason = train(model, splits, args, device, ema, optimizer, state, frames, signals, save)
+        if not state["history"]["train"]:
+            print(f"{name}: no epoch completed; nothing to write", file=sys.stderr)
+            return EXIT_INTERRUPTED if reason == "interrupted" else EXIT_NONFINITE
+        save_curve(paths["curve"], state["history"], state["best_epoch"], name, model.objective)
+        if frames["samples"]:
+            save_gif(paths["gif"], [labelled(image_grid(s), f"{name}  epoch {e}")
+                                    for s, e in zip(frames["samples"], frames["epochs"])])
+    _load_state(model, state["best_model"], paths["checkpoint"])
+    model.eval()
+    metrics = _final_outputs(model, splits, args, device, paths, out, state, reason, config)
+    print(json.dumps(_finite_or_none({k: metrics[k] for k in (
+        "model", "test_nll_nats", "test_bpd", "nll_kind", "epochs_run", "best_epoch",
+        "train_seconds", "sample_seconds")})))
+    if reason == "interrupted" or signals.received:
+        return EXIT_INTERRUPTED
+    return EXIT_NONFINITE if reason == "non_finite" else 0
+
+
+def _final_outputs(model, splits, args, device, paths, out, state, reason, config):
+    """Evaluate the best state on the test split and write samples and metrics."""
+    name = model.name
+    test_nll = None
+    if model.nll_kind:
+        with seeded(args.seed + 3, device), torch.no_grad():
+            test_nll = float(batched(model.test_nll, splits["test"]).mean())
+    extra = model.extra_metrics(splits) if hasattr(model, "extra_metrics") else {}
+
+    synchronize(device)
+    start = time.perf_counter()
+    samples = draw_samples(model, args.num_samples, args.seed + 4, device)
+    synchronize(device)
+    sample_seconds = time.perf_counter() - start
+    samples = samples.cpu()
+
+    save_image(out / "_Digit_real_image.png", image_grid(splits["test"][:64]))
+    save_image(paths["grid"], image_grid(samples[:64]))
+    save_npy(paths["npy"], samples.numpy().astype(np.float32))
+    metrics = dict(
+        model=name, test_nll_nats=test_nll,
+        test_bpd=nats_to_bpd(test_nll) if test_nll is not None else None,
+        nll_kind=model.nll_kind, epochs_run=state["epoch"], best_epoch=state["best_epoch"],
+        best_val_objective=state["best_val"] if math.isfinite(state["best_val"]) else None,
+        objective=model.objective, stopped=reason, interrupted=reason == "interrupted",
+        train_seconds=round(state["train_seconds"], 2), sample_seconds=round(sample_seconds, 3),
+        num_samples=args.num_samples, device=str(device), threads=torch.get_num_threads(),
+        seed=args.seed, num_params=sum(p.numel() for p in model.parameters()),
+        torch_version=str(torch.__version__), quick=args.quick, config=config,
+        train_flags=dict(epochs=args.epochs, batch_size=args.batch_size, lr=args.lr,
+                         patience=args.patience, ema=args.ema),
+        **extra)
+    save_json(paths["metrics"], metrics)
+    return metrics

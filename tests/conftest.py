@@ -1,0 +1,56 @@
+"""Shared test helpers: run a script's main() and check every output it must write."""
+
+import json
+import math
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+
+import common  # noqa: E402
+
+
+def run_main(main, argv):
+    """main(argv) -> exit status (0 when it returns normally)."""
+    try:
+        main(argv)
+    except SystemExit as exit_:
+        return exit_.code
+    return 0
+
+
+def check_outputs(out, name, nll_kind):
+    """Every file a run writes exists, decodes and holds sane values; returns the metrics."""
+    from PIL import Image
+
+    out = Path(out)
+    for png in (f"{name}_loss_val_curve.png", f"{name}_samples.png", "_Digit_real_image.png"):
+        with Image.open(out / png) as image:
+            image.load()
+            assert image.size[0] > 64 and image.size[1] > 64
+    with Image.open(out / f"{name}_training.gif") as gif:
+        assert gif.n_frames >= 2
+    samples = np.load(out / f"{name}_samples.npy")
+    assert samples.dtype == np.float32 and samples.ndim == 2 and samples.shape[1] == 64
+    assert samples.shape[0] >= 64
+    assert np.isfinite(samples).all() and samples.min() >= 0 and samples.max() <= 16
+    metrics = json.loads((out / f"{name}_metrics.json").read_text())
+    for key in ("model", "test_nll_nats", "test_bpd", "nll_kind", "epochs_run", "best_epoch",
+                "train_seconds", "sample_seconds", "device", "seed", "num_params", "torch_version"):
+        assert key in metrics, key
+    assert metrics["model"] == name and metrics["nll_kind"] == nll_kind
+    if nll_kind is None:
+        assert metrics["test_nll_nats"] is None and metrics["test_bpd"] is None
+    else:
+        assert math.isfinite(metrics["test_nll_nats"]) and metrics["test_nll_nats"] > 0
+        assert metrics["test_bpd"] == pytest.approx(metrics["test_nll_nats"] / (64 * math.log(2)))
+    assert metrics["epochs_run"] >= 1 and 1 <= metrics["best_epoch"] <= metrics["epochs_run"]
+    assert metrics["train_seconds"] > 0 and metrics["sample_seconds"] > 0 and metrics["num_params"] > 0
+    checkpoint = torch.load(out / f"{name}.pt", map_location="cpu", weights_only=True)
+    assert checkpoint["model_name"] == name and checkpoint["epoch"] == metrics["epochs_run"]
+    assert not list(out.glob(".*tmp*")), "temporary files left behind"
+    return metrics

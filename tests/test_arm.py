@@ -1,0 +1,66 @@
+"""ARM: causality of the conditionals, exact normalisation, and a smoke test of the script."""
+
+import itertools
+import math
+
+import pytest
+import torch
+
+import autoregressive_model as arm_script
+from autoregressive_model import ARM
+from conftest import check_outputs, run_main
+
+
+def tiny_arm():
+    torch.manual_seed(0)
+    return ARM(channels=8, layers=3, kernel_size=9, dropout=0.0).eval()
+
+
+def test_conditional_of_pixel_i_ignores_pixels_at_and_after_i():
+    model = tiny_arm()
+    torch.manual_seed(1)
+    x = torch.randint(0, 17, (4, 64))
+    base = torch.log_softmax(model.logits(x), -1)  # (4, 64, 17)
+    for i in (0, 1, 8, 9, 31, 63):
+        changed = x.clone()
+        changed[:, i:] = torch.randint(0, 17, changed[:, i:].shape)
+        logp = torch.log_softmax(model.logits(changed), -1)
+        assert torch.allclose(logp[:, :i], base[:, :i], atol=1e-6), f"pixel >= {i} leaks"
+        if i > 0:  # and the model does use the past: changing pixel i - 1 changes pixel i
+            past = x.clone()
+            past[:, i - 1] = (past[:, i - 1] + 5) % 17
+            assert not torch.allclose(torch.log_softmax(model.logits(past), -1)[:, i], base[:, i])
+
+
+def test_probabilities_of_all_sequences_sum_to_one_on_a_short_prefix():
+    """Summing p(x_0, x_1) over all 17 x 17 values of the first two pixels gives 1."""
+    model = tiny_arm()
+    pairs = torch.tensor(list(itertools.product(range(17), repeat=2)))  # (289, 2)
+    x = torch.zeros(len(pairs), 64, dtype=torch.long)
+    x[:, :2] = pairs
+    logp = torch.log_softmax(model.logits(x), -1)
+    joint = logp[:, 0].gather(1, pairs[:, :1]) + logp[:, 1].gather(1, pairs[:, 1:])
+    assert torch.logsumexp(joint.flatten(), 0).item() == pytest.approx(0.0, abs=1e-5)
+
+
+def test_nll_is_the_summed_cross_entropy_and_untrained_model_is_near_uniform():
+    model = tiny_arm()
+    x = torch.randint(0, 17, (5, 64)).float()
+    logp = torch.log_softmax(model.logits(x.long()), -1)
+    expected = -logp.gather(2, x.long().unsqueeze(2)).squeeze(2).sum(1)
+    assert torch.allclose(model.nll(x), expected, atol=1e-4)
+    assert model.nll(x).mean().item() == pytest.approx(64 * math.log(17), rel=0.1)
+
+
+def test_samples_are_integers_in_range():
+    torch.manual_seed(0)
+    samples = tiny_arm().sample(10)
+    assert samples.shape == (10, 64)
+    assert torch.equal(samples, samples.round()) and samples.min() >= 0 and samples.max() <= 16
+
+
+def test_smoke_every_output(tmp_path):
+    assert run_main(arm_script.main, ["--quick", "--no-progress", "--out", str(tmp_path),
+                                      "--channels", "16", "--layers", "2"]) == 0
+    metrics = check_outputs(tmp_path, "ARM", "exact")
+    assert metrics["test_nll_nats"] < 64 * math.log(17) * 1.2

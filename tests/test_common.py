@@ -1,0 +1,284 @@
+"""The shared core: split, transforms, flags, seeding, resume, sample-only, interruption,
+atomic outputs and checkpoint checks. The loop is exercised through the ARM script with a
+tiny configuration, since common.run never branches on the family."""
+
+import json
+import math
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+
+import autoregressive_model as arm_script
+import common
+from conftest import check_outputs, run_main
+
+ROOT = Path(__file__).resolve().parent.parent
+TINY = ["--quick", "--no-progress", "--channels", "8", "--layers", "2"]
+
+
+def history(out):
+    return torch.load(Path(out) / "ARM.pt", weights_only=True)["history"]
+
+
+# --- data and transforms -------------------------------------------------------
+
+
+def test_split_sizes_and_order():
+    pixels, labels = common.load_digits_arrays()
+    splits = common.load_splits(torch.device("cpu"))
+    assert [len(splits[k]) for k in ("train", "val", "test")] == [1000, 350, 447]
+    assert torch.equal(splits["test"], torch.from_numpy(pixels[1350:]))
+    assert splits["train"].dtype == torch.float32 and splits["train"].max() == 16
+    label_splits = common.load_label_splits(torch.device("cpu"))
+    assert torch.equal(label_splits["val"], torch.from_numpy(labels[1000:1350]))
+
+
+def test_transforms_and_log_jacobian():
+    x = torch.arange(17.0).repeat(4)[:64]
+    y = common.pixels_to_pm1(x)
+    assert y.min() == -1 and y.max() == 1
+    assert torch.allclose(common.pm1_to_pixels(y), x)
+    jacobian = torch.autograd.functional.jacobian(common.pixels_to_pm1, x)
+    assert common.PM1_LOGDET == pytest.approx(torch.linalg.slogdet(jacobian).logabsdet.item(), abs=1e-4)
+    torch.manual_seed(0)
+    v = common.dequantize(x.expand(1000, 64))
+    assert ((v >= x) & (v < x + 1)).all()
+    assert (v - x).mean().item() == pytest.approx(0.5, abs=0.01)
+    assert common.nats_to_bpd(64 * math.log(2)) == pytest.approx(1.0)
+
+
+def test_uniform_dequantized_density_gives_the_discrete_uniform_nll():
+    """A uniform density on [0, 17)^64 is a bound that is tight: 64 log 17 nats."""
+    x = torch.randint(0, 17, (10, 64)).float()
+    v = common.dequantize(x)
+    log_density = torch.where((v >= 0) & (v < 17), -math.log(17), -math.inf).sum(1)
+    assert torch.allclose(-log_density, torch.full((10,), 64 * math.log(17)))
+
+
+# --- flags and devices ---------------------------------------------------------
+
+
+@pytest.mark.parametrize("argv, words", [
+    (["--epochs", "-1"], "integer >= 1"),
+    (["--epochs", "abc"], "integer >= 1"),
+    (["--lr", "0"], "number > 0"),
+    (["--lr", "nan"], "number > 0"),
+    (["--device", "tpu"], "cpu"),
+    (["--ema", "1.5"], "[0, 1)"),
+    (["--bogus"], "unrecognized"),
+    (["--resume", "--sample-only"], "exclude"),
+])
+def test_bad_flags_exit_2_with_one_line(argv, words, tmp_path, capsys):
+    assert run_main(arm_script.main, argv + ["--out", str(tmp_path)]) == 2
+    err = capsys.readouterr().err.strip()
+    assert words in err and len(err.splitlines()) == 1
+    assert not list(tmp_path.iterdir())
+
+
+def test_missing_device_exits_2(tmp_path, capsys, monkeypatch):
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    assert run_main(arm_script.main, TINY + ["--device", "cuda", "--out", str(tmp_path)]) == 2
+    err = capsys.readouterr().err
+    assert "cuda" in err and "not available" in err and "Traceback" not in err
+
+
+def test_out_that_is_a_file_exits_2_before_training(tmp_path, capsys):
+    target = tmp_path / "a_file"
+    target.write_text("x")
+    assert run_main(arm_script.main, TINY + ["--out", str(target)]) == 2
+    assert run_main(arm_script.main, TINY + ["--out", str(target / "below")]) == 2
+    assert "--out" in capsys.readouterr().err
+    assert target.read_text() == "x"
+
+
+# --- reproducibility, resume, sample-only ----------------------------------------
+
+
+def test_same_seed_same_losses_other_seed_other_losses(tmp_path):
+    for name, seed in (("a", "0"), ("b", "0"), ("c", "1")):
+        assert run_main(arm_script.main, TINY + ["--seed", seed, "--out", str(tmp_path / name)]) == 0
+    assert history(tmp_path / "a") == history(tmp_path / "b")
+    assert history(tmp_path / "a") != history(tmp_path / "c")
+    samples = [np.load(tmp_path / n / "ARM_samples.npy") for n in "ab"]
+    assert np.array_equal(*samples)
+
+
+def test_resumed_run_ends_with_the_same_losses_as_an_uninterrupted_one(tmp_path):
+    straight, resumed = tmp_path / "straight", tmp_path / "resumed"
+    assert run_main(arm_script.main, TINY + ["--epochs", "4", "--out", str(straight)]) == 0
+    assert run_main(arm_script.main, TINY + ["--epochs", "2", "--out", str(resumed)]) == 0
+    assert len(history(resumed)["train"]) == 2
+    assert run_main(arm_script.main, TINY + ["--epochs", "4", "--resume", "--out", str(resumed)]) == 0
+    assert history(resumed) == history(straight)
+    check_outputs(resumed, "ARM", "exact")
+    with Image_open(resumed / "ARM_training.gif") as gif:
+        assert gif.n_frames == 4  # frames from before the resume are kept
+    a = json.loads((straight / "ARM_metrics.json").read_text())
+    b = json.loads((resumed / "ARM_metrics.json").read_text())
+    assert a["test_nll_nats"] == pytest.approx(b["test_nll_nats"], abs=1e-4)
+
+
+def Image_open(path):
+    from PIL import Image
+
+    return Image.open(path)
+
+
+def test_sample_only_reproduces_samples_and_metrics_without_training(tmp_path, capsys):
+    assert run_main(arm_script.main, TINY + ["--sample-only", "--out", str(tmp_path)]) == 2
+    err = capsys.readouterr().err
+    assert "ARM.pt" in err and "python autoregressive_model.py" in err
+    assert run_main(arm_script.main, TINY + ["--out", str(tmp_path)]) == 0
+    before = np.load(tmp_path / "ARM_samples.npy")
+    metrics_before = json.loads((tmp_path / "ARM_metrics.json").read_text())
+    checkpoint_before = (tmp_path / "ARM.pt").read_bytes()
+    (tmp_path / "ARM_samples.npy").unlink()
+    assert run_main(arm_script.main, TINY + ["--sample-only", "--out", str(tmp_path)]) == 0
+    assert np.array_equal(np.load(tmp_path / "ARM_samples.npy"), before)
+    metrics = json.loads((tmp_path / "ARM_metrics.json").read_text())
+    assert metrics["test_nll_nats"] == pytest.approx(metrics_before["test_nll_nats"], abs=1e-4)
+    assert metrics["epochs_run"] == metrics_before["epochs_run"]
+    assert (tmp_path / "ARM.pt").read_bytes() == checkpoint_before
+
+
+# --- bad checkpoints -------------------------------------------------------------
+
+
+class Payload:
+    def __reduce__(self):
+        return (os.system, ("echo pwned > pwned.txt",))
+
+
+@pytest.mark.parametrize("damage, words", [
+    ("truncate", "truncated or corrupted"),
+    ("garbage", "truncated or corrupted"),
+    ("pickled_code", "refused"),
+    ("other_model", "checkpoint of RealNVP"),
+    ("other_config", "another configuration"),
+])
+def test_bad_checkpoints_exit_2_with_one_line(damage, words, tmp_path, capsys, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    assert run_main(arm_script.main, TINY + ["--out", str(tmp_path)]) == 0
+    path = tmp_path / "ARM.pt"
+    argv = TINY + ["--sample-only", "--out", str(tmp_path)]
+    if damage == "truncate":
+        path.write_bytes(path.read_bytes()[: path.stat().st_size // 2])
+    elif damage == "garbage":
+        path.write_bytes(b"\x00not a checkpoint" * 100)
+    elif damage == "pickled_code":
+        torch.save({"model_name": "ARM", "payload": Payload()}, path)
+    elif damage == "other_model":
+        checkpoint = torch.load(path, weights_only=True)
+        checkpoint["model_name"] = "RealNVP"
+        torch.save(checkpoint, path)
+    elif damage == "other_config":
+        argv = [a if a != "8" else "16" for a in argv]
+    capsys.readouterr()
+    assert run_main(arm_script.main, argv) == 2
+    err = capsys.readouterr().err.strip()
+    assert words in err and len(err.splitlines()) == 1 and "Traceback" not in err
+    assert not (tmp_path / "pwned.txt").exists()
+
+
+# --- interruption, non-finite losses, atomic writes ------------------------------------
+
+
+def test_sigint_checkpoints_writes_outputs_and_exits_130(tmp_path):
+    env = dict(os.environ, PYTHONPATH=str(ROOT))
+    proc = subprocess.Popen([sys.executable, str(ROOT / "autoregressive_model.py"), *TINY,
+                             "--epochs", "500", "--patience", "500", "--out", str(tmp_path)],
+                            env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    deadline = time.time() + 120
+    while not (tmp_path / "ARM.pt").exists() and time.time() < deadline:
+        time.sleep(0.2)
+    time.sleep(1.0)
+    proc.send_signal(signal.SIGINT)
+    stdout, stderr = proc.communicate(timeout=120)
+    assert proc.returncode == 130, stderr
+    assert "Traceback" not in stderr
+    metrics = check_outputs(tmp_path, "ARM", "exact")
+    assert metrics["interrupted"] is True and metrics["epochs_run"] < 500
+
+
+def test_non_finite_loss_keeps_best_state_writes_outputs_exits_1(tmp_path, capsys, monkeypatch):
+    calls = {"n": 0}
+    original = arm_script.ARM.loss
+
+    def failing_loss(self, x):
+        calls["n"] += self.training  # training steps only, not validation
+        loss = original(self, x)
+        return loss * math.nan if calls["n"] > 9 else loss  # 4 steps an epoch: epoch 3, step 2
+
+    monkeypatch.setattr(arm_script.ARM, "loss", failing_loss)
+    assert run_main(arm_script.main, TINY + ["--epochs", "4", "--out", str(tmp_path)]) == 1
+    err = capsys.readouterr().err
+    assert "non-finite" in err and "epoch 3, step 2" in err
+    metrics = check_outputs(tmp_path, "ARM", "exact")
+    assert metrics["epochs_run"] == 2 and metrics["best_epoch"] in (1, 2)
+    assert metrics["stopped"] == "non_finite"
+    best = torch.load(tmp_path / "ARM.pt", weights_only=True)["best_model"]
+    assert all(torch.isfinite(v).all() for v in best.values() if v.is_floating_point())
+
+
+def test_atomic_write_keeps_the_old_file_when_writing_fails(tmp_path):
+    path = tmp_path / "x.json"
+    common.save_json(path, {"a": 1})
+
+    def broken(tmp):
+        tmp.write_text('{"a": ')
+        raise RuntimeError("killed")
+
+    with pytest.raises(RuntimeError):
+        common.atomic_write(path, broken)
+    assert json.loads(path.read_text()) == {"a": 1}
+    assert [p.name for p in tmp_path.iterdir()] == ["x.json"]
+
+
+def test_json_has_no_nan():
+    assert common._finite_or_none({"a": [1.0, math.nan], "b": math.inf}) == {"a": [1.0, None], "b": None}
+
+
+# --- no input ends in a traceback ----------------------------------------------------
+
+FLAG_VALUES = {
+    "--epochs": st.sampled_from(["1", "0", "-2", "x", "1e3", ""]),
+    "--batch-size": st.sampled_from(["64", "0", "-1", "a"]),
+    "--lr": st.sampled_from(["1e-3", "0", "-1", "inf", "nan", "x"]),
+    "--patience": st.sampled_from(["1", "0", "x"]),
+    "--ema": st.sampled_from(["0", "0.5", "1", "-0.1"]),
+    "--seed": st.sampled_from(["0", "7", "-1", "x"]),
+    "--device": st.sampled_from(["cpu", "auto", "gpu", ""]),
+    "--threads": st.sampled_from(["1", "0", "x"]),
+    "--num-samples": st.sampled_from(["8", "0", "x"]),
+    "--gif-every": st.sampled_from(["1", "0"]),
+    "--channels": st.sampled_from(["4", "0", "x"]),
+    "--dropout": st.sampled_from(["0.1", "1", "-1"]),
+}
+SWITCHES = ["--resume", "--sample-only", "--unknown-flag", "stray"]
+
+
+@settings(max_examples=25, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@given(flags=st.dictionaries(st.sampled_from(sorted(FLAG_VALUES)), st.none(), max_size=4).flatmap(
+    lambda keys: st.fixed_dictionaries({k: FLAG_VALUES[k] for k in keys})),
+    switches=st.lists(st.sampled_from(SWITCHES), max_size=2, unique=True))
+def test_random_arguments_end_in_exit_0_or_2_never_a_traceback(flags, switches, tmp_path_factory, capsys):
+    out = tmp_path_factory.mktemp("fuzz")
+    argv = ["--quick", "--no-progress", "--epochs", "1", "--layers", "1", "--out", str(out)]
+    for flag, value in flags.items():
+        argv += [flag, value]
+    argv += switches
+    code = run_main(arm_script.main, argv)
+    err = capsys.readouterr().err
+    assert code in (0, 2), (argv, err)
+    assert "Traceback" not in err
+    if code == 2:
+        assert "error:" in err
