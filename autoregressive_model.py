@@ -36,7 +36,7 @@ class ARM(nn.Module):
     nll_kind = "exact"
     objective = "NLL (nats/image)"
 
-    def __init__(self, channels=64, layers=6, kernel_size=9, dropout=0.2, weight_decay=0.01):
+    def __init__(self, channels=64, layers=6, kernel_size=9, dropout=0.4, weight_decay=0.05):
         super().__init__()
         self.weight_decay = weight_decay
         self.embed = nn.Embedding(common.NUM_LEVELS, channels)
@@ -98,9 +98,9 @@ def main(argv=None):
                        help="number of residual causal convolution layers (default %(default)s)")
     group.add_argument("--kernel-size", type=common.positive_int, default=9,
                        help="kernel size; 9 sees the pixel above and its left neighbour (default %(default)s)")
-    group.add_argument("--dropout", type=common.unit_interval, default=0.2,
+    group.add_argument("--dropout", type=common.unit_interval, default=0.4,
                        help="dropout on each residual branch (default %(default)s)")
-    group.add_argument("--weight-decay", type=common.nonnegative_float, default=0.01,
+    group.add_argument("--weight-decay", type=common.nonnegative_float, default=0.05,
                        help="AdamW weight decay (default %(default)s)")
     args = common.parse_args(parser, argv)
     config = dict(channels=args.channels, layers=args.layers, kernel_size=args.kernel_size,

@@ -185,6 +185,7 @@ def parse_args(parser, argv=None):
         parser.error("--resume and --sample-only exclude each other")
     del args._full_epochs, args._full_samples
     args.prog = parser.prog
+    args.argv = list(sys.argv[1:] if argv is None else argv)  # recorded in the metrics
     return args
 
 
@@ -261,6 +262,16 @@ def atomic_write(path, write):
     finally:
         if tmp.exists():
             tmp.unlink()
+
+
+def code_fingerprint(script):
+    """sha256 of a script and common.py: tells whether results come from the current code."""
+    import hashlib
+
+    digest = hashlib.sha256()
+    for path in (Path(script), Path(__file__)):
+        digest.update(path.read_bytes())
+    return digest.hexdigest()
 
 
 def _finite_or_none(value):
@@ -419,6 +430,92 @@ class EMA:
             yield
         finally:
             model.load_state_dict(backup)
+
+
+# -----------------------------------------------------------------------------
+# sample quality: the same numbers for every family, likelihood or not
+
+
+class DigitClassifier(nn.Module):
+    """A small MLP on pixels / 16; its penultimate layer gives the features of the Frechet distance."""
+
+    def __init__(self, hidden=256, features=32):
+        super().__init__()
+        self.body = nn.Sequential(nn.Linear(NUM_PIXELS, hidden), nn.ReLU(), nn.Linear(hidden, features))
+        self.head = nn.Sequential(nn.ReLU(), nn.Dropout(0.2), nn.Linear(features, 10))
+
+    def features(self, x):  # (N, 64) pixels 0..16 -> (N, 32), before the ReLU: no dead dimensions
+        return self.body(x / PIXEL_MAX)
+
+    def forward(self, x):
+        return self.head(self.features(x))
+
+
+CLASSIFIER_VERSION = 2  # bump when DigitClassifier or its training changes: invalidates caches
+
+
+def digit_classifier(cache_dir):
+    """The classifier trained on the train split only (fixed seed, CPU, full batch, so the same
+    weights every time), cached as cache_dir/_digit_classifier.pt. Returns (model, test accuracy)."""
+    path = Path(cache_dir) / "_digit_classifier.pt"
+    model = DigitClassifier()
+    if path.is_file():
+        try:
+            cached = torch.load(path, map_location="cpu", weights_only=True)
+            if cached.get("version") == CLASSIFIER_VERSION:
+                model.load_state_dict(cached["model"])
+                return model.eval(), cached["test_accuracy"]
+        except Exception:  # a damaged cache is rebuilt, never trusted
+            pass
+    pixels, labels = load_digits_arrays()
+    x, y = (split_arrays(torch.from_numpy(a)) for a in (pixels, labels))
+    with seeded(0, torch.device("cpu")):
+        model = DigitClassifier()
+        optimizer = torch.optim.Adam(model.parameters(), lr=1e-2, weight_decay=1e-4)
+        for _ in range(200):
+            optimizer.zero_grad()
+            nn.functional.cross_entropy(model(x["train"]), y["train"]).backward()
+            optimizer.step()
+    model.eval()
+    with torch.no_grad():
+        accuracy = (model(x["test"]).argmax(1) == y["test"]).float().mean().item()
+    save_checkpoint(path, dict(version=CLASSIFIER_VERSION, model=model.state_dict(), test_accuracy=accuracy))
+    return model, accuracy
+
+
+def frechet_distance(features_a, features_b):
+    """||mu_a - mu_b||^2 + Tr(C_a + C_b - 2 (C_a C_b)^(1/2)) between Gaussian fits (float64)."""
+    from scipy import linalg
+
+    a, b = np.asarray(features_a, np.float64), np.asarray(features_b, np.float64)
+    mu_a, mu_b = a.mean(0), b.mean(0)
+    cov_a, cov_b = np.cov(a, rowvar=False), np.cov(b, rowvar=False)
+    root = linalg.sqrtm(cov_a @ cov_b)
+    root = root.real if np.iscomplexobj(root) else root
+    return float(max(((mu_a - mu_b) ** 2).sum() + np.trace(cov_a + cov_b - 2 * root), 0.0))
+
+
+def _nearest_distance(x, reference):
+    return torch.cdist(x.double(), reference.double()).min(1).values  # (N,) L2 in pixels
+
+
+def sample_quality(samples, cache_dir):
+    """Frechet distance to the test split in the classifier's features, classifier confidence,
+    class coverage (entropy of predicted classes, nats; log 10 = uniform) and copy rate (the
+    fraction of samples closer to a training image than 99% of test images are)."""
+    pixels, _ = load_digits_arrays()
+    split = {k: torch.from_numpy(v) for k, v in split_arrays(pixels).items()}
+    samples = torch.as_tensor(np.asarray(samples, np.float32)).clamp(0, PIXEL_MAX)
+    classifier, accuracy = digit_classifier(cache_dir)
+    with torch.no_grad():
+        probs = classifier(samples).softmax(1)
+        distance = frechet_distance(classifier.features(samples), classifier.features(split["test"]))
+    histogram = torch.bincount(probs.argmax(1), minlength=10).double() / len(samples)
+    coverage = -(histogram[histogram > 0] * histogram[histogram > 0].log()).sum().item()
+    threshold = torch.quantile(_nearest_distance(split["test"], split["train"]), 0.01)
+    copy_rate = (_nearest_distance(samples, split["train"]) < threshold).double().mean().item()
+    return dict(frechet_distance=distance, classifier_confidence=probs.max(1).values.mean().item(),
+                class_coverage=coverage, copy_rate=copy_rate, classifier_test_accuracy=accuracy)
 
 
 # -----------------------------------------------------------------------------
@@ -705,9 +802,11 @@ def _final_outputs(model, splits, args, device, paths, out, state, reason, confi
         train_seconds=round(state["train_seconds"], 2), sample_seconds=round(sample_seconds, 3),
         num_samples=args.num_samples, device=str(device), threads=torch.get_num_threads(),
         seed=args.seed, num_params=sum(p.numel() for p in model.parameters()),
-        torch_version=str(torch.__version__), quick=args.quick, config=config,
+        torch_version=str(torch.__version__), quick=args.quick, config=config, argv=args.argv,
+        code_sha256=code_fingerprint(sys.modules[type(model).__module__].__file__),
         train_flags=dict(epochs=args.epochs, batch_size=args.batch_size, lr=args.lr,
                          patience=args.patience, ema=args.ema),
         **extra)
+    metrics.update(sample_quality(samples.numpy(), out))
     save_json(paths["metrics"], metrics)
     return metrics

@@ -1,0 +1,53 @@
+"""Sample-quality metrics and the classical baselines of the leaderboard."""
+
+import math
+
+import numpy as np
+import pytest
+
+import common
+import leaderboard
+
+
+@pytest.fixture(scope="module")
+def splits():
+    pixels, _ = common.load_digits_arrays()
+    return common.split_arrays(pixels.astype(np.float64))
+
+
+def test_frechet_distance_is_zero_to_itself_and_symmetric():
+    rng = np.random.default_rng(0)
+    a, b = rng.normal(size=(500, 8)), rng.normal(1.0, 2.0, size=(400, 8))
+    assert common.frechet_distance(a, a) == pytest.approx(0.0, abs=1e-6)
+    assert common.frechet_distance(a, b) == pytest.approx(common.frechet_distance(b, a), rel=1e-6)
+    # oracle for Gaussians: ||mu_a - mu_b||^2 + sum (s_a - s_b)^2 for diagonal covariances
+    assert common.frechet_distance(a, b) == pytest.approx(8 * 1.0 + 8 * 1.0, rel=0.15)
+
+
+def test_real_digits_score_far_better_than_noise_and_copies_are_caught(splits, tmp_path):
+    rng = np.random.default_rng(0)
+    val = common.sample_quality(splits["val"], tmp_path)
+    noise = common.sample_quality(rng.integers(0, 17, (1000, 64)), tmp_path)
+    train = common.sample_quality(splits["train"], tmp_path)
+    test = common.sample_quality(splits["test"], tmp_path)
+    assert val["frechet_distance"] * 5 < noise["frechet_distance"]
+    assert val["classifier_confidence"] > noise["classifier_confidence"]
+    assert val["class_coverage"] > 2.2 and val["class_coverage"] <= math.log(10) + 1e-9
+    assert train["copy_rate"] == pytest.approx(1.0)
+    assert test["copy_rate"] == pytest.approx(0.01, abs=0.01)
+    assert noise["copy_rate"] == 0.0
+    assert val["classifier_test_accuracy"] > 0.85
+    # cached and deterministic: the same samples get the same numbers
+    assert (tmp_path / "_digit_classifier.pt").is_file()
+    assert common.sample_quality(splits["val"], tmp_path) == val
+
+
+def test_baselines_are_finite_and_in_the_expected_order(splits):
+    indep, kind, samples, *_ = leaderboard.independent_categorical(splits, 100, 0)
+    assert kind == "exact" and samples.shape == (100, 64) and samples.max() <= 16
+    gmm, *_ = leaderboard.gaussian_mixture(splits, 100, 0, ks=(10,), draws=2)
+    kde, *_ = leaderboard.kernel_density(splits, 100, 0, bandwidths=(2.0,), draws=2)
+    uniform = 64 * math.log(17)
+    assert indep == pytest.approx(106.4, abs=0.5)  # REFERENCE.md, measured with numpy
+    assert all(math.isfinite(v) for v in (indep, gmm, kde))
+    assert indep < gmm < kde < uniform
