@@ -91,7 +91,7 @@ class EBM(nn.Module):
     nll_kind = None
     objective = "train: CD + energy reg. + CE; val: CE (nats)"
 
-    def __init__(self, hidden=256, layers=3, sgld_steps=20, sample_steps=60, step_size=1.0,
+    def __init__(self, hidden=256, layers=3, sgld_steps=20, sample_steps=100, step_size=1.0,
                  noise=0.01, buffer_size=10000, reinit_freq=0.05, energy_reg=0.1, data_noise=0.03):
         super().__init__()
         self.sgld_steps, self.sample_steps = sgld_steps, sample_steps
@@ -188,7 +188,7 @@ def main(argv=None):
                        help="number of hidden layers (default %(default)s)")
     group.add_argument("--sgld-steps", type=common.positive_int, default=20,
                        help="SGLD steps per training step, from the replay buffer (default %(default)s)")
-    group.add_argument("--sample-steps", type=common.positive_int, default=60,
+    group.add_argument("--sample-steps", type=common.positive_int, default=100,
                        help="SGLD steps from uniform noise when sampling (default %(default)s)")
     group.add_argument("--step-size", type=common.positive_float, default=1.0,
                        help="SGLD gradient step size (default %(default)s)")
@@ -207,7 +207,17 @@ def main(argv=None):
                   sample_steps=args.sample_steps, step_size=args.step_size, noise=args.noise,
                   buffer_size=args.buffer_size, reinit_freq=args.reinit_freq,
                   energy_reg=args.energy_reg, data_noise=args.data_noise)
-    common.run(args, build_model=lambda: EBM(**config), config=config)
+    built = []
+
+    def build_model():
+        built.append(EBM(**config))
+        return built[-1]
+
+    common.run(args, build_model=build_model, config=config)
+    # an extra grid: 64 persistent chains of the replay buffer (the training negatives) of the
+    # state that wrote the outputs; EBM_samples.png shows short-run chains from noise
+    chains = built[-1].buffer.chains[:64]
+    common.save_image(args.out / "EBM_buffer_samples.png", common.image_grid(common.pm1_to_pixels(chains)))
 
 
 if __name__ == "__main__":

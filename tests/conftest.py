@@ -54,3 +54,12 @@ def check_outputs(out, name, nll_kind):
     assert checkpoint["model_name"] == name and checkpoint["epoch"] == metrics["epochs_run"]
     assert not list(out.glob(".*tmp*")), "temporary files left behind"
     return metrics
+
+
+@pytest.fixture(autouse=True)
+def one_thread():
+    """Tests run single-threaded: faster for these small models, and steady on a busy machine."""
+    previous = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(previous)
