@@ -140,6 +140,7 @@ def model_row(name, script, out, train, threads):
     samples = np.load(out / f"{name}_samples.npy")
     return dict(model=name, test_nll_nats=metrics["test_nll_nats"], nll_kind=metrics["nll_kind"],
                 train_seconds=metrics["train_seconds"], sample_seconds=metrics["sample_seconds"],
+                train_cpu_seconds=metrics.get("train_cpu_seconds"),
                 device=metrics["device"], current=is_current(metrics, script),
                 **{k: metrics[k] for k in QUALITY_KEYS}), samples
 
@@ -156,15 +157,16 @@ def fmt(value, digits=2):
 
 def markdown(rows, accuracy):
     lines = ["| model | test NLL (nats/image) | bits/dim | NLL kind | Frechet distance | confidence "
-             "| coverage | copy rate | train s | s / 1000 samples | device |",
+             "| coverage | copy rate | train s (CPU s) | s / 1000 samples | device |",
              "|---|---|---|---|---|---|---|---|---|---|---|"]
     for r in rows:
-        nll = r["test_nll_nats"]
+        nll, cpu = r["test_nll_nats"], r.get("train_cpu_seconds")
+        train = fmt(r["train_seconds"], 0) + ("" if cpu is None else f" ({cpu:.0f})")
         lines.append(
             f"| {r['model']}{'' if r.get('current', True) else ' (stale)'} | {fmt(nll, 1)} "
             f"| {fmt(common.nats_to_bpd(nll) if nll is not None else None, 3)} | {r['nll_kind'] or '-'} "
             f"| {fmt(r['frechet_distance'])} | {fmt(r['classifier_confidence'], 3)} "
-            f"| {fmt(r['class_coverage'], 3)} | {fmt(r['copy_rate'], 3)} | {fmt(r['train_seconds'], 1)} "
+            f"| {fmt(r['class_coverage'], 3)} | {fmt(r['copy_rate'], 3)} | {train} "
             f"| {fmt(r['sample_seconds'], 2)} | {r['device']} |")
     by_name = {r["model"]: r for r in rows}
     gmm, indep = by_name["GaussianMixture"], by_name["Independent pixels"]

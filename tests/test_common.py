@@ -197,10 +197,11 @@ def test_sigint_checkpoints_writes_outputs_and_exits_130(tmp_path):
     proc = subprocess.Popen([sys.executable, str(ROOT / "autoregressive_model.py"), *TINY,
                              "--epochs", "500", "--patience", "500", "--out", str(tmp_path)],
                             env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
-    deadline = time.time() + 120
-    while not (tmp_path / "ARM.pt").exists() and time.time() < deadline:
+    deadline = time.time() + 300
+    while time.time() < deadline:  # interrupt once two epochs are checkpointed (two GIF frames)
         time.sleep(0.2)
-    time.sleep(1.0)
+        if (tmp_path / "ARM.pt").exists() and history(tmp_path)["train"][1:]:
+            break
     proc.send_signal(signal.SIGINT)
     stdout, stderr = proc.communicate(timeout=120)
     assert proc.returncode == 130, stderr

@@ -1,0 +1,390 @@
+"""Denoising diffusion probabilistic model (DDPM) of 8x8 Digits on pixels scaled to [-1, 1]
+(Ho et al. 2020, "Denoising Diffusion Probabilistic Models"), with learned reverse variances and
+the hybrid loss of Nichol & Dhariwal 2021 ("Improved Denoising Diffusion Probabilistic Models"),
+and the deterministic DDIM sampler of Song et al. 2021 ("Denoising Diffusion Implicit Models").
+
+Forward process: q(x_t | x_{t-1}) = N(sqrt(1 - beta_t) x_{t-1}, beta_t I), t = 1..T, so that
+q(x_t | x_0) = N(sqrt(abar_t) x_0, (1 - abar_t) I) with abar_t = prod_s (1 - beta_s).
+Reverse process: p(x_{t-1} | x_t) = N(mu(x_t, t), sigma_t^2 I) with
+mu = (x_t - beta_t / sqrt(1 - abar_t) eps(x_t, t)) / sqrt(1 - beta_t) and
+log sigma_t^2 = v log beta_t + (1 - v) log beta~_t, v in [0, 1] per pixel from the network
+(beta~_t is the variance of the posterior q(x_{t-1} | x_t, x_0)); p(x_0 | x_1) is a Gaussian
+discretized over the 17 pixel bins (width 1/8, the outer bins reach +-infinity); p(x_T) = N(0, I).
+
+The noise predictor eps(x_t, t) is an MLP with a sinusoidal time embedding, added to the
+prediction of an exact Bayes denoiser: E[x_0 | x_t] under a prior in which the 64 pixels are
+independent categoricals over the 17 levels (learned logits). This "grid skip" resolves the 1/8
+pixel grid at low noise, where a plain MLP can't predict eps precisely enough and the bound
+explodes (--no-grid-skip to see it). Training minimises the hybrid loss
+L_simple + lambda * L_vlb (the mean enters L_vlb with its gradient stopped, so L_vlb trains the
+variances only), with the steps t drawn half uniformly and half log-uniformly (more low-noise
+steps, where the bound's terms are large; L_vlb importance-weighted, so unbiased). The
+validation objective is the same loss on the validation split.
+
+The test NLL is the variational bound, in nats per image on the discrete 0..16 pixels:
+  -log p(x_0) <= KL(q(x_T | x_0) || p(x_T)) + sum_{t=2..T} KL(q(x_{t-1} | x_t, x_0) || p(x_{t-1} | x_t))
+                 - log p(x_0 | x_1),
+every term exact (Gaussian KLs in closed form), with one draw of x_t ~ q(x_t | x_0) per term.
+Samplers: ancestral (all T steps, the model whose bound is reported; the last step draws a
+pixel bin from the discretized decoder) and deterministic DDIM on a subsequence of
+--ddim-steps steps. The metrics JSON times 1000 samples with each.
+
+Run:  python ddpm.py                        # defaults, writes results/DDPM_*
+      python ddpm.py --sampler ancestral    # all T steps for the samples
+      python ddpm.py --help
+"""
+
+import math
+import tempfile
+import time
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+import common
+
+BIN_HALF_WIDTH = 1 / 16  # pixels_to_pm1 maps the levels 0..16 to -1 + k / 8
+
+
+# -----------------------------------------------------------------------------
+# noise schedules and the discretized decoder
+
+
+def make_betas(schedule, num_steps):
+    """beta_1..beta_T as float64 (T,).
+
+    linear: Ho et al.'s 1e-4..0.02 for T = 1000, scaled by 1000 / T for other T (as in Nichol &
+    Dhariwal), so that abar_T stays near 0. cosine: Nichol & Dhariwal's
+    abar_t = f(t) / f(0), f(t) = cos^2((t / T + s) / (1 + s) * pi / 2), s = 0.008, beta <= 0.999.
+    """
+    if schedule == "linear":
+        scale = 1000 / num_steps
+        return torch.linspace(scale * 1e-4, min(scale * 0.02, 0.999), num_steps, dtype=torch.float64)
+    if schedule == "cosine":
+        s = 0.008
+        steps = torch.arange(num_steps + 1, dtype=torch.float64) / num_steps
+        f = torch.cos((steps + s) / (1 + s) * math.pi / 2) ** 2
+        abar = f / f[0]  # (T + 1,) abar_0 = 1 .. abar_T
+        return (1 - abar[1:] / abar[:-1]).clamp(max=0.999)
+    raise ValueError(f"unknown schedule {schedule!r}")
+
+
+def log_normal_bin(lower, upper):
+    """log(Phi(upper) - Phi(lower)) for lower < upper (either may be infinite), accurate in both tails:
+    a bin above 0 is reflected, Phi(u) - Phi(l) = Phi(-l) - Phi(-u), so the difference is never
+    that of two numbers near 1."""
+    flip = (lower + upper) > 0  # nan-free: inf + finite; -inf + inf only for the full line
+    a = torch.where(flip, -upper, lower)
+    b = torch.where(flip, -lower, upper)
+    log_a, log_b = torch.special.log_ndtr(a), torch.special.log_ndtr(b)  # log_a <= log_b
+    return log_b + torch.log(-torch.expm1((log_a - log_b).clamp(max=-1e-30)))  # log Phi(b) (1 - Phi(a)/Phi(b))
+
+
+def discretized_gaussian_log_prob(x0, mean, log_var):
+    """log p(x0 | x1): N(mean, exp(log_var)) integrated over the pixel bin of x0.
+
+    x0: on the grid -1 + k / 8, k = 0..16; the bins are [x0 - 1/16, x0 + 1/16], except that the
+    bin of -1 starts at -inf and the bin of 1 ends at +inf, so the 17 probabilities sum to 1.
+    """
+    inv_std = torch.exp(-0.5 * log_var)
+    lower = (x0 - BIN_HALF_WIDTH - mean) * inv_std
+    upper = (x0 + BIN_HALF_WIDTH - mean) * inv_std
+    lower = torch.where(x0 < -1 + BIN_HALF_WIDTH, torch.full_like(lower, -math.inf), lower)
+    upper = torch.where(x0 > 1 - BIN_HALF_WIDTH, torch.full_like(upper, math.inf), upper)
+    return log_normal_bin(lower, upper)
+
+
+def gaussian_kl(mean_q, log_var_q, mean_p, log_var_p):
+    """KL(N(mean_q, var_q) || N(mean_p, var_p)) elementwise, in nats."""
+    return 0.5 * (log_var_p - log_var_q + torch.exp(log_var_q - log_var_p)
+                  + (mean_q - mean_p) ** 2 * torch.exp(-log_var_p) - 1)
+
+
+# -----------------------------------------------------------------------------
+# noise-prediction network
+
+
+def timestep_embedding(t, dim):
+    """Sinusoidal embedding (Vaswani et al. 2017) of integer steps t (B,) -> (B, dim)."""
+    half = dim // 2
+    freqs = torch.exp(-math.log(10000.0) * torch.arange(half, device=t.device) / half)  # (half,)
+    angles = t.float()[:, None] * freqs[None]  # (B, half)
+    return torch.cat([angles.sin(), angles.cos()], dim=1)
+
+
+class ResidualBlock(nn.Module):
+    """h + W2 silu(W1 silu(LayerNorm(h)) + W_t emb)."""
+
+    def __init__(self, hidden, emb_dim):
+        super().__init__()
+        self.norm = nn.LayerNorm(hidden)
+        self.inner = nn.Linear(hidden, hidden)
+        self.time = nn.Linear(emb_dim, hidden)
+        self.outer = nn.Linear(hidden, hidden)
+
+    def forward(self, h, emb):  # (B, H), (B, E) -> (B, H)
+        return h + self.outer(F.silu(self.inner(F.silu(self.norm(h))) + self.time(emb)))
+
+
+class EpsilonNet(nn.Module):
+    """MLP (in_dim + time) -> (B, out_dim) with residual blocks; the last layer starts at zero."""
+
+    def __init__(self, in_dim, out_dim, hidden, blocks, num_steps, emb_dim=128):
+        super().__init__()
+        self.emb_dim, self.time_scale = emb_dim, 1000 / num_steps  # embed t on a 0..1000 scale
+        self.time = nn.Sequential(nn.Linear(emb_dim, emb_dim), nn.SiLU(), nn.Linear(emb_dim, emb_dim))
+        self.inp = nn.Linear(in_dim, hidden)
+        self.blocks = nn.ModuleList(ResidualBlock(hidden, emb_dim) for _ in range(blocks))
+        self.norm = nn.LayerNorm(hidden)
+        self.out = nn.Linear(hidden, out_dim)
+        nn.init.zeros_(self.out.weight)
+        nn.init.zeros_(self.out.bias)
+
+    def forward(self, features, t):  # (B, in_dim), (B,) -> (B, out_dim)
+        emb = self.time(timestep_embedding(t * self.time_scale, self.emb_dim))
+        h = self.inp(features)
+        for block in self.blocks:
+            h = block(h, emb)
+        return self.out(F.silu(self.norm(h)))
+
+
+# -----------------------------------------------------------------------------
+# model
+
+
+class DDPM(nn.Module):
+    name = "DDPM"
+    nll_kind = "upper_bound"
+    objective = "hybrid loss L_simple + lambda L_vlb"
+
+    def __init__(self, num_steps=1000, schedule="linear", hidden=512, blocks=3, variance="learned",
+                 grid_skip=True, vlb_weight=1e-3, log_t_frac=0.5, sampler="ddim", ddim_steps=50,
+                 timing_samples=1000):
+        super().__init__()
+        self.num_steps, self.learned_variance, self.grid_skip = num_steps, variance == "learned", grid_skip
+        self.vlb_weight, self.sampler, self.ddim_steps = vlb_weight, sampler, min(ddim_steps, num_steps)
+        self.timing_samples = timing_samples
+        # schedules in float64, stored as float32 buffers indexed by t - 1 (index 0 is t = 1)
+        betas = make_betas(schedule, num_steps)  # (T,)
+        alphas = 1 - betas
+        abar = torch.cumprod(alphas, 0)  # abar_t
+        abar_prev = torch.cat([torch.ones(1, dtype=torch.float64), abar[:-1]])  # abar_{t-1}, abar_0 = 1
+        post_var = betas * (1 - abar_prev) / (1 - abar)  # beta~_t (0 at t = 1)
+        # log beta~_t with beta~_1 = 0 replaced by beta~_2 (Nichol & Dhariwal), so v interpolates
+        # between finite values at t = 1; there the decoder uses it, no KL to beta~_1
+        post_log_var = torch.log(torch.cat([post_var[1:2], post_var[1:]]) if num_steps > 1 else betas)
+        # training steps: a fraction log_t_frac log-uniform, P(t) = ln((t + 1) / t) / ln(T + 1),
+        # the rest uniform: more of the low-noise steps, which dominate the bound
+        steps = torch.arange(1, num_steps + 1, dtype=torch.float64)
+        log_uniform = torch.log1p(1 / steps) / math.log(num_steps + 1)  # sums to 1 over t = 1..T
+        time_probs = log_t_frac * log_uniform + (1 - log_t_frac) / num_steps
+        for key, value in dict(
+                time_probs=time_probs, betas=betas, abar=abar, post_var=post_var,
+                post_log_var=post_log_var, log_betas=torch.log(betas),
+                sqrt_abar=abar.sqrt(), sqrt_one_minus_abar=(1 - abar).sqrt(),  # float64 before the cast:
+                eps_coef=betas / (1 - abar).sqrt(), recip_sqrt_alpha=alphas.rsqrt(),  # 1 - abar_1 = 1e-4
+                post_coef_x0=betas * abar_prev.sqrt() / (1 - abar),  # mean of q(x_{t-1} | x_t, x_0) =
+                post_coef_xt=(1 - abar_prev) * alphas.sqrt() / (1 - abar),  # c0 x_0 + ct x_t
+                grid=torch.arange(common.NUM_LEVELS, dtype=torch.float64) / 8 - 1).items():
+            self.register_buffer(key, value.float())
+        in_dim = 2 * common.NUM_PIXELS if grid_skip else common.NUM_PIXELS
+        out_dim = 2 * common.NUM_PIXELS if self.learned_variance else common.NUM_PIXELS
+        self.net = EpsilonNet(in_dim, out_dim, hidden, blocks, num_steps)
+        # logits of the per-pixel categorical prior of the grid skip (zero: uniform over 17 levels)
+        self.prior_logits = nn.Parameter(torch.zeros(common.NUM_PIXELS, common.NUM_LEVELS))
+
+    # --- forward process
+
+    def _at(self, buffer, t):  # (T,) buffer at steps t (B,) 0-based -> (B, 1)
+        return buffer[t][:, None]
+
+    def q_sample(self, x0, t, noise):
+        """x_t = sqrt(abar_t) x_0 + sqrt(1 - abar_t) noise ~ q(x_t | x_0); t (B,) 0-based (t - 1)."""
+        return self._at(self.sqrt_abar, t) * x0 + self._at(self.sqrt_one_minus_abar, t) * noise
+
+    def q_posterior(self, x0, xt, t):
+        """Mean and log-variance of q(x_{t-1} | x_t, x_0) (t >= 2; 0-based t >= 1)."""
+        mean = self._at(self.post_coef_x0, t) * x0 + self._at(self.post_coef_xt, t) * xt
+        # beta~_1 = 0: clamped so that the unused KL at t = 1 stays finite (the decoder replaces it)
+        return mean, torch.log(self._at(self.post_var, t).clamp(min=1e-20)).expand_as(xt)
+
+    # --- reverse process
+
+    def grid_denoiser(self, xt, t):
+        """E[x_0 | x_t] (B, 64) when the pixels of x_0 are independent categoricals over the grid."""
+        mean = self.sqrt_abar[t][:, None, None] * self.grid  # (B, 1, 17) means of x_t given x_0 = level
+        var = self.sqrt_one_minus_abar[t][:, None, None] ** 2  # 1 - abar_t
+        posterior = torch.softmax(self.prior_logits - (xt[:, :, None] - mean) ** 2 / (2 * var), dim=-1)  # (B, 64, 17)
+        return (posterior * self.grid).sum(-1)
+
+    def network(self, xt, t):
+        """eps(x_t, t) (B, 64) and the raw variance output (B, 64) in about [-1, 1] (or None)."""
+        if self.grid_skip:
+            x0 = self.grid_denoiser(xt, t)
+            eps_grid = (xt - self._at(self.sqrt_abar, t) * x0) / self._at(self.sqrt_one_minus_abar, t)
+            out = self.net(torch.cat([xt, x0], dim=1), t)
+            eps = eps_grid + out[:, :common.NUM_PIXELS]
+        else:
+            out = self.net(xt, t)
+            eps = out[:, :common.NUM_PIXELS]
+        return eps, out[:, common.NUM_PIXELS:] if self.learned_variance else None
+
+    def p_mean_log_var(self, xt, t, eps, v):
+        """Mean and log-variance of p(x_{t-1} | x_t) from eps and v (Nichol & Dhariwal eq. 15)."""
+        mean = (xt - self._at(self.eps_coef, t) * eps) * self._at(self.recip_sqrt_alpha, t)
+        if v is None:  # fixed: sigma_t^2 = beta~_t (beta~_2 at t = 1)
+            return mean, self._at(self.post_log_var, t).expand_as(xt)
+        frac = (v + 1) / 2
+        return mean, frac * self._at(self.log_betas, t) + (1 - frac) * self._at(self.post_log_var, t)
+
+    # --- the variational bound
+
+    def bound_terms(self, x0, xt, t, mean, log_var):
+        """(B,) L_{t-1}: the KL to q(x_{t-1} | x_t, x_0) for t >= 2, -log p(x_0 | x_1) for t = 1."""
+        true_mean, true_log_var = self.q_posterior(x0, xt, t)
+        terms = gaussian_kl(true_mean, true_log_var, mean, log_var).sum(1)  # (B,)
+        first = (t == 0).nonzero().squeeze(1)  # rows at t = 1 get the decoder instead
+        if len(first):
+            decoder_nll = -discretized_gaussian_log_prob(x0[first], mean[first], log_var[first]).sum(1)
+            terms = terms.index_put((first,), decoder_nll)
+        return terms
+
+    def prior_kl(self, x0):
+        """(B,) KL(q(x_T | x_0) || N(0, I))."""
+        mean, var = self.sqrt_abar[-1] * x0, self.sqrt_one_minus_abar[-1] ** 2
+        return (0.5 * (var + mean ** 2 - 1 - torch.log(var))).sum(1)
+
+    def loss(self, x):
+        """Hybrid loss: mean ||eps - eps(x_t, t)||^2 / 64 + lambda * L_{t-1} / (p(t) 64), t ~ p(t)
+        (time_probs); the importance weight 1 / p(t) makes the second term an unbiased estimate of
+        lambda * L_vlb / 64, L_vlb = sum_t L_{t-1} (nats per image)."""
+        x0 = common.pixels_to_pm1(x)
+        t = torch.multinomial(self.time_probs, len(x0), replacement=True)  # (B,) 0-based
+        noise = torch.randn_like(x0)
+        xt = self.q_sample(x0, t, noise)
+        eps, v = self.network(xt, t)
+        simple = ((eps - noise) ** 2).mean(1)  # (B,)
+        if v is None or self.vlb_weight == 0:
+            return simple.mean()
+        mean, log_var = self.p_mean_log_var(xt, t, eps.detach(), v)  # L_vlb trains v only
+        vlb = self.bound_terms(x0, xt, t, mean, log_var) / (self.time_probs[t] * common.NUM_PIXELS)
+        return (simple + self.vlb_weight * vlb).mean()
+
+    def test_nll(self, x):
+        """(B,) variational bound on -log P(x) in nats: prior KL + all T terms, one x_t draw each."""
+        x0 = common.pixels_to_pm1(x)
+        total = self.prior_kl(x0)
+        for step in range(self.num_steps):
+            t = torch.full((len(x0),), step, dtype=torch.long, device=x0.device)
+            xt = self.q_sample(x0, t, torch.randn_like(x0))
+            mean, log_var = self.p_mean_log_var(xt, t, *self.network(xt, t))
+            total = total + self.bound_terms(x0, xt, t, mean, log_var)
+        return total
+
+    # --- samplers
+
+    def sample_ancestral(self, n):
+        """x_T ~ N(0, I), x_{t-1} ~ p(x_{t-1} | x_t) for t = T..2, then a pixel bin ~ p(x_0 | x_1)."""
+        device = self.abar.device
+        x = torch.randn(n, common.NUM_PIXELS, device=device)
+        for step in reversed(range(1, self.num_steps)):
+            t = torch.full((n,), step, dtype=torch.long, device=device)
+            mean, log_var = self.p_mean_log_var(x, t, *self.network(x, t))
+            x = mean + torch.exp(0.5 * log_var) * torch.randn_like(x)
+        t = torch.zeros(n, dtype=torch.long, device=device)
+        mean, log_var = self.p_mean_log_var(x, t, *self.network(x, t))
+        grid = self.grid.view(1, 1, -1).expand(n, common.NUM_PIXELS, -1)  # (n, 64, 17)
+        logits = discretized_gaussian_log_prob(grid, mean[..., None], log_var[..., None])
+        levels = torch.distributions.Categorical(logits=logits).sample()  # (n, 64) in 0..16
+        return levels.float()
+
+    def sample_ddim(self, n, steps=None):
+        """Deterministic DDIM (eta = 0) on `steps` evenly spaced steps T = tau_S > .. > tau_1 = 1:
+        x0^ = (x - sqrt(1 - abar) eps) / sqrt(abar) clipped to [-1, 1],
+        x <- sqrt(abar_prev) x0^ + sqrt(1 - abar_prev) eps^ (abar_prev = 1 after tau_1); the
+        result is rounded to the nearest pixel level."""
+        device = self.abar.device
+        steps = min(steps or self.ddim_steps, self.num_steps)
+        taus = torch.linspace(self.num_steps - 1, 0, steps, dtype=torch.float64).round().long().tolist()
+        x = torch.randn(n, common.NUM_PIXELS, device=device)
+        for i, step in enumerate(taus):
+            t = torch.full((n,), step, dtype=torch.long, device=device)
+            eps, _ = self.network(x, t)
+            a, b = self.sqrt_abar[step], self.sqrt_one_minus_abar[step]
+            x0 = ((x - b * eps) / a).clamp(-1, 1)
+            eps = (x - a * x0) / b  # consistent with the clipped x0^
+            if i + 1 < len(taus):
+                x = self.sqrt_abar[taus[i + 1]] * x0 + self.sqrt_one_minus_abar[taus[i + 1]] * eps
+            else:
+                x = x0
+        return common.pm1_to_pixels(x).round()
+
+    def sample(self, n):
+        return self.sample_ancestral(n) if self.sampler == "ancestral" else self.sample_ddim(n)
+
+    @torch.no_grad()
+    def extra_metrics(self, splits):
+        """Seconds (wall and CPU of this process) to draw 1000 samples (64 with --quick) with each
+        sampler, and the Frechet distance of each set to the test split (common.sample_quality)."""
+        device = self.abar.device
+        metrics = dict(sampler=self.sampler, ddim_steps=self.ddim_steps, num_steps=self.num_steps,
+                       timing_num_samples=self.timing_samples)
+        for name, draw in (("ancestral", self.sample_ancestral), ("ddim", self.sample_ddim)):
+            with common.seeded(5, device):
+                common.synchronize(device)
+                wall, cpu = time.perf_counter(), time.process_time()
+                samples = draw(self.timing_samples)
+                common.synchronize(device)
+                wall, cpu = time.perf_counter() - wall, time.process_time() - cpu
+            # the classifier is cheap to retrain; it trains with gradients, which no_grad here turns off
+            with tempfile.TemporaryDirectory() as cache, torch.enable_grad():
+                quality = common.sample_quality(samples.cpu().numpy(), cache)
+            metrics.update({f"{name}_seconds": round(wall, 3), f"{name}_cpu_seconds": round(cpu, 3),
+                            f"{name}_frechet_distance": quality["frechet_distance"]})
+        metrics["ddim_over_ancestral_time"] = metrics["ddim_seconds"] / metrics["ancestral_seconds"]
+        return metrics
+
+
+# -----------------------------------------------------------------------------
+# command line
+
+
+def main(argv=None):
+    parser = common.make_parser(__file__, __doc__, epochs=300, batch_size=64, lr=1e-3, patience=50,
+                                ema=0.999, gif_every=10)
+    group = parser.add_argument_group("DDPM")
+    group.add_argument("--num-steps", "-T", type=common.positive_int, default=1000,
+                       help="diffusion steps T (default %(default)s)")
+    group.add_argument("--schedule", choices=("linear", "cosine"), default="linear",
+                       help="noise schedule beta_t (default %(default)s, the better bound on validation)")
+    group.add_argument("--hidden", type=common.positive_int, default=512,
+                       help="width of the noise predictor's residual MLP (default %(default)s)")
+    group.add_argument("--blocks", type=common.positive_int, default=3,
+                       help="residual blocks of the noise predictor (default %(default)s)")
+    group.add_argument("--variance", choices=("learned", "fixed"), default="learned",
+                       help="reverse variances: learned interpolation between beta~_t and beta_t "
+                            "(hybrid loss), or fixed beta~_t (simple loss only) (default %(default)s)")
+    group.add_argument("--no-grid-skip", dest="grid_skip", action="store_false",
+                       help="predict eps with the MLP alone, without the exact per-pixel grid denoiser")
+    group.add_argument("--vlb-weight", type=common.nonnegative_float, default=1e-3,
+                       help="lambda of the hybrid loss L_simple + lambda L_vlb (default %(default)s)")
+    group.add_argument("--log-t-frac", type=common.unit_interval, default=0.5,
+                       help="fraction of training steps t drawn log-uniformly on 1..T, the rest "
+                            "uniformly: more training where the bound's terms are large (default %(default)s)")
+    group.add_argument("--sampler", choices=("ddim", "ancestral"), default="ddim",
+                       help="sampler for the samples, grid and GIF (default %(default)s)")
+    group.add_argument("--ddim-steps", type=common.positive_int, default=None,
+                       help="DDIM steps (default 50; 10 with --quick)")
+    args = common.parse_args(parser, argv)
+    config = dict(num_steps=args.num_steps, schedule=args.schedule, hidden=args.hidden, blocks=args.blocks,
+                  variance=args.variance, grid_skip=args.grid_skip, vlb_weight=args.vlb_weight,
+                  log_t_frac=args.log_t_frac)
+    # the sampler is no part of the checkpoint's configuration: --sample-only may pick another one
+    sampler = dict(sampler=args.sampler, ddim_steps=args.ddim_steps or (10 if args.quick else 50),
+                   timing_samples=64 if args.quick else 1000)
+    common.run(args, build_model=lambda: DDPM(**config, **sampler), config=config)
+
+
+if __name__ == "__main__":
+    main()

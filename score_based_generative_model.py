@@ -1,0 +1,459 @@
+"""Score-based generative model (SBGM) of 8x8 Digits through stochastic differential equations
+(Song et al. 2021, "Score-Based Generative Modeling through Stochastic Differential Equations"),
+trained by likelihood-weighted denoising score matching (Song, Durkan, Murray & Ermon 2021,
+"Maximum Likelihood Training of Score-Based Diffusion Models"), with a test NLL bound from the
+probability-flow ODE.
+
+Data: y = pixels_to_pm1(x + u - 0.5) in [-1 - 1/16, 1 + 1/16]^64, u ~ U[0, 1)^64 (uniform
+dequantization): each pixel value k lies in a box of half-width 1/16 around c_k = k / 8 - 1.
+Forward SDE dz = f(t) z dt + g(t) dW, t in [0, 1], with perturbation kernel
+z_t | y ~ N(alpha_t y, sigma_t^2 I):
+  vp: dz = -beta(t)/2 z dt + sqrt(beta(t)) dW, beta linear 0.1..20, alpha_t = exp(-int_0^t beta/2),
+      sigma_t^2 = 1 - alpha_t^2, prior N(0, I);
+  ve: dz = sqrt(d sigma_t^2 / dt) dW, sigma_t^2 = s_min^2 ((s_max / s_min)^(2t) - 1), alpha_t = 1,
+      prior N(0, (1 + sigma_1^2) I).
+The network predicts the noise, eps(z, t) = -sigma_t * score(z, t). By default (--output levels) it
+predicts, for every pixel, logits over the 17 values, and eps is the exact posterior mean of a
+prior in which the pixel value has those probabilities and sits uniformly in its box: the
+likelihood of z given each box is a difference of normal CDFs, so the sharp 1/8 grid at low noise
+is resolved analytically and the network only has to say which value (the "score interpolation"
+of Dieleman et al. 2022, "Continuous diffusion for categorical data", here with boxes).
+--output eps is a plain noise-predicting MLP.
+
+Training minimises the continuous-time variational bound (Kingma et al. 2021, "Variational
+Diffusion Models"; = Song et al.'s likelihood weighting lambda(t) = g(t)^2), in nats per image
+on the discrete pixels:
+  -log P(x) <= E[ KL(q(z_1 | y) || prior) + 1/2 int_{lam_min}^{lam_max} ||eps - eps(z_lam)||^2 dlam
+                  - log N(y; z_e / alpha_e, (sigma_e / alpha_e)^2 I) ] - PM1_LOGDET,
+with lam = log(alpha^2 / sigma^2) the log-SNR and t_e = --t-eps. Sampling lam uniformly is the
+importance sampling of t in proportion to g^2 / sigma^2 (Song et al. 2021b); a batch takes evenly
+spaced lam with one random shift. The validation objective is the same bound.
+
+Test NLL: the probability-flow ODE dz/dt = f z - g^2 / 2 score, written in z~ = z / alpha and
+s = log(sigma / alpha) as dz~/ds = exp(s) eps(alpha z~, t(s)), integrated by RK4 from t_e to 1
+with the change of variables d log p / ds = -div, div exact (64 forward-mode derivatives) or
+Hutchinson's estimate; log p(y) = log N(z_1; 0, prior) + int div ds + 64 log(alpha_1 / alpha_e),
+and the bound is E_u[-log p(y)] - PM1_LOGDET (upper bound on the discrete NLL).
+Samplers: the reverse-time SDE by Euler-Maruyama on a uniform t grid, with optional Langevin
+corrector steps (predictor-corrector, Song et al. 2021), or the probability-flow ODE by Heun's
+method; both end with the denoiser's E[y | z_e] and return the pixel value whose box holds it.
+
+Run:  python score_based_generative_model.py                    # defaults, writes results/SBGM_*
+      python score_based_generative_model.py --sampler ode      # probability-flow ODE samples
+      python score_based_generative_model.py --sde ve --help
+"""
+
+import math
+import time
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+import common
+
+BIN_HALF_WIDTH = 0.5 / 8  # a pixel value's box in the [-1, 1] scale: c_k +- 1/16
+
+
+# -----------------------------------------------------------------------------
+# forward SDEs: kernel z_t | y ~ N(alpha_t y, sigma_t^2 I), dz = f(t) z dt + g(t) dW
+
+
+class VPSDE:
+    """Variance preserving: beta(t) = beta_min + t (beta_max - beta_min), f = -beta / 2, g^2 = beta."""
+
+    def __init__(self, beta_min=0.1, beta_max=20.0):
+        self.beta_min, self.beta_max = beta_min, beta_max
+
+    def log_alpha(self, t):  # -int_0^t beta / 2
+        return -0.25 * t**2 * (self.beta_max - self.beta_min) - 0.5 * t * self.beta_min
+
+    def marginal(self, t):
+        """alpha_t, sigma_t of the perturbation kernel (same shape as t)."""
+        log_alpha = self.log_alpha(t)
+        return log_alpha.exp(), (-torch.expm1(2 * log_alpha)).sqrt()  # sigma^2 = 1 - alpha^2
+
+    def coefficients(self, t):
+        """f(t), g(t)^2 of dz = f z dt + g dW."""
+        beta = self.beta_min + t * (self.beta_max - self.beta_min)
+        return -0.5 * beta, beta
+
+    def log_snr(self, t):  # log(alpha^2 / sigma^2)
+        log_alpha2 = 2 * self.log_alpha(t)
+        return log_alpha2 - torch.log(-torch.expm1(log_alpha2))
+
+    def time_of_log_snr(self, lam):
+        """Inverse of log_snr: alpha^2 = sigmoid(lam), solve the quadratic log_alpha(t) = log sigmoid(lam) / 2."""
+        d = self.beta_max - self.beta_min
+        return (-self.beta_min + (self.beta_min**2 - 2 * d * F.logsigmoid(lam)).sqrt()) / d
+
+    def prior_var(self):
+        return 1.0
+
+
+class VESDE:
+    """Variance exploding: f = 0, g^2 = d sigma_t^2 / dt, sigma_t^2 = s_min^2 ((s_max / s_min)^(2t) - 1)."""
+
+    def __init__(self, sigma_min=0.01, sigma_max=10.0):
+        self.sigma_min, self.log_ratio = sigma_min, math.log(sigma_max / sigma_min)
+
+    def marginal(self, t):
+        return torch.ones_like(t), self.sigma_min * torch.expm1(2 * t * self.log_ratio).sqrt()
+
+    def coefficients(self, t):
+        return torch.zeros_like(t), 2 * self.log_ratio * self.sigma_min**2 * torch.exp(2 * t * self.log_ratio)
+
+    def log_snr(self, t):
+        return -2 * math.log(self.sigma_min) - torch.log(torch.expm1(2 * t * self.log_ratio))
+
+    def time_of_log_snr(self, lam):
+        return torch.log1p(torch.exp(-lam) / self.sigma_min**2) / (2 * self.log_ratio)
+
+    def prior_var(self):  # alpha_1^2 + sigma_1^2: the kernel's variance for data of unit variance
+        return 1.0 + self.sigma_min**2 * math.expm1(2 * self.log_ratio)
+
+
+SDES = dict(vp=VPSDE, ve=VESDE)
+
+
+# -----------------------------------------------------------------------------
+# the noise predictor
+
+
+def box_posterior_eps(logits, x_tilde, sigma_tilde):
+    """Exact E[eps | z] when each pixel's value k has prior probabilities softmax(logits) and y is
+    uniform in its box [c_k - h, c_k + h]; z / alpha = x~ = y + sigma~ eps.
+
+    logits: (B, 64, 17), x_tilde: (B, 64), sigma_tilde: (B,) -> eps: (B, 64).
+    p(x~ | k) is proportional to Phi(b_k) - Phi(a_k), a_k, b_k = (c_k -+ h - x~) / sigma~; given k, y is
+    a normal truncated to the box, so E[eps | x~, k] = (phi(b_k) - phi(a_k)) / (Phi(b_k) - Phi(a_k)).
+    """
+    centers = torch.arange(common.NUM_LEVELS, device=logits.device, dtype=x_tilde.dtype) / 8 - 1  # (17,)
+    sigma_tilde = sigma_tilde[:, None, None]
+    a = (centers - BIN_HALF_WIDTH - x_tilde[..., None]) / sigma_tilde  # (B, 64, 17)
+    b = (centers + BIN_HALF_WIDTH - x_tilde[..., None]) / sigma_tilde
+    flip = a > 0  # Phi(b) - Phi(a) = Phi(-a) - Phi(-b): never the difference of two numbers near 1
+    lower, upper = torch.where(flip, -b, a), torch.where(flip, -a, b)
+    log_upper, log_lower = torch.special.log_ndtr(upper), torch.special.log_ndtr(lower)
+    log_mass = log_upper + torch.log(-torch.expm1((log_lower - log_upper).clamp(max=-1e-30)))
+    posterior = torch.softmax(logits + log_mass, dim=-1)  # p(k | z), (B, 64, 17)
+    log_norm = -0.5 * math.log(2 * math.pi) - log_mass
+    ratio = torch.exp(log_norm - 0.5 * b**2) - torch.exp(log_norm - 0.5 * a**2)  # E[eps | z, k]
+    return (posterior * ratio).sum(-1)
+
+
+class ResidualBlock(nn.Module):
+    def __init__(self, hidden, embed, dropout):
+        super().__init__()
+        self.norm = nn.LayerNorm(hidden)
+        self.fc1 = nn.Linear(hidden, hidden)
+        self.time = nn.Linear(embed, hidden)
+        self.dropout = nn.Dropout(dropout)
+        self.fc2 = nn.Linear(hidden, hidden)
+
+    def forward(self, h, e):  # h (B, H), e (B, E)
+        a = F.silu(self.fc1(F.silu(self.norm(h))) + self.time(e))
+        return h + self.fc2(self.dropout(a))
+
+
+class NoiseMLP(nn.Module):
+    """(z scaled to unit variance, u = normalized log-SNR in [0, 1]) -> (B, 64 * out_per_pixel).
+    Time enters through Gaussian Fourier features of u (Song et al. 2021) and an MLP."""
+
+    def __init__(self, hidden, blocks, out_per_pixel, dropout=0.0, embed=128, fourier_scale=16.0):
+        super().__init__()
+        self.register_buffer("frequencies", torch.randn(embed // 2) * fourier_scale)
+        self.embed = nn.Sequential(nn.Linear(embed, embed), nn.SiLU(), nn.Linear(embed, embed), nn.SiLU())
+        self.inp = nn.Linear(common.NUM_PIXELS, hidden)
+        self.blocks = nn.ModuleList(ResidualBlock(hidden, embed, dropout) for _ in range(blocks))
+        self.norm = nn.LayerNorm(hidden)
+        self.out = nn.Linear(hidden, common.NUM_PIXELS * out_per_pixel)
+        nn.init.zeros_(self.out.weight)  # starts at eps = 0 (eps) or a uniform prior over the values (levels)
+        nn.init.zeros_(self.out.bias)
+
+    def forward(self, z, u):
+        angles = 2 * math.pi * u[:, None] * self.frequencies  # (B, E / 2)
+        e = self.embed(torch.cat([angles.sin(), angles.cos()], 1))  # (B, E)
+        h = self.inp(z)
+        for block in self.blocks:
+            h = block(h, e)
+        return self.out(F.silu(self.norm(h)))
+
+
+# -----------------------------------------------------------------------------
+# the probability-flow ODE (likelihood and sampler) and the reverse-time SDE sampler
+# eps_fn(z, t) -> (B, 64) is the noise predictor; t is a (B,) tensor
+
+
+def eps_and_divergence(eps_fn, z, t, method="exact"):
+    """eps(z, t) (B, 64) and its divergence tr(d eps / d z) (B,): exact (the Jacobian by 64
+    forward-mode derivatives per image, jacfwd under vmap) or Hutchinson's estimate r^T J r with
+    one Rademacher vector r (unbiased)."""
+    if method == "exact":
+        def single(z_i, t_i):  # one image: (64,) -> (64,)
+            out = eps_fn(z_i[None], t_i[None])[0]
+            return out, out
+
+        jacobian, eps = torch.func.vmap(torch.func.jacfwd(single, has_aux=True))(z, t)  # (B, 64, 64)
+        return eps, jacobian.diagonal(dim1=1, dim2=2).sum(1)
+    with torch.enable_grad():
+        z = z.detach().requires_grad_(True)
+        eps = eps_fn(z, t)
+        probe = torch.randint_like(z, 2) * 2 - 1
+        (vjp,) = torch.autograd.grad((eps * probe).sum(), z)
+    return eps.detach(), (vjp * probe).sum(1)
+
+
+def ode_log_likelihood(eps_div_fn, sde, y, t_eps, steps):
+    """log p(y) in nats (B,) under the probability-flow ODE's density at t_eps.
+
+    eps_div_fn(z, t) -> (eps, tr(d eps / d z)). In z~ = z / alpha and s = log(sigma / alpha) the
+    ODE reads dz~/ds = v = exp(s) eps(alpha z~, t(s)), div_z~ v = exp(s) alpha tr(d eps / d z);
+    RK4 on `steps` equal steps of s from t_eps to t = 1 integrates z~ and int div ds, and
+    log p(z~_e) = log p(z~_1) + int div ds."""
+    def scalar(fn, t):
+        return float(fn(torch.tensor(t, dtype=torch.float64)))
+
+    def alpha_of(t):
+        return sde.marginal(t)[0]
+
+    def velocity(x, s):
+        t = sde.time_of_log_snr(torch.full((len(x),), -2 * s, dtype=x.dtype, device=x.device))
+        alpha = alpha_of(t)
+        eps, div = eps_div_fn(alpha[:, None] * x, t)
+        return math.exp(s) * eps, math.exp(s) * alpha * div
+
+    s0, s1 = -0.5 * scalar(sde.log_snr, t_eps), -0.5 * scalar(sde.log_snr, 1.0)
+    alpha_e, alpha_1 = scalar(alpha_of, t_eps), scalar(alpha_of, 1.0)
+    h = (s1 - s0) / steps
+    x = y / alpha_e  # z~ at t_eps
+    integral = torch.zeros(len(y), dtype=y.dtype, device=y.device)
+    for i in range(steps):
+        s = s0 + i * h
+        k1, d1 = velocity(x, s)
+        k2, d2 = velocity(x + 0.5 * h * k1, s + 0.5 * h)
+        k3, d3 = velocity(x + 0.5 * h * k2, s + 0.5 * h)
+        k4, d4 = velocity(x + h * k3, s + h)
+        x = x + h / 6 * (k1 + 2 * k2 + 2 * k3 + k4)
+        integral = integral + h / 6 * (d1 + 2 * d2 + 2 * d3 + d4)
+    d, var = y.shape[1], sde.prior_var()
+    z1 = alpha_1 * x
+    log_prior = -0.5 * (z1**2).sum(1) / var - 0.5 * d * math.log(2 * math.pi * var)  # log N(z_1; 0, var I)
+    # log p_z(z) = log p_z~(z / alpha) - d log alpha, at both ends
+    return log_prior + d * math.log(alpha_1) + integral - d * math.log(alpha_e)
+
+
+def ode_velocity(eps_fn, sde, x_tilde, s):
+    """dz~/ds = exp(s) eps(alpha z~, t(s)) at s = log(sigma / alpha); x_tilde (B, 64)."""
+    t = sde.time_of_log_snr(torch.full(x_tilde.shape[:1], -2 * s, dtype=x_tilde.dtype, device=x_tilde.device))
+    alpha, _ = sde.marginal(t)
+    return math.exp(s) * eps_fn(alpha[:, None] * x_tilde, t)
+
+
+def sample_probability_flow(eps_fn, sde, z1, t_eps, steps):
+    """Integrate the probability-flow ODE from z_1 (n, 64) to t_eps by Heun's method on equal steps of
+    s = log(sigma / alpha); returns (z at t_eps, t_eps as a (n,) tensor)."""
+    def scalar(fn, t):
+        return float(fn(torch.tensor(t, dtype=torch.float64)))
+
+    s1, s0 = -0.5 * scalar(sde.log_snr, 1.0), -0.5 * scalar(sde.log_snr, t_eps)
+    grid = torch.linspace(s1, s0, steps + 1, dtype=torch.float64).tolist()
+    x = z1 / scalar(lambda t: sde.marginal(t)[0], 1.0)
+    for s, s_next in zip(grid[:-1], grid[1:]):
+        k1 = ode_velocity(eps_fn, sde, x, s)
+        k2 = ode_velocity(eps_fn, sde, x + (s_next - s) * k1, s_next)
+        x = x + (s_next - s) * 0.5 * (k1 + k2)
+    t = torch.full((len(z1),), t_eps, dtype=z1.dtype, device=z1.device)
+    return sde.marginal(t)[0][:, None] * x, t
+
+
+def sample_reverse_sde(eps_fn, sde, z1, t_eps, steps, corrector_steps=0, snr=0.16):
+    """Euler-Maruyama on the reverse-time SDE dz = [f z - g^2 score] dt + g dW-bar from t = 1 to t_eps
+    on `steps` equal steps of t, with `corrector_steps` Langevin steps of signal-to-noise ratio `snr`
+    before each predictor step (Song et al. 2021, Algorithms 2-4). The last step adds no noise."""
+    n = len(z1)
+    times = torch.linspace(1.0, t_eps, steps + 1, dtype=z1.dtype, device=z1.device)
+    z = z1
+    for i in range(steps):
+        t = times[i].expand(n)
+        _, sigma = sde.marginal(t)
+        for _ in range(corrector_steps):  # Langevin: z += e score + sqrt(2 e) noise
+            score = -eps_fn(z, t) / sigma[:, None]
+            noise = torch.randn_like(z)
+            step = 2 * (snr * noise.norm(dim=1) / score.norm(dim=1)) ** 2
+            z = z + step[:, None] * score + (2 * step[:, None]).sqrt() * noise
+        dt = float(times[i] - times[i + 1])  # > 0, going back in time
+        f, g2 = sde.coefficients(t)
+        score = -eps_fn(z, t) / sigma[:, None]
+        z = z + (-f[:, None] * z + g2[:, None] * score) * dt
+        if i < steps - 1:
+            z = z + (g2[:, None] * dt).sqrt() * torch.randn_like(z)
+    return z, times[-1].expand(n)
+
+
+# -----------------------------------------------------------------------------
+# model
+
+
+class SBGM(nn.Module):
+    name = "SBGM"
+    nll_kind = "upper_bound"
+    objective = "variational bound (nats/image)"
+
+    def __init__(self, sde="vp", output="levels", hidden=256, blocks=3, dropout=0.0, t_eps=1e-5,
+                 ode_steps=32, divergence="exact", sampler="sde", sample_steps=500, corrector_steps=0,
+                 snr=0.16):
+        super().__init__()
+        self.sde = SDES[sde]()
+        self.output, self.t_eps = output, t_eps
+        self.ode_steps, self.divergence = ode_steps, divergence
+        self.sampler, self.sample_steps = sampler, sample_steps
+        self.corrector_steps, self.snr = corrector_steps, snr
+        self.net = NoiseMLP(hidden, blocks, common.NUM_LEVELS if output == "levels" else 1, dropout)
+        ends = self.sde.log_snr(torch.tensor([t_eps, 1.0], dtype=torch.float64))
+        self.lam_max, self.lam_min = float(ends[0]), float(ends[1])  # log-SNR range of the bound
+        self.nll_seconds = 0.0
+
+    def _net_inputs(self, t):
+        """Input scale 1 / sqrt(alpha^2 + sigma^2) and the normalized log-SNR u in [0, 1]; t (B,)."""
+        alpha, sigma = self.sde.marginal(t)
+        return alpha, sigma, (alpha**2 + sigma**2).rsqrt(), (self.sde.log_snr(t) - self.lam_min) / (self.lam_max - self.lam_min)
+
+    def eps(self, z, t):
+        """Noise prediction eps(z, t) = -sigma_t score(z, t); z (B, 64), t (B,) -> (B, 64)."""
+        alpha, sigma, scale, u = self._net_inputs(t)
+        out = self.net(z * scale[:, None], u)
+        if self.output == "eps":
+            return out
+        return box_posterior_eps(out.view(len(z), common.NUM_PIXELS, common.NUM_LEVELS),
+                                 z / alpha[:, None], sigma / alpha)
+
+    def eps_and_divergence(self, z, t):
+        """eps and tr(d eps / d z) for the likelihood ODE. For --output levels the exact trace needs
+        only the diagonal blocks d logits_i / d z_i of the network's Jacobian (one jacfwd over the
+        64 inputs), because the box posterior acts pixel by pixel:
+        d eps_i / d z_i = sum_k d eps_i / d logit_ik * d logit_ik / d z_i + d eps_i / d z~_i / alpha."""
+        if self.divergence == "hutchinson" or self.output == "eps":
+            return eps_and_divergence(self.eps, z, t, self.divergence)
+        alpha, sigma, scale, u = self._net_inputs(t)
+
+        def logits(z_i, scale_i, u_i):  # one image: (64,) -> (64, 17)
+            out = self.net((z_i * scale_i)[None], u_i[None]).view(common.NUM_PIXELS, common.NUM_LEVELS)
+            return out, out
+
+        jacobian, out = torch.func.vmap(torch.func.jacfwd(logits, has_aux=True))(z, scale, u)  # (B, 64, 17, 64)
+        diagonal = jacobian.diagonal(dim1=1, dim2=3).transpose(1, 2)  # d logit_ik / d z_i, (B, 64, 17)
+        x_tilde, sigma_tilde = z / alpha[:, None], sigma / alpha
+        eps, derivative = torch.func.jvp(lambda lg, xt: box_posterior_eps(lg, xt, sigma_tilde), (out, x_tilde),
+                                         (diagonal, (1 / alpha)[:, None].expand_as(z)))
+        return eps, derivative.sum(1)
+
+    def to_pm1(self, x):
+        """Dequantize and scale: y = pixels_to_pm1(x + u - 0.5), in the boxes c_k +- 1/16."""
+        return common.pixels_to_pm1(common.dequantize(x) - 0.5)
+
+    def bound(self, x):
+        """(B,) continuous-time variational bound on -log P(x), nats on the discrete pixels."""
+        y = self.to_pm1(x)
+        n, d = y.shape
+        shift = torch.rand(1, device=y.device)
+        u = ((shift + torch.arange(n, device=y.device) / n) % 1)[torch.randperm(n, device=y.device)]
+        lam = self.lam_min + (self.lam_max - self.lam_min) * u  # evenly spaced log-SNR, shuffled
+        t = self.sde.time_of_log_snr(lam)
+        alpha, sigma = self.sde.marginal(t)
+        noise = torch.randn_like(y)
+        z = alpha[:, None] * y + sigma[:, None] * noise  # (B, 64)
+        diffusion = 0.5 * (self.lam_max - self.lam_min) * ((noise - self.eps(z, t)) ** 2).sum(1)
+        # prior term KL(N(alpha_1 y, sigma_1^2) || N(0, var)) per pixel, summed
+        alpha1, sigma1 = (float(v) for v in self.sde.marginal(torch.tensor(1.0, dtype=torch.float64)))
+        var = self.sde.prior_var()
+        prior = 0.5 * (((alpha1 * y) ** 2 + sigma1**2) / var - 1 - math.log(sigma1**2 / var)).sum(1)
+        # decoder term E[-log N(y; z_e / alpha_e, sigma~_e^2 I)] = d/2 log(2 pi e sigma~_e^2), sigma~_e^2 = exp(-lam_max)
+        decoder = 0.5 * d * (math.log(2 * math.pi) + 1 - self.lam_max)
+        return diffusion + prior + decoder - common.PM1_LOGDET
+
+    def loss(self, x):
+        return self.bound(x).mean()
+
+    def eval_loss(self, x, repeats=4):
+        return torch.stack([self.bound(x).mean() for _ in range(repeats)]).mean()
+
+    def test_nll(self, x, chunk=64):
+        """(B,) -log p(y) - PM1_LOGDET by the probability-flow ODE, one dequantization per image."""
+        start = time.perf_counter()
+        y = self.to_pm1(x)
+        nll = torch.cat([-ode_log_likelihood(self.eps_and_divergence, self.sde, y[i:i + chunk], self.t_eps,
+                                             self.ode_steps) for i in range(0, len(y), chunk)])
+        self.nll_seconds += time.perf_counter() - start
+        return nll - common.PM1_LOGDET
+
+    @torch.no_grad()
+    def sample(self, n):
+        device = self.net.out.weight.device
+        z1 = torch.randn(n, common.NUM_PIXELS, device=device) * math.sqrt(self.sde.prior_var())
+        if self.sampler == "ode":
+            z, t = sample_probability_flow(self.eps, self.sde, z1, self.t_eps, self.sample_steps)
+        else:
+            z, t = sample_reverse_sde(self.eps, self.sde, z1, self.t_eps, self.sample_steps,
+                                      self.corrector_steps, self.snr)
+        alpha, sigma = self.sde.marginal(t)
+        y = (z - sigma[:, None] * self.eps(z, t)) / alpha[:, None]  # E[y | z_e] (Tweedie)
+        return torch.floor((y + 1) * 8 + 0.5).clamp(0, common.PIXEL_MAX)  # the value whose box holds y
+
+    def extra_metrics(self, splits):
+        """The SDE's variational bound on the test split (the training objective, 10 draws of the
+        noise per image), the seconds the ODE likelihood took, and its network evaluations."""
+        with common.seeded(0, splits["test"].device), torch.no_grad():
+            bound = torch.stack([self.bound(splits["test"]) for _ in range(10)]).mean()
+        return dict(test_variational_bound_nats=float(bound), test_nll_seconds=round(self.nll_seconds, 2),
+                    test_nll_ode_evaluations=4 * self.ode_steps)
+
+
+# -----------------------------------------------------------------------------
+# command line
+
+
+def main(argv=None):
+    parser = common.make_parser(__file__, __doc__, epochs=300, batch_size=64, lr=1e-3, patience=50,
+                                ema=0.998, gif_every=25)
+    group = parser.add_argument_group("SBGM")
+    group.add_argument("--sde", choices=sorted(SDES), default="vp",
+                       help="forward SDE, variance preserving or exploding (default %(default)s)")
+    group.add_argument("--output", choices=("levels", "eps"), default="levels",
+                       help="network output: logits over the 17 values with the exact box posterior, "
+                            "or eps directly (default %(default)s)")
+    group.add_argument("--hidden", type=common.positive_int, default=256,
+                       help="width of the residual MLP (default %(default)s)")
+    group.add_argument("--blocks", type=common.positive_int, default=3,
+                       help="residual blocks of the MLP (default %(default)s)")
+    group.add_argument("--dropout", type=common.unit_interval, default=0.0,
+                       help="dropout in each residual block (default %(default)s)")
+    group.add_argument("--t-eps", type=common.positive_float, default=1e-5,
+                       help="smallest time of the bound, the likelihood and the samplers (default %(default)s)")
+    group.add_argument("--ode-steps", type=common.positive_int, default=None,
+                       help="RK4 steps of the likelihood ODE (default 32; 4 with --quick)")
+    group.add_argument("--divergence", choices=("exact", "hutchinson"), default="exact",
+                       help="divergence in the likelihood ODE (default %(default)s)")
+    group.add_argument("--sampler", choices=("sde", "ode"), default="sde",
+                       help="reverse-time SDE (Euler-Maruyama) or probability-flow ODE (Heun) (default %(default)s)")
+    group.add_argument("--sample-steps", type=common.positive_int, default=None,
+                       help="sampler steps (default 500; 20 with --quick)")
+    group.add_argument("--corrector-steps", type=common.nonnegative_int, default=0,
+                       help="Langevin corrector steps per reverse-SDE step (default %(default)s)")
+    group.add_argument("--snr", type=common.positive_float, default=0.16,
+                       help="signal-to-noise ratio of the Langevin corrector (default %(default)s)")
+    args = common.parse_args(parser, argv)
+    if args.t_eps >= 1:
+        parser.error(f"argument --t-eps: expected a number in (0, 1), got {args.t_eps}")
+    config = dict(sde=args.sde, output=args.output, hidden=args.hidden, blocks=args.blocks,
+                  dropout=args.dropout, t_eps=args.t_eps)
+    # the evaluation and sampler settings are no part of the checkpoint's configuration:
+    # --sample-only may pick others
+    settings = dict(ode_steps=args.ode_steps or (4 if args.quick else 32), divergence=args.divergence,
+                    sampler=args.sampler, sample_steps=args.sample_steps or (20 if args.quick else 500),
+                    corrector_steps=args.corrector_steps, snr=args.snr)
+    common.run(args, build_model=lambda: SBGM(**config, **settings), config=config)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,212 @@
+"""Score matching (ScM) on 8x8 Digits: a noise-conditional score network s(x, sigma) trained by
+denoising score matching at several noise levels, sampled by annealed Langevin dynamics (NCSN).
+
+Pixels are scaled to [-1, 1]. For noise levels sigma_1 > ... > sigma_L (geometric), denoising
+score matching (Vincent 2011, "A Connection Between Score Matching and Denoising Autoencoders")
+fits s(x~, sigma) to the score of the noisy data x~ = x + sigma z, z ~ N(0, I), with the
+sigma^2-weighted loss of Song & Ermon 2019 ("Generative Modeling by Estimating Gradients of the
+Data Distribution"), per image:
+
+    l(x, sigma) = 1/2 || sigma * s(x + sigma z, sigma) + z ||^2        (summed over the 64 pixels)
+
+averaged over the levels. It is 0 for a perfect denoiser and 32 (= 64 / 2) for s = 0, and its
+minimum over s is reached at the score of the noisy data, grad log p_sigma(x~). The network
+outputs sigma * s (Song & Ermon 2020, "Improved Techniques for Training Score-Based Generative
+Models"), an MLP with residual blocks in which the noise level enters every block.
+
+Sampling is annealed Langevin dynamics: from uniform noise on [-1, 1]^64, for each level i run T
+steps of x <- x + alpha_i / 2 * s(x, sigma_i) + sqrt(alpha_i) z with alpha_i = eps *
+sigma_i^2 / sigma_L^2, then one denoising step x <- x + sigma_L^2 s(x, sigma_L) (Tweedie's
+formula for E[x | x~]). --single-level (= --noise-levels 1) is the one-level model of intro_dgm:
+plain Langevin dynamics at sigma = --sigma-min.
+
+There is no tractable likelihood (test_nll_nats is null): the metrics report the test denoising
+loss above (test_dsm_loss, every test image at every level, fixed noise), and the validation
+objective for early stopping is the same loss on the validation split.
+
+Run:  python score_matching.py            # defaults, writes results/ScM_*
+      python score_matching.py --help
+"""
+
+import math
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+import common
+
+# -----------------------------------------------------------------------------
+# noise levels, the denoising score matching loss, and annealed Langevin dynamics
+
+
+def geometric_sigmas(sigma_max, sigma_min, num_levels):
+    """(L,) noise levels from sigma_max down to sigma_min, equal ratios; one level is sigma_min."""
+    if num_levels == 1:
+        return torch.tensor([float(sigma_min)])
+    exponents = torch.linspace(0, 1, num_levels, dtype=torch.float64)
+    return (sigma_max * (sigma_min / sigma_max) ** exponents).float()  # sigma_max^(1-t) sigma_min^t
+
+
+def dsm_loss(score, y, sigmas, levels, noise):
+    """Per-example denoising score matching loss, sigma^2-weighted (Song & Ermon 2019, eq. 5-6).
+
+    score: (x (B, D), levels (B,)) -> (B, D); y: (B, D) clean data; levels: (B,) indices into
+    sigmas; noise: (B, D) standard normal z. Returns (B,): 1/2 || sigma s(y + sigma z) + z ||^2.
+    """
+    sigma = sigmas[levels].unsqueeze(1)  # (B, 1)
+    noisy = y + sigma * noise  # x~ = x + sigma z
+    return 0.5 * (sigma * score(noisy, levels) + noise).pow(2).sum(1)  # target score: -z / sigma
+
+
+def annealed_langevin(score, x, sigmas, steps, step_size, denoise=True):
+    """Annealed Langevin dynamics (Song & Ermon 2019, Algorithm 1), then a Tweedie denoising step.
+
+    score: (x (B, D), levels (B,)) -> (B, D); x: (B, D) starting points; sigmas: (L,) decreasing.
+    At level i: alpha_i = step_size * sigma_i^2 / sigma_L^2, and `steps` times
+    x <- x + alpha_i / 2 * s(x, sigma_i) + sqrt(alpha_i) z, z ~ N(0, I) (torch's global RNG).
+    With denoise, the result is x + sigma_L^2 s(x, sigma_L) = E[x_clean | x] for the exact score.
+    """
+    last = len(sigmas) - 1
+    for i in range(len(sigmas)):
+        levels = torch.full((len(x),), i, dtype=torch.long, device=x.device)
+        alpha = step_size * (sigmas[i] / sigmas[last]) ** 2
+        for _ in range(steps):
+            x = x + 0.5 * alpha * score(x, levels) + alpha.sqrt() * torch.randn_like(x)
+    if denoise:
+        levels = torch.full((len(x),), last, dtype=torch.long, device=x.device)
+        x = x + sigmas[last] ** 2 * score(x, levels)
+    return x
+
+
+# -----------------------------------------------------------------------------
+# model
+
+
+class ScoreNet(nn.Module):
+    """sigma * s(x, sigma_i): residual MLP blocks h <- h + W2 silu(W1 LayerNorm(h) + e_i), where
+    e_i is a learned embedding of the noise level (one per level, as NCSN's conditional norms)."""
+
+    def __init__(self, dim, num_levels, hidden=256, blocks=2):
+        super().__init__()
+        self.inp = nn.Linear(dim, hidden)
+        self.norms = nn.ModuleList(nn.LayerNorm(hidden) for _ in range(blocks))
+        self.first = nn.ModuleList(nn.Linear(hidden, hidden) for _ in range(blocks))
+        self.second = nn.ModuleList(nn.Linear(hidden, hidden) for _ in range(blocks))
+        self.level_embed = nn.ModuleList(nn.Embedding(num_levels, hidden) for _ in range(blocks))
+        self.out_norm = nn.LayerNorm(hidden)
+        self.out = nn.Linear(hidden, dim)
+
+    def forward(self, x, levels):  # (B, D), (B,) -> (B, D)
+        h = self.inp(x)  # (B, H)
+        for norm, first, second, embed in zip(self.norms, self.first, self.second, self.level_embed):
+            h = h + second(F.silu(first(norm(h)) + embed(levels)))
+        return self.out(F.silu(self.out_norm(h)))
+
+
+class ScoreMatching(nn.Module):
+    name = "ScM"
+    nll_kind = None
+    objective = "DSM loss (sigma^2-weighted, per image)"
+
+    def __init__(self, dim=common.NUM_PIXELS, hidden=256, blocks=2, noise_levels=10, sigma_max=1.0,
+                 sigma_min=0.01, langevin_steps=50, step_size=1e-5, denoise=True):
+        super().__init__()
+        self.dim, self.langevin_steps, self.step_size, self.denoise = dim, langevin_steps, step_size, denoise
+        self.register_buffer("sigmas", geometric_sigmas(sigma_max, sigma_min, noise_levels))  # (L,)
+        self.net = ScoreNet(dim, noise_levels, hidden, blocks)
+
+    def score(self, x, levels):
+        """s(x, sigma_i) ~ grad_x log p_sigma_i(x): (B, D), (B,) level indices -> (B, D)."""
+        return self.net(x, levels) / self.sigmas[levels].unsqueeze(1)
+
+    def dsm(self, y, levels=None, noise=None):
+        """(B,) DSM loss of y on the [-1, 1] scale; levels uniform and noise N(0, I) if not given."""
+        if levels is None:
+            levels = torch.randint(0, len(self.sigmas), (len(y),), device=y.device)
+        if noise is None:
+            noise = torch.randn_like(y)
+        return dsm_loss(self.score, y, self.sigmas, levels, noise)
+
+    def loss(self, x):
+        """Training objective: one random level per image (an unbiased estimate of the mean)."""
+        return self.dsm(common.pixels_to_pm1(x)).mean()
+
+    def loss_per_level(self, x, generator=None):
+        """(L,) DSM loss of every image at every level, averaged over the images."""
+        y = common.pixels_to_pm1(x)
+        losses = []
+        for i in range(len(self.sigmas)):
+            levels = torch.full((len(y),), i, dtype=torch.long, device=y.device)
+            noise = torch.randn(y.shape, generator=generator, device=y.device)
+            losses.append(self.dsm(y, levels, noise).mean())
+        return torch.stack(losses)
+
+    def eval_loss(self, x):
+        """Validation objective: every image at every level (lower variance than loss)."""
+        return self.loss_per_level(x).mean()
+
+    @torch.no_grad()
+    def extra_metrics(self, splits):
+        generator = torch.Generator(device=self.sigmas.device).manual_seed(0)  # fixed noise
+        test = splits["test"]
+        per_level = torch.stack([self.loss_per_level(test[i:i + 512], generator) * len(test[i:i + 512])
+                                 for i in range(0, len(test), 512)]).sum(0) / len(test)
+        return dict(
+            test_dsm_loss=per_level.mean().item(),
+            test_dsm_loss_per_level=[round(v, 4) for v in per_level.tolist()],
+            dsm_loss_definition="1/2 ||sigma * s(x + sigma z, sigma) + z||^2, summed over the 64 pixels "
+                                "on the [-1, 1] scale, mean over test images and over the noise levels "
+                                "(dimensionless, per image; 0 = perfect denoiser, 32 = zero score); "
+                                "not a likelihood",
+            sigmas=[round(v, 6) for v in self.sigmas.tolist()],
+        )
+
+    @torch.no_grad()
+    def sample(self, n):
+        x = torch.rand(n, self.dim, device=self.sigmas.device) * 2 - 1  # uniform on [-1, 1]^D
+        y = annealed_langevin(self.score, x, self.sigmas, self.langevin_steps, self.step_size, self.denoise)
+        return common.pm1_to_pixels(y)
+
+
+# -----------------------------------------------------------------------------
+# command line
+
+
+def main(argv=None):
+    parser = common.make_parser(__file__, __doc__, epochs=700, batch_size=64, lr=1e-3, patience=50,
+                                ema=0.999, gif_every=50)
+    group = parser.add_argument_group("ScM")
+    group.add_argument("--hidden", type=common.positive_int, default=256,
+                       help="width of the score network (default %(default)s)")
+    group.add_argument("--blocks", type=common.positive_int, default=2,
+                       help="residual blocks of the score network (default %(default)s)")
+    group.add_argument("--noise-levels", type=common.positive_int, default=10,
+                       help="number L of noise levels, geometric from --sigma-max to --sigma-min "
+                            "(default %(default)s)")
+    group.add_argument("--single-level", action="store_true",
+                       help="one noise level, sigma = --sigma-min, and plain Langevin dynamics "
+                            "(intro_dgm's model); the same as --noise-levels 1")
+    group.add_argument("--sigma-max", type=common.positive_float, default=1.0,
+                       help="largest noise level on the [-1, 1] pixel scale (default %(default)s)")
+    group.add_argument("--sigma-min", type=common.positive_float, default=0.01,
+                       help="smallest noise level, the one sampling ends at (default %(default)s)")
+    group.add_argument("--langevin-steps", type=common.positive_int, default=50,
+                       help="Langevin steps T per noise level (default %(default)s; 5 with --quick)")
+    group.add_argument("--step-size", type=common.positive_float, default=1e-5,
+                       help="eps: Langevin step at level i is eps * sigma_i^2 / sigma_L^2 (default %(default)s)")
+    group.add_argument("--no-denoise", action="store_true",
+                       help="skip the final denoising step x + sigma_L^2 s(x, sigma_L)")
+    args = common.parse_args(parser, argv)
+    noise_levels = 1 if args.single_level else args.noise_levels
+    if noise_levels > 1 and args.sigma_max <= args.sigma_min:
+        parser.error(f"--sigma-max ({args.sigma_max}) must be larger than --sigma-min ({args.sigma_min})")
+    config = dict(hidden=args.hidden, blocks=args.blocks, noise_levels=noise_levels,
+                  sigma_max=args.sigma_max, sigma_min=args.sigma_min,
+                  langevin_steps=min(args.langevin_steps, 5) if args.quick else args.langevin_steps,
+                  step_size=args.step_size, denoise=not args.no_denoise)
+    common.run(args, build_model=lambda: ScoreMatching(**config), config=config)
+
+
+if __name__ == "__main__":
+    main()
