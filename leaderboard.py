@@ -123,7 +123,20 @@ def is_current(metrics, script):
     return (metrics.get("code_sha256") == common.code_fingerprint(ROOT / script)
             and not metrics.get("quick") and not metrics.get("interrupted")
             and metrics.get("stopped") != "non_finite"
-            and [a for a in metrics.get("argv", ["?"]) if a != "--no-progress"] == [])
+            and _result_flags(metrics.get("argv", ["?"])) == [])
+
+
+def _result_flags(argv):
+    """argv without the flags that don't change results (--no-progress, --out DIR, --threads N)."""
+    kept, skip = [], False
+    for arg in argv:
+        if skip:
+            skip = False
+        elif arg in ("--out", "--threads"):
+            skip = True
+        elif arg != "--no-progress" and not arg.startswith(("--out=", "--threads=")):
+            kept.append(arg)
+    return kept
 
 
 def model_row(name, script, out, train, threads):

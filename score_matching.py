@@ -18,7 +18,9 @@ Sampling is annealed Langevin dynamics: from uniform noise on [-1, 1]^64, for ea
 steps of x <- x + alpha_i / 2 * s(x, sigma_i) + sqrt(alpha_i) z with alpha_i = eps *
 sigma_i^2 / sigma_L^2, then one denoising step x <- x + sigma_L^2 s(x, sigma_L) (Tweedie's
 formula for E[x | x~]). --single-level (= --noise-levels 1) is the one-level model of intro_dgm:
-plain Langevin dynamics at sigma = --sigma-min.
+plain Langevin dynamics at a single sigma (0.1 unless --sigma-min says otherwise); it gives
+poorer digits, because chains started far from the data follow a score that was only learned
+near it.
 
 There is no tractable likelihood (test_nll_nats is null): the metrics report the test denoising
 loss above (test_dsm_loss, every test image at every level, fixed noise), and the validation
@@ -173,6 +175,12 @@ class ScoreMatching(nn.Module):
 # command line
 
 
+# sampler defaults: several levels (NCSN), or one level at intro_dgm's sigma = 0.1 with the same
+# relative step alpha / sigma^2 = 0.1 and as many Langevin steps in all
+DEFAULTS = dict(sigma_min=0.01, langevin_steps=50, step_size=1e-5)
+SINGLE_LEVEL = dict(sigma_min=0.1, langevin_steps=500, step_size=1e-3)
+
+
 def main(argv=None):
     parser = common.make_parser(__file__, __doc__, epochs=700, batch_size=64, lr=1e-3, patience=50,
                                 ema=0.999, gif_every=50)
@@ -185,26 +193,31 @@ def main(argv=None):
                        help="number L of noise levels, geometric from --sigma-max to --sigma-min "
                             "(default %(default)s)")
     group.add_argument("--single-level", action="store_true",
-                       help="one noise level, sigma = --sigma-min, and plain Langevin dynamics "
-                            "(intro_dgm's model); the same as --noise-levels 1")
+                       help="one noise level and plain Langevin dynamics (intro_dgm's model); the same "
+                            "as --noise-levels 1")
     group.add_argument("--sigma-max", type=common.positive_float, default=1.0,
                        help="largest noise level on the [-1, 1] pixel scale (default %(default)s)")
-    group.add_argument("--sigma-min", type=common.positive_float, default=0.01,
-                       help="smallest noise level, the one sampling ends at (default %(default)s)")
-    group.add_argument("--langevin-steps", type=common.positive_int, default=50,
-                       help="Langevin steps T per noise level (default %(default)s; 5 with --quick)")
-    group.add_argument("--step-size", type=common.positive_float, default=1e-5,
-                       help="eps: Langevin step at level i is eps * sigma_i^2 / sigma_L^2 (default %(default)s)")
+    group.add_argument("--sigma-min", type=common.positive_float, default=None,
+                       help="smallest noise level, the one sampling ends at; the only one with a single "
+                            f"level (default {DEFAULTS['sigma_min']}; {SINGLE_LEVEL['sigma_min']} with one level)")
+    group.add_argument("--langevin-steps", type=common.positive_int, default=None,
+                       help=f"Langevin steps T per noise level (default {DEFAULTS['langevin_steps']}; "
+                            f"{SINGLE_LEVEL['langevin_steps']} with one level; at most 5 with --quick)")
+    group.add_argument("--step-size", type=common.positive_float, default=None,
+                       help="eps: the Langevin step at level i is eps * sigma_i^2 / sigma_L^2 "
+                            f"(default {DEFAULTS['step_size']}; {SINGLE_LEVEL['step_size']} with one level)")
     group.add_argument("--no-denoise", action="store_true",
                        help="skip the final denoising step x + sigma_L^2 s(x, sigma_L)")
     args = common.parse_args(parser, argv)
     noise_levels = 1 if args.single_level else args.noise_levels
-    if noise_levels > 1 and args.sigma_max <= args.sigma_min:
-        parser.error(f"--sigma-max ({args.sigma_max}) must be larger than --sigma-min ({args.sigma_min})")
+    sampler = {k: getattr(args, k) if getattr(args, k) is not None else v
+               for k, v in (SINGLE_LEVEL if noise_levels == 1 else DEFAULTS).items()}
+    if noise_levels > 1 and args.sigma_max <= sampler["sigma_min"]:
+        parser.error(f"--sigma-max ({args.sigma_max}) must be larger than --sigma-min ({sampler['sigma_min']})")
+    if args.quick:
+        sampler["langevin_steps"] = min(sampler["langevin_steps"], 5)
     config = dict(hidden=args.hidden, blocks=args.blocks, noise_levels=noise_levels,
-                  sigma_max=args.sigma_max, sigma_min=args.sigma_min,
-                  langevin_steps=min(args.langevin_steps, 5) if args.quick else args.langevin_steps,
-                  step_size=args.step_size, denoise=not args.no_denoise)
+                  sigma_max=args.sigma_max, **sampler, denoise=not args.no_denoise)
     common.run(args, build_model=lambda: ScoreMatching(**config), config=config)
 
 

@@ -1,0 +1,211 @@
+"""RealNVP: invertibility, log-determinants against autograd Jacobians, a density that integrates
+to one, the dequantization bound, and a smoke test of the script (with --sample-only)."""
+
+import json
+import math
+
+import pytest
+import torch
+
+import common
+import flow_based_model_realnvp as realnvp_script
+from conftest import check_outputs, run_main
+from flow_based_model_realnvp import ActNorm, AffineCoupling, CouplingStack, LogitTransform, RealNVP, make_masks
+
+TINY = ["--quick", "--no-progress", "--num-couplings", "4", "--hidden", "16"]
+
+
+def randomised(model, seed=0, std=0.3):
+    """Give every weight a random value (the last layers start at zero, i.e. the identity)."""
+    torch.manual_seed(seed)
+    with torch.no_grad():
+        for parameter in model.parameters():
+            parameter.copy_(torch.randn_like(parameter) * std)
+    return model.eval()
+
+
+def tiny_flow(dim=common.NUM_PIXELS, masks="random", seed=0, **overrides):
+    config = dict(num_couplings=4, hidden=16, layers=2, dropout=0.0, masks=masks, dim=dim, **overrides)
+    return randomised(RealNVP(**config).double(), seed)
+
+
+def pixels_in_range(n, seed=0):
+    """Dequantized pixels v in [0, 17)^64."""
+    torch.manual_seed(seed)
+    return torch.rand(n, common.NUM_PIXELS, dtype=torch.float64) * common.NUM_LEVELS
+
+
+# --- masks -----------------------------------------------------------------------
+
+
+def test_masks_alternate_so_that_every_pixel_is_transformed():
+    for kind in ("random", "checkerboard"):
+        masks = make_masks(kind, 6)
+        assert masks.shape == (6, 64) and set(masks.unique().tolist()) == {0.0, 1.0}
+        assert (masks.sum(1) == 32).all()
+        assert torch.equal(masks[0::2] + masks[1::2], torch.ones(3, 64))  # pairs are complements
+    board = make_masks("checkerboard", 2)[0].view(8, 8)
+    assert board[0, 0] != board[0, 1] and board[0, 0] != board[1, 0] and board[0, 0] == board[1, 1]
+    random_masks = make_masks("random", 4)
+    assert not torch.equal(random_masks[0], random_masks[2])  # a new split for each pair
+    assert torch.equal(random_masks, make_masks("random", 4))  # deterministic
+
+
+# --- invertibility and log-determinants ------------------------------------------
+
+
+@pytest.mark.parametrize("masks", ["random", "checkerboard"])
+def test_inverse_of_forward_is_the_identity(masks):
+    model = randomised(RealNVP(num_couplings=6, hidden=32, dropout=0.0, masks=masks), std=0.15)  # float32
+    torch.manual_seed(1)
+    h = torch.randn(64, 64) * 3  # random inputs to the couplings
+    z, _ = model.flow(h)
+    assert not torch.allclose(z, h, atol=1e-2)  # the randomised flow is not the identity
+    assert torch.allclose(model.flow.inverse(z), h, atol=1e-5)
+    assert torch.allclose(model.flow(model.flow.inverse(h))[0], h, atol=1e-5)
+    v = torch.rand(64, 64) * common.NUM_LEVELS  # and through the logit transform
+    assert torch.allclose(model.inverse(model(v)[0]), v, atol=1e-4 * common.NUM_LEVELS)
+
+
+def test_actnorm_initialises_from_the_first_training_batch_and_inverts():
+    norm = ActNorm(64)
+    torch.manual_seed(0)
+    h = torch.randn(100, 64) * torch.rand(64) * 5 + torch.randn(64) * 3
+    out, log_det = norm(h)  # training mode: data-dependent initialisation
+    assert torch.allclose(out.mean(0), torch.zeros(64), atol=1e-5)
+    assert torch.allclose(out.std(0), torch.ones(64), atol=1e-4)
+    assert torch.allclose(log_det, -torch.log(h.std(0)).sum().expand(100), atol=1e-3)
+    again, _ = norm(h * 2)  # initialised once only
+    assert torch.allclose(again, (h * 2 + norm.bias) * norm.log_scale.exp())
+    assert torch.allclose(norm.inverse(out), h, atol=1e-5)
+    assert bool(norm.state_dict()["initialized"])
+
+
+def test_coupling_leaves_the_fixed_half_unchanged_and_starts_as_the_identity():
+    mask = make_masks("random", 1)[0]
+    coupling = AffineCoupling(mask, hidden=8, layers=2, dropout=0.0)
+    h = torch.randn(5, 64)
+    out, log_det = coupling(h)
+    assert torch.equal(out, h) and torch.equal(log_det, torch.zeros(5))  # zero-initialised last layer
+    randomised(coupling)
+    out, _ = coupling(h)
+    fixed = mask.bool()
+    assert torch.equal(out[:, fixed], h[:, fixed]) and not torch.allclose(out[:, ~fixed], h[:, ~fixed])
+
+
+def test_summed_log_det_equals_log_abs_det_of_the_autograd_jacobian():
+    model = tiny_flow()
+    for v in pixels_in_range(3, seed=2):
+        _, log_det = model(v[None])
+        jacobian = torch.autograd.functional.jacobian(lambda u: model(u[None])[0][0], v)  # (64, 64)
+        sign, expected = torch.linalg.slogdet(jacobian)
+        assert sign != 0
+        assert log_det.item() == pytest.approx(expected.item(), abs=1e-8)
+    # each part on its own too: the logit transform alone, the couplings alone
+    v = pixels_in_range(1, seed=3)[0]
+    jacobian = torch.autograd.functional.jacobian(lambda u: model.logit(u[None])[0][0], v)
+    assert model.logit(v[None])[1].item() == pytest.approx(torch.linalg.slogdet(jacobian)[1].item(), abs=1e-8)
+    h = torch.randn(64, dtype=torch.float64)
+    jacobian = torch.autograd.functional.jacobian(lambda u: model.flow(u[None])[0][0], h)
+    assert model.flow(h[None])[1].item() == pytest.approx(torch.linalg.slogdet(jacobian)[1].item(), abs=1e-8)
+
+
+def test_logit_transform_is_the_squeezed_logit():
+    alpha = 0.05
+    logit = LogitTransform(alpha)
+    v = torch.tensor([[0.0, 8.5, 17.0]], dtype=torch.float64)
+    w, log_det = logit(v)
+    assert torch.allclose(w, torch.tensor([[math.log(alpha / (1 - alpha)), 0.0, math.log((1 - alpha) / alpha)]],
+                                          dtype=torch.float64))
+    # dw/dv = (1 - 2 alpha) / 17 / (s (1 - s)); at v = 8.5, s = 1/2
+    slope = [(1 - 2 * alpha) / 17 / (s * (1 - s)) for s in (alpha, 0.5, 1 - alpha)]
+    assert log_det.item() == pytest.approx(sum(math.log(d) for d in slope))
+
+
+# --- normalisation and the bound -------------------------------------------------
+
+
+def test_density_of_a_2d_flow_integrates_to_one():
+    """The couplings alone in R^2: the sum of p over a fine grid times the cell area is 1."""
+    torch.manual_seed(0)
+    flow = randomised(CouplingStack(make_masks("random", 4, dim=2), hidden=16, layers=2, dropout=0.0).double(),
+                      std=0.3)
+    side = torch.linspace(-20, 20, 801, dtype=torch.float64)
+    grid = torch.cartesian_prod(side, side)  # (801^2, 2)
+    cell = (side[1] - side[0]) ** 2
+    with torch.no_grad():
+        mass = (flow.log_prob(grid).exp() * cell).sum().item()
+    assert mass == pytest.approx(1.0, abs=2e-3)
+
+
+def test_density_on_the_pixel_scale_integrates_to_one_in_2d():
+    """Logit transform and couplings, 2 pixels: p(v) integrates to 1 over the range that the
+    squeezed logit maps onto R, v in (-17 alpha, 17 (1 - alpha)) / (1 - 2 alpha)."""
+    alpha = 0.05
+    model = randomised(tiny_flow(dim=2, alpha=alpha), std=0.2)  # 17% of the mass at v < 0
+    low, high = -17 * alpha / (1 - 2 * alpha), 17 * (1 - alpha) / (1 - 2 * alpha)
+    n = 800
+    side = low + (torch.arange(n, dtype=torch.float64) + 0.5) * (high - low) / n  # midpoints
+    grid = torch.cartesian_prod(side, side)
+    with torch.no_grad():
+        mass = (model.log_prob(grid).exp() * ((high - low) / n) ** 2).sum().item()
+    assert mass == pytest.approx(1.0, abs=2e-3)
+
+
+def test_test_nll_is_the_dequantization_average_and_bounds_the_discrete_nll_in_1d():
+    """1 pixel: P(x) = integral of p over [x, x + 1) (by quadrature) sums to at most 1 over the 17
+    values, and -log P(x) <= E_u[-log p(x + u)] (Jensen), which test_nll estimates."""
+    model = tiny_flow(dim=1, alpha=0.05, nll_draws=20)  # in 1D each coupling is an affine map
+    x = torch.arange(17, dtype=torch.float64)[:, None]  # (17, 1)
+    u = (torch.arange(2000, dtype=torch.float64) + 0.5) / 2000  # midpoints of [0, 1)
+    with torch.no_grad():
+        density = model.log_prob((x + u[None, :]).reshape(-1, 1)).exp().view(17, -1)  # (17, 2000)
+        probability = density.mean(1)  # (17,) P(x)
+        exact_bound = -density.log().mean(1)  # E_u[-log p(x + u)] by quadrature
+        torch.manual_seed(0)
+        estimate = model.test_nll(x.repeat(200, 1)).view(200, 17).mean(0)  # 4000 draws per value
+    assert 0.5 < probability.sum().item() <= 1.0
+    assert (exact_bound >= -probability.log() - 1e-9).all()
+    assert (exact_bound > -probability.log() + 1e-4).any()  # Jensen's gap: not an equality here
+    assert torch.allclose(estimate, exact_bound, rtol=0.01)
+
+
+def test_loss_is_minus_log_prob_of_dequantized_pixels():
+    model = tiny_flow()
+    x = torch.randint(0, 17, (8, 64)).double()
+    torch.manual_seed(5)
+    loss = model.loss(x)
+    torch.manual_seed(5)
+    expected = -model.log_prob(x + torch.rand_like(x)).mean()
+    assert loss.item() == pytest.approx(expected.item())
+
+
+def test_samples_are_pixel_values_and_temperature_zero_limit_is_the_mode_path():
+    model = tiny_flow().float()
+    torch.manual_seed(0)
+    samples = model.sample(50)
+    assert samples.shape == (50, 64)
+    assert torch.equal(samples, samples.round()) and samples.min() >= 0 and samples.max() <= 16
+    model.temperature = 1e-6
+    cold = model.sample(3)
+    assert torch.equal(cold, model.inverse(torch.zeros(3, 64)).floor().clamp(0, 16))
+
+
+# --- the script ------------------------------------------------------------------
+
+
+def test_smoke_every_output_and_sample_only_at_another_temperature(tmp_path):
+    assert run_main(realnvp_script.main, TINY + ["--out", str(tmp_path)]) == 0
+    metrics = check_outputs(tmp_path, "RealNVP", "upper_bound")
+    assert metrics["test_nll_nats"] < 64 * math.log(17) * 1.5
+    assert metrics["nll_draws"] == 10 and metrics["temperature"] == 1.0
+    assert run_main(realnvp_script.main, TINY + ["--out", str(tmp_path), "--sample-only",
+                                                 "--temperature", "0.7", "--nll-draws", "2"]) == 0
+    again = json.loads((tmp_path / "RealNVP_metrics.json").read_text())
+    assert again["temperature"] == 0.7 and again["nll_draws"] == 2
+    assert again["epochs_run"] == metrics["epochs_run"]
+
+
+def test_bad_alpha_is_a_usage_error(capsys):
+    assert run_main(realnvp_script.main, TINY + ["--alpha", "0.5"]) == 2
+    assert "--alpha" in capsys.readouterr().err
