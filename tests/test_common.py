@@ -14,6 +14,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+from PIL import Image
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
@@ -120,17 +121,11 @@ def test_resumed_run_ends_with_the_same_losses_as_an_uninterrupted_one(tmp_path)
     assert run_main(arm_script.main, TINY + ["--epochs", "4", "--resume", "--out", str(resumed)]) == 0
     assert history(resumed) == history(straight)
     check_outputs(resumed, "ARM", "exact")
-    with Image_open(resumed / "ARM_training.gif") as gif:
+    with Image.open(resumed / "ARM_training.gif") as gif:
         assert gif.n_frames == 4  # frames from before the resume are kept
     a = json.loads((straight / "ARM_metrics.json").read_text())
     b = json.loads((resumed / "ARM_metrics.json").read_text())
     assert a["test_nll_nats"] == pytest.approx(b["test_nll_nats"], abs=1e-4)
-
-
-def Image_open(path):
-    from PIL import Image
-
-    return Image.open(path)
 
 
 def test_sample_only_reproduces_samples_and_metrics_without_training(tmp_path, capsys):
