@@ -21,8 +21,6 @@ model maps it to its own space with the transforms here.
 
 import argparse
 import contextlib
-import copy
-import io
 import json
 import math
 import os
@@ -43,7 +41,9 @@ NUM_LEVELS = PIXEL_MAX + 1
 TRAIN_END, VAL_END = 1000, 1350  # train = [:1000], val = [1000:1350], test = [1350:] (447)
 PM1_LOGDET = NUM_PIXELS * math.log(1 / 8)  # log|det d pixels_to_pm1 / dx| per image
 QUICK_SIZES = dict(train=200, val=100, test=100)  # --quick trains and evaluates on subsets
-DEFAULT_THREADS = 1  # measured: README "CPU threads"
+# 2 torch threads trained every family 1.0-1.7x faster than 1 on an idle 2-core machine, and
+# never slower (README "CPU threads", `python leaderboard.py --threads-benchmark`)
+DEFAULT_THREADS = min(2, os.cpu_count() or 1)
 EXIT_USAGE, EXIT_NONFINITE, EXIT_INTERRUPTED = 2, 1, 130
 
 
@@ -157,7 +157,8 @@ def make_parser(script, doc, *, epochs, batch_size, lr, patience, ema=0.0, gif_e
     run_group.add_argument("--device", default="auto", choices=("auto", "cpu", "cuda", "mps"),
                            help="auto picks cuda, then mps, then cpu (default %(default)s)")
     run_group.add_argument("--threads", type=positive_int, default=DEFAULT_THREADS,
-                           help="CPU threads for torch (default %(default)s, measured fastest for these models)")
+                           help="CPU threads for torch (default %(default)s: 2 measured fastest on a 2-core machine; "
+                                "use 1 when other jobs share the cores)")
     run_group.add_argument("--out", type=Path, default=Path("results"),
                            help="folder for every output (default %(default)s)")
     run_group.add_argument("--num-samples", type=positive_int, default=None,

@@ -78,7 +78,8 @@ def log_normal_bin(lower, upper):
     a = torch.where(flip, -upper, lower)
     b = torch.where(flip, -lower, upper)
     log_a, log_b = torch.special.log_ndtr(a), torch.special.log_ndtr(b)  # log_a <= log_b
-    return log_b + torch.log(-torch.expm1((log_a - log_b).clamp(max=-1e-30)))  # log Phi(b) (1 - Phi(a)/Phi(b))
+    # log Phi(b) + log(1 - Phi(a) / Phi(b))
+    return log_b + torch.log(-torch.expm1((log_a - log_b).clamp(max=-1e-30)))
 
 
 def discretized_gaussian_log_prob(x0, mean, log_var):
@@ -158,7 +159,7 @@ class DDPM(nn.Module):
     nll_kind = "upper_bound"
     objective = "hybrid loss L_simple + lambda L_vlb"
 
-    def __init__(self, num_steps=1000, schedule="linear", hidden=512, blocks=3, variance="learned",
+    def __init__(self, num_steps=1000, schedule="linear", hidden=256, blocks=3, variance="learned",
                  grid_skip=True, vlb_weight=1e-3, log_t_frac=0.5, sampler="ddim", ddim_steps=50,
                  timing_samples=1000):
         super().__init__()
@@ -188,9 +189,8 @@ class DDPM(nn.Module):
                 post_coef_xt=(1 - abar_prev) * alphas.sqrt() / (1 - abar),  # c0 x_0 + ct x_t
                 grid=torch.arange(common.NUM_LEVELS, dtype=torch.float64) / 8 - 1).items():
             self.register_buffer(key, value.float())
-        in_dim = 2 * common.NUM_PIXELS if grid_skip else common.NUM_PIXELS
-        out_dim = 2 * common.NUM_PIXELS if self.learned_variance else common.NUM_PIXELS
-        self.net = EpsilonNet(in_dim, out_dim, hidden, blocks, num_steps)
+        out_dim = 2 * common.NUM_PIXELS if self.learned_variance else common.NUM_PIXELS  # eps (and v)
+        self.net = EpsilonNet(common.NUM_PIXELS, out_dim, hidden, blocks, num_steps)
         # logits of the per-pixel categorical prior of the grid skip (zero: uniform over 17 levels)
         self.prior_logits = nn.Parameter(torch.zeros(common.NUM_PIXELS, common.NUM_LEVELS))
 
@@ -215,19 +215,17 @@ class DDPM(nn.Module):
         """E[x_0 | x_t] (B, 64) when the pixels of x_0 are independent categoricals over the grid."""
         mean = self.sqrt_abar[t][:, None, None] * self.grid  # (B, 1, 17) means of x_t given x_0 = level
         var = self.sqrt_one_minus_abar[t][:, None, None] ** 2  # 1 - abar_t
-        posterior = torch.softmax(self.prior_logits - (xt[:, :, None] - mean) ** 2 / (2 * var), dim=-1)  # (B, 64, 17)
+        logits = self.prior_logits - (xt[:, :, None] - mean) ** 2 / (2 * var)  # (B, 64, 17)
+        posterior = torch.softmax(logits, dim=-1)  # p(x_0 = level | x_t) per pixel
         return (posterior * self.grid).sum(-1)
 
     def network(self, xt, t):
         """eps(x_t, t) (B, 64) and the raw variance output (B, 64) in about [-1, 1] (or None)."""
-        if self.grid_skip:
+        out = self.net(xt, t)  # (B, 64) or (B, 128)
+        eps = out[:, :common.NUM_PIXELS]
+        if self.grid_skip:  # + the grid denoiser's eps (x_t - sqrt(abar_t) E[x_0 | x_t]) / sqrt(1 - abar_t)
             x0 = self.grid_denoiser(xt, t)
-            eps_grid = (xt - self._at(self.sqrt_abar, t) * x0) / self._at(self.sqrt_one_minus_abar, t)
-            out = self.net(torch.cat([xt, x0], dim=1), t)
-            eps = eps_grid + out[:, :common.NUM_PIXELS]
-        else:
-            out = self.net(xt, t)
-            eps = out[:, :common.NUM_PIXELS]
+            eps = eps + (xt - self._at(self.sqrt_abar, t) * x0) / self._at(self.sqrt_one_minus_abar, t)
         return eps, out[:, common.NUM_PIXELS:] if self.learned_variance else None
 
     def p_mean_log_var(self, xt, t, eps, v):
@@ -299,26 +297,24 @@ class DDPM(nn.Module):
         levels = torch.distributions.Categorical(logits=logits).sample()  # (n, 64) in 0..16
         return levels.float()
 
-    def sample_ddim(self, n, steps=None):
-        """Deterministic DDIM (eta = 0) on `steps` evenly spaced steps T = tau_S > .. > tau_1 = 1:
-        x0^ = (x - sqrt(1 - abar) eps) / sqrt(abar) clipped to [-1, 1],
-        x <- sqrt(abar_prev) x0^ + sqrt(1 - abar_prev) eps^ (abar_prev = 1 after tau_1); the
-        result is rounded to the nearest pixel level."""
-        device = self.abar.device
-        steps = min(steps or self.ddim_steps, self.num_steps)
+    def ddim(self, x, steps):
+        """Deterministic DDIM (eta = 0) from x = x_T (n, 64) on `steps` evenly spaced steps
+        T = tau_S > .. > tau_1 = 1, each x0^ = (x - sqrt(1 - abar) eps) / sqrt(abar) clipped to
+        [-1, 1], x <- sqrt(abar_next) x0^ + sqrt(1 - abar_next) eps^; returns the last x0^."""
         taus = torch.linspace(self.num_steps - 1, 0, steps, dtype=torch.float64).round().long().tolist()
-        x = torch.randn(n, common.NUM_PIXELS, device=device)
         for i, step in enumerate(taus):
-            t = torch.full((n,), step, dtype=torch.long, device=device)
-            eps, _ = self.network(x, t)
+            eps, _ = self.network(x, torch.full((len(x),), step, dtype=torch.long, device=x.device))
             a, b = self.sqrt_abar[step], self.sqrt_one_minus_abar[step]
             x0 = ((x - b * eps) / a).clamp(-1, 1)
             eps = (x - a * x0) / b  # consistent with the clipped x0^
             if i + 1 < len(taus):
                 x = self.sqrt_abar[taus[i + 1]] * x0 + self.sqrt_one_minus_abar[taus[i + 1]] * eps
-            else:
-                x = x0
-        return common.pm1_to_pixels(x).round()
+        return x0
+
+    def sample_ddim(self, n, steps=None):
+        """DDIM from x_T ~ N(0, I) with --ddim-steps steps, rounded to the nearest pixel level."""
+        x = torch.randn(n, common.NUM_PIXELS, device=self.abar.device)
+        return common.pm1_to_pixels(self.ddim(x, min(steps or self.ddim_steps, self.num_steps))).round()
 
     def sample(self, n):
         return self.sample_ancestral(n) if self.sampler == "ancestral" else self.sample_ddim(n)
@@ -328,7 +324,7 @@ class DDPM(nn.Module):
         """Seconds (wall and CPU of this process) to draw 1000 samples (64 with --quick) with each
         sampler, and the Frechet distance of each set to the test split (common.sample_quality)."""
         device = self.abar.device
-        metrics = dict(sampler=self.sampler, ddim_steps=self.ddim_steps, num_steps=self.num_steps,
+        metrics = dict(sampler=self.sampler, ddim_steps=self.ddim_steps,
                        timing_num_samples=self.timing_samples)
         for name, draw in (("ancestral", self.sample_ancestral), ("ddim", self.sample_ddim)):
             with common.seeded(5, device):
@@ -351,14 +347,14 @@ class DDPM(nn.Module):
 
 
 def main(argv=None):
-    parser = common.make_parser(__file__, __doc__, epochs=300, batch_size=64, lr=1e-3, patience=50,
+    parser = common.make_parser(__file__, __doc__, epochs=550, batch_size=64, lr=1e-3, patience=50,
                                 ema=0.999, gif_every=10)
     group = parser.add_argument_group("DDPM")
     group.add_argument("--num-steps", "-T", type=common.positive_int, default=1000,
                        help="diffusion steps T (default %(default)s)")
     group.add_argument("--schedule", choices=("linear", "cosine"), default="linear",
                        help="noise schedule beta_t (default %(default)s, the better bound on validation)")
-    group.add_argument("--hidden", type=common.positive_int, default=512,
+    group.add_argument("--hidden", type=common.positive_int, default=256,
                        help="width of the noise predictor's residual MLP (default %(default)s)")
     group.add_argument("--blocks", type=common.positive_int, default=3,
                        help="residual blocks of the noise predictor (default %(default)s)")
@@ -371,7 +367,8 @@ def main(argv=None):
                        help="lambda of the hybrid loss L_simple + lambda L_vlb (default %(default)s)")
     group.add_argument("--log-t-frac", type=common.unit_interval, default=0.5,
                        help="fraction of training steps t drawn log-uniformly on 1..T, the rest "
-                            "uniformly: more training where the bound's terms are large (default %(default)s)")
+                            "uniformly: more training where the bound's terms are large "
+                            "(default %(default)s)")
     group.add_argument("--sampler", choices=("ddim", "ancestral"), default="ddim",
                        help="sampler for the samples, grid and GIF (default %(default)s)")
     group.add_argument("--ddim-steps", type=common.positive_int, default=None,

@@ -17,14 +17,18 @@ the validation split:
 
 Run:  python leaderboard.py                 # trains what is missing, then writes the table
       python leaderboard.py --no-train      # only what is already in results/
-Writes OUT/leaderboard.md, OUT/leaderboard.json and OUT/leaderboard.png.
+      python leaderboard.py --threads-benchmark   # seconds per epoch with 1 and 2 CPU threads
+Writes OUT/leaderboard.md, OUT/leaderboard.json and OUT/leaderboard.png (the benchmark:
+OUT/threads.md and OUT/threads.json). Run it on an otherwise idle machine.
 """
 
 import argparse
 import json
 import math
+import os
 import subprocess
 import sys
+import tempfile
 import time
 from pathlib import Path
 
@@ -99,6 +103,7 @@ def gaussian_mixture(splits, num_samples, seed, ks=(5, 10, 20, 40), draws=5):
     start = time.perf_counter()
     model.random_state = seed
     samples = _continuous_samples_to_pixels(model.sample(num_samples)[0])
+    samples = samples[np.random.default_rng(seed).permutation(num_samples)]  # sklearn sorts them by component
     return nll, "upper_bound", samples, fit_seconds, time.perf_counter() - start, dict(k=k)
 
 
@@ -144,9 +149,9 @@ def model_row(name, script, out, train, threads):
     metrics = json.loads(path.read_text()) if path.is_file() else None
     if (metrics is None or not is_current(metrics, script)) and train and (ROOT / script).is_file():
         print(f"leaderboard: training {name} with its defaults ({script})", flush=True)
-        command = [sys.executable, str(ROOT / script), "--no-progress"]
-        env = dict(__import__("os").environ, OMP_NUM_THREADS=str(threads))
-        if subprocess.run(command, cwd=ROOT, env=env).returncode == 0:  # writes into results/
+        command = [sys.executable, str(ROOT / script), "--no-progress", "--threads", str(threads),
+                   "--out", str(out)]
+        if subprocess.run(command, cwd=ROOT).returncode == 0:
             metrics = json.loads(path.read_text())
     if metrics is None:
         return None
@@ -228,6 +233,42 @@ def picture(panels, path):
     common.save_image(path, np.concatenate(rows, 0))
 
 
+# -----------------------------------------------------------------------------
+# CPU threads: the measurement behind common.DEFAULT_THREADS
+
+
+def threads_benchmark(out, thread_counts=(1, 2), epochs=5):
+    """Each family's default model trained for `epochs` epochs (early stopping off) and 1000
+    samples drawn, once per thread count, each in a fresh process and a scratch folder. Returns
+    rows of wall seconds per epoch (training, validation and checkpoint) and per 1000 samples."""
+    rows = []
+    for name, script in SCRIPTS.items():
+        for threads in thread_counts:
+            with tempfile.TemporaryDirectory() as scratch:
+                command = [sys.executable, str(ROOT / script), "--no-progress", "--epochs", str(epochs),
+                           "--patience", str(epochs), "--gif-every", str(epochs), "--threads", str(threads),
+                           "--out", scratch]
+                print(f"leaderboard: {name} with {threads} thread(s)", flush=True)
+                subprocess.run(command, cwd=ROOT, check=True, stdout=subprocess.DEVNULL)
+                metrics = json.loads((Path(scratch) / f"{name}_metrics.json").read_text())
+            rows.append(dict(model=name, threads=threads, epochs=metrics["epochs_run"],
+                             seconds_per_epoch=metrics["train_seconds"] / metrics["epochs_run"],
+                             cpu_seconds_per_epoch=metrics["train_cpu_seconds"] / metrics["epochs_run"],
+                             seconds_per_1000_samples=metrics["sample_seconds"] * 1000 / metrics["num_samples"]))
+    lines = ["| model | threads | s / epoch (wall) | CPU s / epoch | s / 1000 samples (wall) | speed-up of training |",
+             "|---|---|---|---|---|---|"]
+    for row in rows:
+        single = next(r for r in rows if r["model"] == row["model"] and r["threads"] == thread_counts[0])
+        lines.append(f"| {row['model']} | {row['threads']} | {row['seconds_per_epoch']:.2f} | "
+                     f"{row['cpu_seconds_per_epoch']:.2f} | {row['seconds_per_1000_samples']:.2f} | "
+                     f"{single['seconds_per_epoch'] / row['seconds_per_epoch']:.2f}x |")
+    table = "\n".join(lines) + "\n"
+    common.atomic_write(out / "threads.md", lambda tmp: tmp.write_text(table))
+    common.save_json(out / "threads.json", dict(cpu_count=os.cpu_count(), torch_version=torch.__version__,
+                                                 rows=rows))
+    print(table)
+
+
 def main(argv=None):
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--out", type=Path, default=Path("results"),
@@ -237,12 +278,17 @@ def main(argv=None):
     parser.add_argument("--threads", type=common.positive_int, default=common.DEFAULT_THREADS,
                         help="CPU threads for the model runs (default %(default)s)")
     parser.add_argument("--seed", type=common.nonnegative_int, default=0, help="baselines' seed (default 0)")
+    parser.add_argument("--threads-benchmark", action="store_true",
+                        help="only time 5 epochs and 1000 samples of every family with 1 and 2 CPU threads")
     args = parser.parse_args(argv)
     out = args.out if args.out.is_absolute() else ROOT / args.out
     if out.exists() and not out.is_dir():
         parser.error(f"--out {out} is a file, not a folder")
     out.mkdir(parents=True, exist_ok=True)
     torch.set_num_threads(args.threads)
+    if args.threads_benchmark:
+        threads_benchmark(out)
+        return
 
     pixels, _ = common.load_digits_arrays()
     splits = common.split_arrays(pixels.astype(np.float64))

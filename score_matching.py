@@ -111,8 +111,8 @@ class ScoreMatching(nn.Module):
     nll_kind = None
     objective = "DSM loss (sigma^2-weighted, per image)"
 
-    def __init__(self, dim=common.NUM_PIXELS, hidden=256, blocks=2, noise_levels=10, sigma_max=1.0,
-                 sigma_min=0.01, langevin_steps=50, step_size=1e-5, denoise=True):
+    def __init__(self, dim=common.NUM_PIXELS, hidden=256, blocks=2, noise_levels=10, sigma_max=2.0,
+                 sigma_min=0.01, langevin_steps=50, step_size=7e-6, denoise=True):
         super().__init__()
         self.dim, self.langevin_steps, self.step_size, self.denoise = dim, langevin_steps, step_size, denoise
         self.register_buffer("sigmas", geometric_sigmas(sigma_max, sigma_min, noise_levels))  # (L,)
@@ -175,9 +175,10 @@ class ScoreMatching(nn.Module):
 # command line
 
 
-# sampler defaults: several levels (NCSN), or one level at intro_dgm's sigma = 0.1 with the same
-# relative step alpha / sigma^2 = 0.1 and as many Langevin steps in all
-DEFAULTS = dict(sigma_min=0.01, langevin_steps=50, step_size=1e-5)
+# sampler defaults, chosen by sample quality on the validation split: several levels (NCSN), or one
+# level at intro_dgm's sigma = 0.1 with a relative step alpha / sigma^2 = 0.1 and as many Langevin
+# steps in all (500)
+DEFAULTS = dict(sigma_min=0.01, langevin_steps=50, step_size=7e-6)
 SINGLE_LEVEL = dict(sigma_min=0.1, langevin_steps=500, step_size=1e-3)
 
 
@@ -195,7 +196,7 @@ def main(argv=None):
     group.add_argument("--single-level", action="store_true",
                        help="one noise level and plain Langevin dynamics (intro_dgm's model); the same "
                             "as --noise-levels 1")
-    group.add_argument("--sigma-max", type=common.positive_float, default=1.0,
+    group.add_argument("--sigma-max", type=common.positive_float, default=2.0,
                        help="largest noise level on the [-1, 1] pixel scale (default %(default)s)")
     group.add_argument("--sigma-min", type=common.positive_float, default=None,
                        help="smallest noise level, the one sampling ends at; the only one with a single "

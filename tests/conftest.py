@@ -15,9 +15,10 @@ import common  # noqa: E402
 
 
 def run_main(main, argv):
-    """main(argv) -> exit status (0 when it returns normally)."""
+    """main(argv) -> exit status (0 when it returns normally). One thread unless argv says
+    otherwise (a later --threads wins): see one_thread below."""
     try:
-        main(argv)
+        main(["--threads", "1", *argv])
     except SystemExit as exit_:
         return exit_.code
     return 0
@@ -58,7 +59,8 @@ def check_outputs(out, name, nll_kind):
 
 @pytest.fixture(autouse=True)
 def one_thread():
-    """Tests run single-threaded: faster for these small models, and steady on a busy machine."""
+    """Tests run single-threaded: steady on a busy machine, where 2 threads made the EBM's SGLD
+    test 20x slower (measured), and the tests share the cores with each other's processes."""
     previous = torch.get_num_threads()
     torch.set_num_threads(1)
     yield

@@ -189,7 +189,7 @@ def test_bad_checkpoints_exit_2_with_one_line(damage, words, tmp_path, capsys, m
 
 def test_sigint_checkpoints_writes_outputs_and_exits_130(tmp_path):
     env = dict(os.environ, PYTHONPATH=str(ROOT))
-    proc = subprocess.Popen([sys.executable, str(ROOT / "autoregressive_model.py"), *TINY,
+    proc = subprocess.Popen([sys.executable, str(ROOT / "autoregressive_model.py"), *TINY, "--threads", "1",
                              "--epochs", "500", "--patience", "500", "--out", str(tmp_path)],
                             env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     deadline = time.time() + 300

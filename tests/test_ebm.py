@@ -18,16 +18,6 @@ TINY = ["--quick", "--no-progress", "--hidden", "16", "--layers", "1", "--buffer
         "--sgld-steps", "5", "--sample-steps", "5"]
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    """One torch thread: several threads on a busy 2-core machine make SGLD's many small steps
-    up to 20x slower (measured)."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
 def tiny_ebm(**overrides):
     torch.manual_seed(0)
     config = dict(hidden=16, layers=2, sgld_steps=3, sample_steps=3, buffer_size=50)
