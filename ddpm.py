@@ -44,9 +44,6 @@ from torch import nn
 
 import common
 
-BIN_HALF_WIDTH = 1 / 16  # pixels_to_pm1 maps the levels 0..16 to -1 + k / 8
-
-
 # -----------------------------------------------------------------------------
 # noise schedules and the discretized decoder
 
@@ -70,18 +67,6 @@ def make_betas(schedule, num_steps):
     raise ValueError(f"unknown schedule {schedule!r}")
 
 
-def log_normal_bin(lower, upper):
-    """log(Phi(upper) - Phi(lower)) for lower < upper (either may be infinite), accurate in both tails:
-    a bin above 0 is reflected, Phi(u) - Phi(l) = Phi(-l) - Phi(-u), so the difference is never
-    that of two numbers near 1."""
-    flip = (lower + upper) > 0  # nan-free: inf + finite; -inf + inf only for the full line
-    a = torch.where(flip, -upper, lower)
-    b = torch.where(flip, -lower, upper)
-    log_a, log_b = torch.special.log_ndtr(a), torch.special.log_ndtr(b)  # log_a <= log_b
-    # log Phi(b) + log(1 - Phi(a) / Phi(b))
-    return log_b + torch.log(-torch.expm1((log_a - log_b).clamp(max=-1e-30)))
-
-
 def discretized_gaussian_log_prob(x0, mean, log_var):
     """log p(x0 | x1): N(mean, exp(log_var)) integrated over the pixel bin of x0.
 
@@ -89,11 +74,11 @@ def discretized_gaussian_log_prob(x0, mean, log_var):
     bin of -1 starts at -inf and the bin of 1 ends at +inf, so the 17 probabilities sum to 1.
     """
     inv_std = torch.exp(-0.5 * log_var)
-    lower = (x0 - BIN_HALF_WIDTH - mean) * inv_std
-    upper = (x0 + BIN_HALF_WIDTH - mean) * inv_std
-    lower = torch.where(x0 < -1 + BIN_HALF_WIDTH, torch.full_like(lower, -math.inf), lower)
-    upper = torch.where(x0 > 1 - BIN_HALF_WIDTH, torch.full_like(upper, math.inf), upper)
-    return log_normal_bin(lower, upper)
+    lower = (x0 - common.PM1_BIN_HALF_WIDTH - mean) * inv_std
+    upper = (x0 + common.PM1_BIN_HALF_WIDTH - mean) * inv_std
+    lower = torch.where(x0 < -1 + common.PM1_BIN_HALF_WIDTH, torch.full_like(lower, -math.inf), lower)
+    upper = torch.where(x0 > 1 - common.PM1_BIN_HALF_WIDTH, torch.full_like(upper, math.inf), upper)
+    return common.log_normal_mass(lower, upper)
 
 
 def gaussian_kl(mean_q, log_var_q, mean_p, log_var_p):
@@ -187,7 +172,7 @@ class DDPM(nn.Module):
                 eps_coef=betas / (1 - abar).sqrt(), recip_sqrt_alpha=alphas.rsqrt(),  # 1 - abar_1 = 1e-4
                 post_coef_x0=betas * abar_prev.sqrt() / (1 - abar),  # mean of q(x_{t-1} | x_t, x_0) =
                 post_coef_xt=(1 - abar_prev) * alphas.sqrt() / (1 - abar),  # c0 x_0 + ct x_t
-                grid=torch.arange(common.NUM_LEVELS, dtype=torch.float64) / 8 - 1).items():
+                grid=common.pixels_to_pm1(torch.arange(common.NUM_LEVELS, dtype=torch.float64))).items():
             self.register_buffer(key, value.float())
         out_dim = 2 * common.NUM_PIXELS if self.learned_variance else common.NUM_PIXELS  # eps (and v)
         self.net = EpsilonNet(common.NUM_PIXELS, out_dim, hidden, blocks, num_steps)
@@ -326,18 +311,20 @@ class DDPM(nn.Module):
         device = self.abar.device
         metrics = dict(sampler=self.sampler, ddim_steps=self.ddim_steps,
                        timing_num_samples=self.timing_samples)
-        for name, draw in (("ancestral", self.sample_ancestral), ("ddim", self.sample_ddim)):
-            with common.seeded(5, device):
-                common.synchronize(device)
-                wall, cpu = time.perf_counter(), time.process_time()
-                samples = draw(self.timing_samples)
-                common.synchronize(device)
-                wall, cpu = time.perf_counter() - wall, time.process_time() - cpu
-            # the classifier is cheap to retrain; it trains with gradients, which no_grad here turns off
-            with tempfile.TemporaryDirectory() as cache, torch.enable_grad():
-                quality = common.sample_quality(samples.cpu().numpy(), cache)
-            metrics.update({f"{name}_seconds": round(wall, 3), f"{name}_cpu_seconds": round(cpu, 3),
-                            f"{name}_frechet_distance": quality["frechet_distance"]})
+        # the digit classifier of common.sample_quality is cached in a folder of its own (no --out
+        # here), trained once for both sample sets; it trains with gradients, which no_grad turns off
+        with tempfile.TemporaryDirectory() as cache:
+            for name, draw in (("ancestral", self.sample_ancestral), ("ddim", self.sample_ddim)):
+                with common.seeded(5, device):
+                    common.synchronize(device)
+                    wall, cpu = time.perf_counter(), time.process_time()
+                    samples = draw(self.timing_samples)
+                    common.synchronize(device)
+                    wall, cpu = time.perf_counter() - wall, time.process_time() - cpu
+                with torch.enable_grad():
+                    quality = common.sample_quality(samples.cpu().numpy(), cache)
+                metrics.update({f"{name}_seconds": round(wall, 3), f"{name}_cpu_seconds": round(cpu, 3),
+                                f"{name}_frechet_distance": quality["frechet_distance"]})
         metrics["ddim_over_ancestral_time"] = metrics["ddim_seconds"] / metrics["ancestral_seconds"]
         return metrics
 

@@ -52,9 +52,6 @@ from torch import nn
 
 import common
 
-BIN_HALF_WIDTH = 0.5 / 8  # a pixel value's box in the [-1, 1] scale: c_k +- 1/16
-
-
 # -----------------------------------------------------------------------------
 # forward SDEs: kernel z_t | y ~ N(alpha_t y, sigma_t^2 I), dz = f(t) z dt + g(t) dW
 
@@ -128,14 +125,11 @@ def box_posterior_eps(logits, x_tilde, sigma_tilde):
     p(x~ | k) is proportional to Phi(b_k) - Phi(a_k), a_k, b_k = (c_k -+ h - x~) / sigma~; given k, y is
     a normal truncated to the box, so E[eps | x~, k] = (phi(b_k) - phi(a_k)) / (Phi(b_k) - Phi(a_k)).
     """
-    centers = torch.arange(common.NUM_LEVELS, device=logits.device, dtype=x_tilde.dtype) / 8 - 1  # (17,)
+    centers = common.pixels_to_pm1(torch.arange(common.NUM_LEVELS, device=logits.device, dtype=x_tilde.dtype))
     sigma_tilde = sigma_tilde[:, None, None]
-    a = (centers - BIN_HALF_WIDTH - x_tilde[..., None]) / sigma_tilde  # (B, 64, 17)
-    b = (centers + BIN_HALF_WIDTH - x_tilde[..., None]) / sigma_tilde
-    flip = a > 0  # Phi(b) - Phi(a) = Phi(-a) - Phi(-b): never the difference of two numbers near 1
-    lower, upper = torch.where(flip, -b, a), torch.where(flip, -a, b)
-    log_upper, log_lower = torch.special.log_ndtr(upper), torch.special.log_ndtr(lower)
-    log_mass = log_upper + torch.log(-torch.expm1((log_lower - log_upper).clamp(max=-1e-30)))
+    a = (centers - common.PM1_BIN_HALF_WIDTH - x_tilde[..., None]) / sigma_tilde  # (B, 64, 17)
+    b = (centers + common.PM1_BIN_HALF_WIDTH - x_tilde[..., None]) / sigma_tilde
+    log_mass = common.log_normal_mass(a, b)  # log p(x~ | k) up to a constant
     posterior = torch.softmax(logits + log_mass, dim=-1)  # p(k | z), (B, 64, 17)
     log_norm = -0.5 * math.log(2 * math.pi) - log_mass
     ratio = torch.exp(log_norm - 0.5 * b**2) - torch.exp(log_norm - 0.5 * a**2)  # E[eps | z, k]
@@ -204,6 +198,17 @@ def eps_and_divergence(eps_fn, z, t, method="exact"):
     return eps.detach(), (vjp * probe).sum(1)
 
 
+def at_time(fn, t):
+    """fn (of a time tensor) at the float time t, evaluated in float64, as a float."""
+    return float(fn(torch.tensor(t, dtype=torch.float64)))
+
+
+def time_and_alpha(sde, x, s):
+    """t (B,) where s = log(sigma / alpha) = -log-SNR / 2, and alpha_t (B,), batched like x (B, 64)."""
+    t = sde.time_of_log_snr(torch.full(x.shape[:1], -2 * s, dtype=x.dtype, device=x.device))
+    return t, sde.marginal(t)[0]
+
+
 def ode_log_likelihood(eps_div_fn, sde, y, t_eps, steps):
     """log p(y) in nats (B,) under the probability-flow ODE's density at t_eps.
 
@@ -211,20 +216,13 @@ def ode_log_likelihood(eps_div_fn, sde, y, t_eps, steps):
     ODE reads dz~/ds = v = exp(s) eps(alpha z~, t(s)), div_z~ v = exp(s) alpha tr(d eps / d z);
     RK4 on `steps` equal steps of s from t_eps to t = 1 integrates z~ and int div ds, and
     log p(z~_e) = log p(z~_1) + int div ds."""
-    def scalar(fn, t):
-        return float(fn(torch.tensor(t, dtype=torch.float64)))
-
-    def alpha_of(t):
-        return sde.marginal(t)[0]
-
     def velocity(x, s):
-        t = sde.time_of_log_snr(torch.full((len(x),), -2 * s, dtype=x.dtype, device=x.device))
-        alpha = alpha_of(t)
+        t, alpha = time_and_alpha(sde, x, s)
         eps, div = eps_div_fn(alpha[:, None] * x, t)
         return math.exp(s) * eps, math.exp(s) * alpha * div
 
-    s0, s1 = -0.5 * scalar(sde.log_snr, t_eps), -0.5 * scalar(sde.log_snr, 1.0)
-    alpha_e, alpha_1 = scalar(alpha_of, t_eps), scalar(alpha_of, 1.0)
+    s0, s1 = -0.5 * at_time(sde.log_snr, t_eps), -0.5 * at_time(sde.log_snr, 1.0)
+    alpha_e, alpha_1 = (at_time(lambda t: sde.marginal(t)[0], time) for time in (t_eps, 1.0))
     h = (s1 - s0) / steps
     x = y / alpha_e  # z~ at t_eps
     integral = torch.zeros(len(y), dtype=y.dtype, device=y.device)
@@ -245,20 +243,16 @@ def ode_log_likelihood(eps_div_fn, sde, y, t_eps, steps):
 
 def ode_velocity(eps_fn, sde, x_tilde, s):
     """dz~/ds = exp(s) eps(alpha z~, t(s)) at s = log(sigma / alpha); x_tilde (B, 64)."""
-    t = sde.time_of_log_snr(torch.full(x_tilde.shape[:1], -2 * s, dtype=x_tilde.dtype, device=x_tilde.device))
-    alpha, _ = sde.marginal(t)
+    t, alpha = time_and_alpha(sde, x_tilde, s)
     return math.exp(s) * eps_fn(alpha[:, None] * x_tilde, t)
 
 
 def sample_probability_flow(eps_fn, sde, z1, t_eps, steps):
     """Integrate the probability-flow ODE from z_1 (n, 64) to t_eps by Heun's method on equal steps of
     s = log(sigma / alpha); returns (z at t_eps, t_eps as a (n,) tensor)."""
-    def scalar(fn, t):
-        return float(fn(torch.tensor(t, dtype=torch.float64)))
-
-    s1, s0 = -0.5 * scalar(sde.log_snr, 1.0), -0.5 * scalar(sde.log_snr, t_eps)
+    s1, s0 = -0.5 * at_time(sde.log_snr, 1.0), -0.5 * at_time(sde.log_snr, t_eps)
     grid = torch.linspace(s1, s0, steps + 1, dtype=torch.float64).tolist()
-    x = z1 / scalar(lambda t: sde.marginal(t)[0], 1.0)
+    x = z1 / at_time(lambda t: sde.marginal(t)[0], 1.0)
     for s, s_next in zip(grid[:-1], grid[1:]):
         k1 = ode_velocity(eps_fn, sde, x, s)
         k2 = ode_velocity(eps_fn, sde, x + (s_next - s) * k1, s_next)
