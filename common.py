@@ -1,26 +1,22 @@
-"""Shared core of the model scripts: data split, flags, device, seeding, the training loop with
-early stopping, checkpoints, and every output (curve, GIF, sample grid, samples, metrics).
+"""Shared core of the model scripts: data split, flags, device, seeding, the model contract, the
+training loop with early stopping, checkpoints and shipped weights, and every output (curve, GIF,
+sample grid, samples, metrics, timings, sample quality).
 
-Every model script defines an ``nn.Module`` with a uniform contract, so the loop below never
-branches on the family:
-
-    name = "ARM"                      # short name used for every output file
-    nll_kind = "exact" | "upper_bound" | None
-    objective = "NLL (nats/image)"    # what loss() returns, for the curve's y axis
-    loss(x) -> scalar                 # training objective, mean over the batch
-    eval_loss(x) -> scalar            # optional: validation objective (default: loss)
-    sample(n) -> (n, 64)              # samples on the 0..16 pixel scale
-    test_nll(x) -> (B,)               # optional: nats per image on the discrete 0..16 pixels
-    extra_metrics(splits) -> dict     # optional: family-specific numbers for the metrics JSON
-    configure_optimizer(lr)           # optional: default Adam
-    grad_clip = None | float          # optional: gradient-norm clipping
+Every model script subclasses ``DigitsModel`` (below), so the loop never branches on the family
+and never probes with hasattr: a model gives its training loss for a batch, a sampler, and where
+it exists a test NLL in nats; the optional parts have defaults in the base class. Each script's
+settings are two dataclasses, ``Config`` (shapes the trained weights: stored with them) and
+``Sampling`` (evaluation and sampler settings: never stored, free to change with --sample-only),
+whose fields make its flags (``option``, ``add_options``), so every default is written once.
 
 x is always a float tensor (B, 64) of pixels on the 0..16 scale of ``load_digits().data``; each
-model maps it to its own space with the transforms here.
+model maps it to its own space with the transforms here. Models do math; this file measures.
 """
 
 import argparse
 import contextlib
+import dataclasses
+import itertools
 import json
 import math
 import os
@@ -103,6 +99,28 @@ def log_normal_mass(lower, upper):
     return log_b + torch.log(-torch.expm1((log_a - log_b).clamp(max=-1e-30)))
 
 
+def value_and_divergence(fn, z, t, method="exact"):
+    """fn(z, t) (B, D) and its divergence tr(d fn / d z) (B,), for (B,) times t: exact (the
+    Jacobian by D forward-mode derivatives per row, jacfwd under vmap) or Hutchinson's unbiased
+    estimate r^T J r with one Rademacher vector r. The change of variables of an ODE's density
+    (SBGM's probability-flow ODE, flow matching)."""
+    if method == "exact":
+        def single(z_i, t_i):  # one row: (D,) -> (D,)
+            out = fn(z_i[None], t_i[None])[0]
+            return out, out
+
+        jacobian, value = torch.func.vmap(torch.func.jacfwd(single, has_aux=True))(z, t)  # (B, D, D)
+        return value, jacobian.diagonal(dim1=1, dim2=2).sum(1)
+    if method != "hutchinson":
+        raise ValueError(f"unknown divergence method {method!r}; choose exact or hutchinson")
+    with torch.enable_grad():
+        z = z.detach().requires_grad_(True)
+        value = fn(z, t)
+        probe = torch.randint_like(z, 2) * 2 - 1
+        (vjp,) = torch.autograd.grad((value * probe).sum(), z)
+    return value.detach(), (vjp * probe).sum(1)
+
+
 def dequantize(x):
     """Uniform dequantization: x + u, u ~ U[0, 1)^64, so x + u lies in [x, x + 1).
 
@@ -143,6 +161,8 @@ nonnegative_int = _number(int, lambda v: v >= 0, "an integer >= 0")
 positive_float = _number(float, lambda v: v > 0, "a number > 0")
 nonnegative_float = _number(float, lambda v: v >= 0, "a number >= 0")
 unit_interval = _number(float, lambda v: 0 <= v < 1, "a number in [0, 1)")
+seed_int = _number(int, lambda v: 0 <= v < 2**31, "an integer in [0, 2^31)")  # seed + k stays in range
+thread_count = _number(int, lambda v: 1 <= v <= 256, "an integer from 1 to 256")
 
 
 class _Parser(argparse.ArgumentParser):
@@ -164,13 +184,14 @@ def make_parser(script, doc, *, epochs, batch_size, lr, patience, ema=0.0, gif_e
     train.add_argument("--ema", type=unit_interval, default=ema,
                        help="decay of an exponential moving average of the weights used for "
                             "evaluation and sampling; 0 turns it off (default %(default)s)")
-    train.add_argument("--seed", type=nonnegative_int, default=0, help="random seed (default %(default)s)")
+    train.add_argument("--seed", type=seed_int, default=0, help="random seed (default %(default)s)")
     train.add_argument("--resume", action="store_true",
-                       help="continue training from OUT/NAME.pt (model, optimizer, epoch, RNG states)")
+                       help="continue training from OUT/NAME_resume.pt (model, optimizer, EMA, epoch, "
+                            "RNG states); the flags of training must be the same")
     run_group = parser.add_argument_group("machine and outputs")
     run_group.add_argument("--device", default="auto", choices=("auto", "cpu", "cuda", "mps"),
                            help="auto picks cuda, then mps, then cpu (default %(default)s)")
-    run_group.add_argument("--threads", type=positive_int, default=DEFAULT_THREADS,
+    run_group.add_argument("--threads", type=thread_count, default=DEFAULT_THREADS,
                            help="CPU threads for torch (default %(default)s: 2 measured fastest on a 2-core machine; "
                                 "use 1 when other jobs share the cores)")
     run_group.add_argument("--out", type=Path, default=Path("results"),
@@ -180,7 +201,8 @@ def make_parser(script, doc, *, epochs, batch_size, lr, patience, ema=0.0, gif_e
     run_group.add_argument("--gif-every", type=positive_int, default=gif_every,
                            help="add a frame to the training GIF every K epochs (default %(default)s)")
     run_group.add_argument("--sample-only", action="store_true",
-                           help="load OUT/NAME.pt and write samples and metrics without training")
+                           help="load the weights OUT/NAME.pt (shipped in results/) and write samples and "
+                                "metrics without training")
     run_group.add_argument("--quick", action="store_true",
                            help="a tiny run for smoke tests: 2 epochs, small data subsets, 64 samples")
     run_group.add_argument("--no-progress", action="store_true", help="no progress bar")
@@ -202,6 +224,153 @@ def parse_args(parser, argv=None):
     args.prog = parser.prog
     args.argv = list(sys.argv[1:] if argv is None else argv)  # recorded in the metrics
     return args
+
+
+def option(default, help, *, type=None, choices=None, quick=None, flag=None):
+    """A dataclass field that is also a flag: --name-with-dashes (or `flag`, a string or a tuple
+    of aliases), with help text and a
+    parser for the value. A bool defaulting to True becomes --no-NAME, one defaulting to False
+    --NAME. quick: the value --quick uses when the flag is not given. A default of None means the
+    script resolves it from other flags (the help says how)."""
+    return dataclasses.field(default=default, metadata=dict(
+        help=help, type=type, choices=choices, quick=quick, flag=flag))
+
+
+def add_options(parser, title, settings):
+    """Add one flag per field of the dataclass `settings` to an argument group `title`."""
+    group = parser.add_argument_group(title)
+    for field in dataclasses.fields(settings):
+        meta, dashed = field.metadata, field.name.replace("_", "-")
+        if isinstance(field.default, bool):
+            flag = meta["flag"] or (f"--no-{dashed}" if field.default else f"--{dashed}")
+            group.add_argument(flag, dest=field.name, action="store_false" if field.default else "store_true",
+                               help=meta["help"])
+            continue
+        default = "" if field.default is None else f" (default {field.default}" + (
+            f"; {meta['quick']} with --quick)" if meta["quick"] is not None else ")")
+        flags = meta["flag"] or f"--{dashed}"
+        group.add_argument(*([flags] if isinstance(flags, str) else flags), dest=field.name, default=None,
+                           type=meta["type"], choices=meta["choices"], help=meta["help"] + default)
+
+
+def options_from(args, settings):
+    """The dataclass `settings` filled from parsed flags: a flag not given takes the field's
+    default, or its quick value under --quick."""
+    values = {}
+    for field in dataclasses.fields(settings):
+        value = getattr(args, field.name)
+        if value is None and args.quick and field.metadata.get("quick") is not None:
+            value = field.metadata["quick"]
+        values[field.name] = field.default if value is None else value
+    return settings(**values)
+
+
+# -----------------------------------------------------------------------------
+# the model contract
+
+
+class NonFiniteLoss(Exception):
+    pass
+
+
+def check_finite(values):
+    """values: dict of floats from a training step; raises NonFiniteLoss before any weight moves."""
+    for key, value in values.items():
+        if not math.isfinite(value):
+            raise NonFiniteLoss(f"non-finite training {key} ({value})")
+    return values
+
+
+VAL_FRECHET = "Frechet distance of samples to the validation split"  # a val_objective common measures
+
+
+class DigitsModel(nn.Module):
+    """What the training loop needs of a family of models.
+
+    A subclass sets name, nll_kind and objective, the dataclasses Config and Sampling, and defines
+    loss and sample; every other method has a working default. The constructor takes the two
+    dataclasses (``Model(Config(...), Sampling(...))``; ``Model.build(**fields)`` for short).
+    """
+
+    name = None  # short name of every output file, e.g. "ARM"
+    nll_kind = None  # "exact" | "upper_bound" | None (no likelihood: test_nll is never called)
+    objective = "loss"  # what loss() returns: the curve's y axis
+    val_objective = None  # None: eval_loss, in the units of `objective`; or VAL_FRECHET
+
+    @dataclasses.dataclass(frozen=True)
+    class Config:  # settings that shape the trained weights (stored with them)
+        pass
+
+    @dataclasses.dataclass(frozen=True)
+    class Sampling:  # settings of evaluation and sampling only (never stored)
+        pass
+
+    def __init__(self, config=None, sampling=None):
+        super().__init__()
+        self.config = config if config is not None else self.Config()
+        self.sampling = sampling if sampling is not None else self.Sampling()
+
+    @classmethod
+    def build(cls, **fields):
+        """Model from keyword fields of Config and Sampling, the rest at their defaults."""
+        names = {f.name for f in dataclasses.fields(cls.Config)}
+        unknown = set(fields) - names - {f.name for f in dataclasses.fields(cls.Sampling)}
+        if unknown:
+            raise TypeError(f"{cls.__name__}.build: unknown fields {sorted(unknown)}")
+        config = cls.Config(**{k: v for k, v in fields.items() if k in names})
+        return cls(config, cls.Sampling(**{k: v for k, v in fields.items() if k not in names}))
+
+    @property
+    def device(self):
+        for tensor in itertools.chain(self.parameters(), self.buffers()):
+            return tensor.device
+        return torch.device("cpu")
+
+    # --- required
+
+    def loss(self, x):
+        """(B, 64) pixels -> scalar training objective, mean over the batch."""
+        raise NotImplementedError
+
+    def sample(self, n):
+        """-> (n, 64) samples on the 0..16 pixel scale (torch's global RNG; the caller seeds it)."""
+        raise NotImplementedError
+
+    # --- optional, with defaults
+
+    def test_nll(self, x):
+        """(B, 64) -> (B,) -log P(x) (or an upper bound) in nats on the discrete pixels."""
+        raise NotImplementedError(f"{self.name} has no likelihood (nll_kind None)")
+
+    def eval_loss(self, x):
+        """Validation objective (mean over the batch); lower is better."""
+        return self.loss(x)
+
+    def train_step(self, x, optimizer):
+        """One optimisation step on a batch; returns {"loss": value, other named terms...}, the
+        terms drawn on the curve beside the training loss."""
+        loss = self.loss(x)
+        values = check_finite({"loss": loss.item()})
+        optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        optimizer.step()
+        return values
+
+    def configure_optimizer(self, lr):
+        return torch.optim.Adam(self.parameters(), lr=lr)
+
+    def extra_metrics(self, splits):
+        """Family-specific numbers for the metrics JSON (splits: dict of (N, 64) pixel tensors)."""
+        return {}
+
+    def samplers(self):
+        """Other samplers, name -> fn(n) -> (n, 64): common times each and scores its samples."""
+        return {}
+
+    def extra_images(self, splits):
+        """name -> ((N, 64) pixels, images per row): written as OUT/NAME_name.png."""
+        return {}
+
 
 
 # -----------------------------------------------------------------------------
@@ -261,6 +430,18 @@ def synchronize(device):
         torch.cuda.synchronize(device)
     elif device.type == "mps":
         torch.mps.synchronize()
+
+
+@contextlib.contextmanager
+def timed(device):
+    """Wall and process-CPU seconds of a block, the device synchronised at both ends:
+    ``with timed(device) as seconds: ...`` then seconds["wall"], seconds["cpu"]."""
+    seconds = dict(wall=None, cpu=None)
+    synchronize(device)
+    wall, cpu = time.perf_counter(), time.process_time()
+    yield seconds
+    synchronize(device)
+    seconds.update(wall=time.perf_counter() - wall, cpu=time.process_time() - cpu)
 
 
 # -----------------------------------------------------------------------------
@@ -351,7 +532,9 @@ def save_gif(path, frames, last_frame_seconds=2.0, frame_seconds=0.2):
                                               duration=durations, loop=0))
 
 
-def save_curve(path, history, best_epoch, name, objective):
+def save_curve(path, history, best_epoch, name, objective, val_objective=None):
+    """history: "train" and "val" per epoch, and any other training terms (dashed). A
+    val_objective in other units than `objective` gets an axis of its own on the right."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -360,32 +543,105 @@ def save_curve(path, history, best_epoch, name, objective):
     fig, ax = plt.subplots(figsize=(6, 4), dpi=100)
     epochs = np.arange(1, len(history["train"]) + 1)
     ax.plot(epochs, history["train"], label="train")
-    ax.plot(epochs, history["val"], label="validation")
+    for key, values in history.items():
+        if key not in ("train", "val"):
+            ax.plot(epochs, values, linestyle="--", linewidth=1, label=f"train: {key}")
+    val_ax = ax.twinx() if val_objective else ax
+    val_ax.plot(epochs, history["val"], color="tab:orange", label="validation")
     if best_epoch:
-        ax.axvline(best_epoch, color="gray", linestyle="--", linewidth=1,
-                   label=f"best epoch {best_epoch} (val {history['val'][best_epoch - 1]:.2f})")
+        val_ax.axvline(best_epoch, color="gray", linestyle="--", linewidth=1,
+                       label=f"best epoch {best_epoch} (val {history['val'][best_epoch - 1]:.2f})")
     ax.set_xlabel("epoch")
     ax.set_ylabel(objective)
+    if val_objective:
+        val_ax.set_ylabel(f"validation: {val_objective}")
     ax.set_title(f"{name}: training and validation objective")
-    ax.legend()
+    handles = [h for a in {ax, val_ax} for h in a.get_legend_handles_labels()[0]]
+    ax.legend(handles=handles, fontsize=8)
     fig.tight_layout()
     atomic_write(path, lambda tmp: fig.savefig(tmp, format="png"))
     plt.close(fig)
 
 
 # -----------------------------------------------------------------------------
-# checkpoints: a dict of state_dicts, plain containers and tensors; loaded with weights_only=True
+# the loop's state, checkpoints and shipped weights
+#
+# Two files per family, both plain dicts of tensors and containers, loaded with weights_only=True:
+#   OUT/NAME.pt         the best weights, their checksum, the config that rebuilds the model and
+#                       the run's summary: small, committed, enough for --sample-only;
+#   OUT/NAME_resume.pt  the whole TrainState, current weights, optimizer and EMA for --resume:
+#                       written every epoch, kept out of git.
+
+CHECKPOINT_FORMAT = 2  # bump when the layout below changes; older files are refused in one line
+
+
+@dataclasses.dataclass
+class TrainState:
+    """Everything the loop carries from epoch to epoch."""
+
+    epoch: int = 0
+    best_epoch: int = 0
+    best_val: float = math.inf
+    best_weights: dict = dataclasses.field(default_factory=dict)  # CPU state_dict of the best epoch
+    history: dict = dataclasses.field(default_factory=lambda: dict(train=[], val=[]))  # series -> per epoch
+    train_seconds: float = 0.0
+    train_cpu_seconds: float = 0.0
+    frames: list = dataclasses.field(default_factory=list)  # (64, 64) samples drawn during training
+    frame_epochs: list = dataclasses.field(default_factory=list)
+    rng: dict = None  # RNG states at the end of the last epoch
+
+    SUMMARY = ("epoch", "best_epoch", "best_val", "history", "train_seconds", "train_cpu_seconds")
+
+    def to_dict(self):
+        return {field.name: getattr(self, field.name) for field in dataclasses.fields(self)}
+
+    @classmethod
+    def from_dict(cls, data, path):
+        """The inverse of to_dict (or, from a weights file, of its summary); missing keys: UsageError."""
+        missing = [f.name for f in dataclasses.fields(cls) if f.name not in data and f.name in cls.SUMMARY]
+        if missing:
+            raise UsageError(f"{path} has an older or foreign layout (missing {', '.join(missing)})")
+        return cls(**{f.name: data[f.name] for f in dataclasses.fields(cls) if f.name in data})
+
+
+def weights_checksum(weights):
+    """sha256 over a state_dict's names, dtypes, shapes and bytes, in key order."""
+    import hashlib
+
+    digest = hashlib.sha256()
+    for key in sorted(weights):
+        tensor = weights[key].detach().to("cpu").contiguous()
+        digest.update(f"{key}|{tensor.dtype}|{tuple(tensor.shape)}|".encode())
+        digest.update(tensor.view(-1).view(torch.uint8).numpy().tobytes() if tensor.numel() else b"")
+    return digest.hexdigest()
 
 
 def save_checkpoint(path, checkpoint):
     atomic_write(path, lambda tmp: torch.save(checkpoint, tmp))
 
 
-def load_checkpoint(path, name, config, make_command):
-    """Load and check OUT/NAME.pt; every problem is a one-line UsageError."""
+def save_weights(path, name, config, state):
+    """OUT/NAME.pt: the best weights with their checksum, config and the run's summary."""
+    save_checkpoint(path, dict(
+        format=CHECKPOINT_FORMAT, kind="weights", model_name=name, config=config,
+        weights=state.best_weights, weights_sha256=weights_checksum(state.best_weights),
+        torch_version=str(torch.__version__), **{key: getattr(state, key) for key in TrainState.SUMMARY}))
+
+
+def save_resume(path, name, config, train_flags, state, model, optimizer, ema):
+    """OUT/NAME_resume.pt: all that --resume needs to continue as if never stopped."""
+    save_checkpoint(path, dict(
+        format=CHECKPOINT_FORMAT, kind="resume", model_name=name, config=config, train_flags=train_flags,
+        state=state.to_dict(), model=_cpu_state(model), optimizer=optimizer.state_dict(),
+        ema=ema.shadow if ema else None, torch_version=str(torch.__version__)))
+
+
+def load_checkpoint(path, name, config, kind, missing_hint):
+    """Load and check a weights or resume file of model `name` made with `config` (None: any);
+    every problem is a one-line UsageError."""
     path = Path(path)
     if not path.is_file():
-        raise UsageError(f"no checkpoint at {path}; make one with: {make_command}")
+        raise UsageError(f"no {'weights' if kind == 'weights' else 'training checkpoint'} at {path}; {missing_hint}")
     try:
         checkpoint = torch.load(path, map_location="cpu", weights_only=True)
     except pickle.UnpicklingError as error:
@@ -397,24 +653,48 @@ def load_checkpoint(path, name, config, make_command):
     except Exception as error:  # zip, EOF, and storage errors of a damaged file
         first_line = str(error).splitlines()[0] if str(error) else type(error).__name__
         raise UsageError(f"{path} is truncated or corrupted ({first_line})") from None
-    keys = {"model_name", "config", "model", "best_model", "epoch"}
-    if not isinstance(checkpoint, dict) or not keys <= checkpoint.keys():
+    if not isinstance(checkpoint, dict) or not {"format", "kind", "model_name", "config"} <= checkpoint.keys():
         raise UsageError(f"{path} is not a checkpoint of these scripts (missing keys)")
     if checkpoint["model_name"] != name:
         raise UsageError(f"{path} is a checkpoint of {checkpoint['model_name']}, not {name}")
-    if checkpoint["config"] != config:
-        diffs = ", ".join(f"{k}={checkpoint['config'].get(k)!r} (checkpoint) vs {config.get(k)!r} (now)"
-                          for k in sorted(set(config) | set(checkpoint["config"]))
-                          if checkpoint["config"].get(k) != config.get(k))
+    if checkpoint["format"] != CHECKPOINT_FORMAT or checkpoint["kind"] != kind:
+        raise UsageError(f"{path} is a {checkpoint['kind']} file of layout {checkpoint['format']}; "
+                         f"this code reads {kind} files of layout {CHECKPOINT_FORMAT}")
+    saved = checkpoint["config"]
+    if not isinstance(saved, dict):
+        raise UsageError(f"{path} has a damaged config ({type(saved).__name__}, not a dict)")
+    if config is not None and saved != config:
+        diffs = ", ".join(f"{k}={saved.get(k)!r} (checkpoint) vs {config.get(k)!r} (now)"
+                          for k in sorted(set(config) | set(saved)) if saved.get(k) != config.get(k))
         raise UsageError(f"{path} was made with another configuration: {diffs}")
+    if kind == "weights":
+        weights = checkpoint.get("weights")
+        if not isinstance(weights, dict) or weights_checksum(weights) != checkpoint.get("weights_sha256"):
+            raise UsageError(f"{path} is damaged: its weights do not match their sha256 checksum")
     return checkpoint
 
 
-def _load_state(model, state, path):
+def load_weights_into(model, weights, path):
     try:
-        model.load_state_dict(state)
-    except RuntimeError as error:
+        model.load_state_dict(weights)
+    except (RuntimeError, TypeError, AttributeError) as error:
         raise UsageError(f"{path} does not fit this model ({str(error).splitlines()[0]})") from None
+
+
+def load_trained(model_class, out=Path("results"), sampling=None, device="cpu"):
+    """A trained model rebuilt from OUT/NAME.pt (the shipped weights and their config), in eval
+    mode: how another script (ood.py, a notebook) uses a family, ``load_trained(ARM)``."""
+    script = Path(sys.modules[model_class.__module__].__file__).name
+    path = Path(out) / f"{model_class.name}.pt"
+    checkpoint = load_checkpoint(path, model_class.name, None, "weights",
+                                 f"make it with: python {script} --out {out}")
+    try:
+        config = model_class.Config(**checkpoint["config"])
+    except TypeError as error:
+        raise UsageError(f"{path} has a config this code does not know ({error})") from None
+    model = model_class(config, sampling)
+    load_weights_into(model, checkpoint["weights"], path)
+    return model.to(device).eval()
 
 
 # -----------------------------------------------------------------------------
@@ -510,6 +790,15 @@ def frechet_distance(features_a, features_b):
     return float(max(((mu_a - mu_b) ** 2).sum() + np.trace(cov_a + cov_b - 2 * root), 0.0))
 
 
+def frechet_to(samples, reference, cache_dir):
+    """Frechet distance between (N, 64) pixel sets in the digit classifier's features."""
+    classifier, _ = digit_classifier(cache_dir)
+    samples = torch.as_tensor(np.asarray(samples, np.float32)).clamp(0, PIXEL_MAX)
+    reference = torch.as_tensor(np.asarray(reference, np.float32))
+    with torch.no_grad():
+        return frechet_distance(classifier.features(samples), classifier.features(reference))
+
+
 def _nearest_distance(x, reference):
     return torch.cdist(x.double(), reference.double()).min(1).values  # (N,) L2 in pixels
 
@@ -524,7 +813,9 @@ def sample_quality(samples, cache_dir):
     classifier, accuracy = digit_classifier(cache_dir)
     with torch.no_grad():
         probs = classifier(samples).softmax(1)
-        distance = frechet_distance(classifier.features(samples), classifier.features(split["test"]))
+        # a covariance needs two samples at least: with fewer the distance is left out (None)
+        distance = (frechet_distance(classifier.features(samples), classifier.features(split["test"]))
+                    if len(samples) >= 2 else None)
     histogram = torch.bincount(probs.argmax(1), minlength=10).double() / len(samples)
     coverage = -(histogram[histogram > 0] * histogram[histogram > 0].log()).sum().item()
     threshold = torch.quantile(_nearest_distance(split["test"], split["train"]), 0.01)
@@ -537,34 +828,37 @@ def sample_quality(samples, cache_dir):
 # the training loop
 
 
-class NonFiniteLoss(Exception):
-    pass
-
-
 def _cpu_state(model):
     return {k: v.detach().to("cpu", copy=True) for k, v in model.state_dict().items()}
 
 
 def batched(fn, x, batch_size=512):
-    """Apply fn to x in chunks; concatenate tensor results along dim 0."""
+    """Apply fn to x in chunks along dim 0; concatenate the tensor results."""
     return torch.cat([fn(x[i:i + batch_size]) for i in range(0, len(x), batch_size)])
 
 
-def evaluate_objective(model, x, seed, device, batch_size=512):
-    """Validation objective: mean of eval_loss over x, with a fixed noise stream every epoch."""
-    eval_loss = getattr(model, "eval_loss", None) or model.loss
-    total = 0.0
-    with seeded(seed, device), torch.no_grad():
-        for i in range(0, len(x), batch_size):
-            batch = x[i:i + batch_size]
-            total += float(eval_loss(batch)) * len(batch)
-    return total / len(x)
+def batched_mean(fn, x, batch_size=512):
+    """Mean over x of a batch-mean fn (a scalar per chunk), weighted by chunk size, as a float."""
+    return sum(float(fn(x[i:i + batch_size])) * len(x[i:i + batch_size])
+               for i in range(0, len(x), batch_size)) / len(x)
 
 
-def draw_samples(model, n, seed, device, batch_size=1000):
+def draw_samples(model, n, seed, device, batch_size=1000, sampler=None):
+    """n samples (n, 64) on 0..16 from model.sample (or `sampler`), in chunks, with their own seed."""
+    sampler = sampler or model.sample
     with seeded(seed, device), torch.no_grad():
-        chunks = [model.sample(min(batch_size, n - i)) for i in range(0, n, batch_size)]
+        chunks = [sampler(min(batch_size, n - i)) for i in range(0, n, batch_size)]
     return torch.cat(chunks).float().clamp(0, PIXEL_MAX)
+
+
+def validate(model, splits, seed, device, cache_dir):
+    """The validation objective: mean eval_loss over val with a fixed noise stream every epoch, or
+    (val_objective VAL_FRECHET) the Frechet distance of 1000 seeded samples to the val split."""
+    if model.val_objective == VAL_FRECHET:
+        samples = draw_samples(model, 1000, seed, device).cpu()
+        return frechet_to(samples, splits["val"].cpu(), cache_dir)
+    with seeded(seed, device), torch.no_grad():
+        return batched_mean(model.eval_loss, splits["val"])
 
 
 class _Signals:
@@ -618,78 +912,74 @@ def threading_is_main():
     return threading.current_thread() is threading.main_thread()
 
 
-def train(model, splits, args, device, ema, optimizer, state, frames, signals, save):
-    """Train in place until max epochs, early stopping, a non-finite loss or an interrupt.
+def train(model, splits, optimizer, ema, state, *, epochs, batch_size, patience, gif_every, seed,
+          signals, checkpoint, cache_dir, progress=True):
+    """Train in place until `epochs`, early stopping, a non-finite loss or an interrupt.
 
-    `state` (epoch, best_epoch, best_val, best_model, history, train_seconds, rng) is updated
-    after every epoch and checkpointed by save(current weights), so an interrupted or failed run
-    keeps its best state and loses at most one epoch. Returns the reason training stopped.
+    `state` (a TrainState) is updated after every epoch and checkpoint() is called, so an
+    interrupted or failed run keeps its best state and loses at most one epoch. Returns the reason
+    training stopped: "max_epochs", "early_stopping", "interrupted" or "non_finite".
     """
     from tqdm import tqdm
 
-    train_x, val_x = splits["train"], splits["val"]
-    grad_clip = getattr(model, "grad_clip", None)
-    show = not args.no_progress and sys.stderr.isatty()
-    bar = tqdm(total=args.epochs, initial=state["epoch"], disable=not show, desc=model.name, unit="epoch")
+    device = model.device
+    train_x = splits["train"]
+    bar = tqdm(total=epochs, initial=state.epoch, disable=not progress, desc=model.name, unit="epoch")
     reason = "max_epochs"
     try:
         signals.raising()
-        while state["epoch"] < args.epochs:
-            if state["epoch"] - state["best_epoch"] >= args.patience and state["best_epoch"] > 0:
+        while state.epoch < epochs:
+            if state.epoch - state.best_epoch >= patience and state.best_epoch > 0:
                 reason = "early_stopping"
                 break
-            epoch = state["epoch"] + 1
-            start, cpu_start = time.perf_counter(), time.process_time()
-            model.train()
-            permutation = torch.randperm(len(train_x), device=device)
-            total, count = 0.0, 0
-            for step, i in enumerate(range(0, len(train_x), args.batch_size), start=1):
-                batch = train_x[permutation[i:i + args.batch_size]]
-                loss = model.loss(batch)
-                value = loss.item()
-                if not math.isfinite(value):
-                    raise NonFiniteLoss(f"non-finite training loss ({value}) at epoch {epoch}, step {step}")
-                optimizer.zero_grad(set_to_none=True)
-                loss.backward()
-                if grad_clip:
-                    torch.nn.utils.clip_grad_norm_(model.parameters(), grad_clip)
-                optimizer.step()
-                if ema:
-                    ema.update(model)
-                total += value * len(batch)
-                count += len(batch)
-            model.eval()
-            best, frame = None, None
-            with ema.applied(model) if ema else contextlib.nullcontext():
-                val = evaluate_objective(model, val_x, args.seed + 1, device)
-                if not math.isfinite(val):
-                    raise NonFiniteLoss(f"non-finite validation objective ({val}) at epoch {epoch}")
-                if val < state["best_val"]:
-                    best = dict(best_val=val, best_epoch=epoch, best_model=_cpu_state(model))
-                if epoch % args.gif_every == 0 or epoch == args.epochs:
-                    frame = draw_samples(model, 64, args.seed + 2, device).cpu()
-            synchronize(device)
+            epoch = state.epoch + 1
+            with timed(device) as seconds:
+                model.train()
+                permutation = torch.randperm(len(train_x), device=device)
+                sums, count = {}, 0
+                for step, i in enumerate(range(0, len(train_x), batch_size), start=1):
+                    batch = train_x[permutation[i:i + batch_size]]
+                    try:
+                        values = model.train_step(batch, optimizer)
+                    except NonFiniteLoss as error:
+                        raise NonFiniteLoss(f"{error} at epoch {epoch}, step {step}") from None
+                    if ema:
+                        ema.update(model)
+                    for key, value in values.items():
+                        sums[key] = sums.get(key, 0.0) + value * len(batch)
+                    count += len(batch)
+                model.eval()
+                best, frame = None, None
+                with ema.applied(model) if ema else contextlib.nullcontext():
+                    val = validate(model, splits, seed + 1, device, cache_dir)
+                    if not math.isfinite(val):
+                        raise NonFiniteLoss(f"non-finite validation objective ({val}) at epoch {epoch}")
+                    if val < state.best_val:
+                        best = dict(best_val=val, best_epoch=epoch, best_weights=_cpu_state(model))
+                    if epoch % gif_every == 0 or epoch == epochs:
+                        frame = draw_samples(model, 64, seed + 2, device).cpu()
+            means = {"train" if key == "loss" else key: total / count for key, total in sums.items()}
             with signals.held():  # commit the whole epoch or none of it
-                state.update(best or {})
+                for key, value in (best or {}).items():
+                    setattr(state, key, value)
                 if frame is not None:
-                    frames["samples"].append(frame)
-                    frames["epochs"].append(epoch)
-                state["history"]["train"].append(total / count)
-                state["history"]["val"].append(val)
-                state["train_seconds"] += time.perf_counter() - start
-                state["train_cpu_seconds"] += time.process_time() - cpu_start
-                state["epoch"] = epoch
-                state["rng"] = rng_state()
-                save(dict(model=_cpu_state(model), optimizer=optimizer.state_dict(),
-                          ema=ema.shadow if ema else None))
-            bar.set_postfix(train=f"{total / count:.3f}", val=f"{val:.3f}",
-                            best=f"{state['best_val']:.3f}@{state['best_epoch']}")
+                    state.frames.append(frame)
+                    state.frame_epochs.append(epoch)
+                for key, value in {**means, "val": val}.items():
+                    state.history.setdefault(key, []).append(value)
+                state.train_seconds += seconds["wall"]
+                state.train_cpu_seconds += seconds["cpu"]
+                state.epoch = epoch
+                state.rng = rng_state()
+                checkpoint()
+            bar.set_postfix(train=f"{means['train']:.3f}", val=f"{val:.3f}",
+                            best=f"{state.best_val:.3f}@{state.best_epoch}")
             bar.update(1)
     except KeyboardInterrupt:
         reason = "interrupted"
     except NonFiniteLoss as error:
         print(f"{model.name}: error: {error}; keeping the best state "
-              f"(epoch {state['best_epoch']}) and writing the outputs", file=sys.stderr)
+              f"(epoch {state.best_epoch}) and writing the outputs", file=sys.stderr)
         reason = "non_finite"
     finally:
         signals.deferred()
@@ -697,12 +987,16 @@ def train(model, splits, args, device, ema, optimizer, state, frames, signals, s
     return reason
 
 
-def run(args, build_model, config):
-    """Everything a script does after parsing its flags; exits 2 on bad input, 1 on a non-finite
-    loss, 130 when interrupted, and returns normally otherwise."""
+# -----------------------------------------------------------------------------
+# a whole run: what every script's main() does after parsing its flags
+
+
+def run(args, model_class, config, sampling=None):
+    """Train (or with --sample-only load) model_class(config, sampling) and write every output;
+    exits 2 on bad input, 1 on a non-finite loss, 130 when interrupted, returns normally otherwise."""
     signals = _Signals()
     try:
-        code = _run(args, build_model, config, signals)
+        code = _run(args, model_class, config, sampling, signals)
     except UsageError as error:
         print(f"{args.prog}: error: {error}", file=sys.stderr)
         code = EXIT_USAGE
@@ -724,66 +1018,70 @@ def _check_out(out):
         raise UsageError(f"--out {out} can't be written ({error.strerror or error})") from None
 
 
-def _run(args, build_model, config, signals):
+def output_paths(out, name):
+    return {kind: out / f"{name}{suffix}" for kind, suffix in dict(
+        weights=".pt", resume="_resume.pt", curve="_loss_val_curve.png", gif="_training.gif",
+        grid="_samples.png", npy="_samples.npy", metrics="_metrics.json").items()}
+
+
+def _run(args, model_class, config, sampling, signals):
     out = Path(args.out)
     _check_out(out)
     device = choose_device(args.device)
     torch.set_num_threads(args.threads)
     set_seed(args.seed)
-    model = build_model().to(device)
-    name = model.name
-    paths = {kind: out / f"{name}{suffix}" for kind, suffix in dict(
-        checkpoint=".pt", curve="_loss_val_curve.png", gif="_training.gif", grid="_samples.png",
-        npy="_samples.npy", metrics="_metrics.json").items()}
+    model = model_class(config, sampling).to(device)
+    name, config = model.name, dataclasses.asdict(model.config)
+    paths = output_paths(out, name)
     make_command = f"python {args.prog} --out {out}" + (" --quick" if args.quick else "")
 
     splits = load_splits(device, args.quick)
-    optimizer = (model.configure_optimizer(args.lr) if hasattr(model, "configure_optimizer")
-                 else torch.optim.Adam(model.parameters(), lr=args.lr))
+    optimizer = model.configure_optimizer(args.lr)
     ema = EMA(model, args.ema) if args.ema > 0 else None
-    state = dict(epoch=0, best_epoch=0, best_val=math.inf, best_model=_cpu_state(model),
-                 history=dict(train=[], val=[]), train_seconds=0.0, train_cpu_seconds=0.0)
-    frames = dict(samples=[], epochs=[])
+    state = TrainState(best_weights=_cpu_state(model))
     train_flags = dict(batch_size=args.batch_size, lr=args.lr, ema=args.ema, seed=args.seed)
 
-    if args.resume or args.sample_only:
-        checkpoint = load_checkpoint(paths["checkpoint"], name, config, make_command)
-        if args.sample_only:
-            _load_state(model, checkpoint["best_model"], paths["checkpoint"])
-        else:
-            _load_state(model, checkpoint["model"], paths["checkpoint"])
-            optimizer.load_state_dict(checkpoint["optimizer"])
-            if ema and checkpoint.get("ema") is not None:
-                ema.shadow = {k: v.to(device) for k, v in checkpoint["ema"].items()}
-            set_rng_state(checkpoint["rng"])
-        for key in ("epoch", "best_epoch", "best_val", "best_model", "history", "train_seconds",
-                    "train_cpu_seconds"):
-            state[key] = checkpoint[key]
-        frames = dict(samples=list(checkpoint["frames"]), epochs=list(checkpoint["frame_epochs"]))
-
-    def save(current):
-        """Checkpoint after every epoch: an interrupted run loses at most one epoch."""
-        save_checkpoint(paths["checkpoint"], dict(
-            model_name=name, config=config, train_flags=train_flags, torch_version=str(torch.__version__),
-            epoch=state["epoch"], best_epoch=state["best_epoch"], best_val=state["best_val"],
-            best_model=state["best_model"], history=state["history"], train_seconds=state["train_seconds"],
-            train_cpu_seconds=state["train_cpu_seconds"],
-            rng=state.get("rng") or rng_state(), frames=frames["samples"], frame_epochs=frames["epochs"],
-            **current))
+    if args.sample_only:
+        shipped = load_checkpoint(paths["weights"], name, config, "weights", f"make it with: {make_command}")
+        state = TrainState.from_dict(dict(shipped, best_weights=shipped["weights"]), paths["weights"])
+    elif args.resume:
+        saved = load_checkpoint(paths["resume"], name, config, "resume",
+                                f"--resume continues a run made on this machine (the repository ships "
+                                f"weights only); start one with: {make_command}")
+        differ = {k: (v, train_flags[k]) for k, v in saved.get("train_flags", {}).items() if train_flags.get(k) != v}
+        if differ:
+            raise UsageError(f"{paths['resume']} was trained with other flags; resume with the same ones ("
+                             + ", ".join(f"--{k.replace('_', '-')} {old} (checkpoint) vs {new} (now)"
+                                         for k, (old, new) in differ.items()) + ")")
+        try:
+            state = TrainState.from_dict(saved["state"], paths["resume"])
+            load_weights_into(model, saved["model"], paths["resume"])
+            optimizer.load_state_dict(saved["optimizer"])
+            if ema and saved["ema"] is not None:
+                ema.shadow = {k: v.to(device) for k, v in saved["ema"].items()}
+            set_rng_state(state.rng)
+        except (KeyError, TypeError, ValueError, AttributeError) as error:
+            raise UsageError(f"{paths['resume']} has a damaged or older layout ({type(error).__name__}: "
+                             f"{str(error).splitlines()[0] if str(error) else ''})") from None
 
     reason = "sample_only"
     if not args.sample_only:
-        reason = train(model, splits, args, device, ema, optimizer, state, frames, signals, save)
-        if not state["history"]["train"]:
+        reason = train(model, splits, optimizer, ema, state, epochs=args.epochs, batch_size=args.batch_size,
+                       patience=args.patience, gif_every=args.gif_every, seed=args.seed, signals=signals,
+                       cache_dir=out, progress=not args.no_progress and sys.stderr.isatty(),
+                       checkpoint=lambda: save_resume(paths["resume"], name, config, train_flags, state,
+                                                      model, optimizer, ema))
+        if not state.history["train"]:
             print(f"{name}: no epoch completed; nothing to write", file=sys.stderr)
             return EXIT_INTERRUPTED if reason == "interrupted" else EXIT_NONFINITE
-        save_curve(paths["curve"], state["history"], state["best_epoch"], name, model.objective)
-        if frames["samples"]:
+        save_weights(paths["weights"], name, config, state)
+        save_curve(paths["curve"], state.history, state.best_epoch, name, model.objective, model.val_objective)
+        if state.frames:
             save_gif(paths["gif"], [labelled(image_grid(s), f"{name}  epoch {e}")
-                                    for s, e in zip(frames["samples"], frames["epochs"])])
-    _load_state(model, state["best_model"], paths["checkpoint"])
+                                    for s, e in zip(state.frames, state.frame_epochs)])
+    load_weights_into(model, state.best_weights, paths["weights"])
     model.eval()
-    metrics = _final_outputs(model, splits, args, device, paths, out, state, reason, config)
+    metrics = _final_outputs(model, splits, args, device, paths, state, reason)
     print(json.dumps(_finite_or_none({k: metrics[k] for k in (
         "model", "test_nll_nats", "test_bpd", "nll_kind", "epochs_run", "best_epoch",
         "train_seconds", "sample_seconds")})))
@@ -792,41 +1090,51 @@ def _run(args, build_model, config, signals):
     return EXIT_NONFINITE if reason == "non_finite" else 0
 
 
-def _final_outputs(model, splits, args, device, paths, out, state, reason, config):
-    """Evaluate the best state on the test split and write samples and metrics."""
-    name = model.name
-    test_nll = None
+def _final_outputs(model, splits, args, device, paths, state, reason):
+    """Evaluate the best state on the test split and write samples, images and metrics."""
+    out, name = Path(args.out), model.name
+    test_nll, nll_seconds = None, dict(wall=None, cpu=None)
     if model.nll_kind:
-        with seeded(args.seed + 3, device), torch.no_grad():
+        with timed(device) as nll_seconds, seeded(args.seed + 3, device), torch.no_grad():
             test_nll = float(batched(model.test_nll, splits["test"]).mean())
-    extra = model.extra_metrics(splits) if hasattr(model, "extra_metrics") else {}
+    with seeded(args.seed + 5, device):
+        extra = model.extra_metrics(splits)
+        images = model.extra_images(splits)
 
-    synchronize(device)
-    start, cpu_start = time.perf_counter(), time.process_time()
-    samples = draw_samples(model, args.num_samples, args.seed + 4, device)
-    synchronize(device)
-    sample_seconds, sample_cpu_seconds = time.perf_counter() - start, time.process_time() - cpu_start
-    samples = samples.cpu()
+    with timed(device) as sample_seconds:
+        samples = draw_samples(model, args.num_samples, args.seed + 4, device).cpu()
+    other_samplers = {}
+    for sampler_name, sampler in model.samplers().items():  # each timed and scored like the main one
+        with timed(device) as seconds:
+            other = draw_samples(model, args.num_samples, args.seed + 5, device, sampler=sampler).cpu()
+        other_samplers[sampler_name] = dict(seconds=round(seconds["wall"], 3), cpu_seconds=round(seconds["cpu"], 3),
+                                            frechet_distance=sample_quality(other.numpy(), out)["frechet_distance"])
 
     save_image(out / "_Digit_real_image.png", image_grid(splits["test"][:64]))
     save_image(paths["grid"], image_grid(samples[:64]))
+    for suffix, (pixels, nrow) in images.items():
+        save_image(out / f"{name}_{suffix}.png", image_grid(pixels, nrow=nrow))
     save_npy(paths["npy"], samples.numpy().astype(np.float32))
     metrics = dict(
         model=name, test_nll_nats=test_nll,
         test_bpd=nats_to_bpd(test_nll) if test_nll is not None else None,
-        nll_kind=model.nll_kind, epochs_run=state["epoch"], best_epoch=state["best_epoch"],
-        best_val_objective=state["best_val"] if math.isfinite(state["best_val"]) else None,
-        objective=model.objective, stopped=reason, interrupted=reason == "interrupted",
-        train_seconds=round(state["train_seconds"], 2), sample_seconds=round(sample_seconds, 3),
+        nll_kind=model.nll_kind, epochs_run=state.epoch, best_epoch=state.best_epoch,
+        best_val_objective=state.best_val if math.isfinite(state.best_val) else None,
+        objective=model.objective, val_objective=model.val_objective or model.objective,
+        stopped=reason, interrupted=reason == "interrupted",
+        train_seconds=round(state.train_seconds, 2), sample_seconds=round(sample_seconds["wall"], 3),
         # CPU seconds of this process: on a shared machine, wall time overstates the cost
-        train_cpu_seconds=round(state["train_cpu_seconds"], 2), sample_cpu_seconds=round(sample_cpu_seconds, 3),
+        train_cpu_seconds=round(state.train_cpu_seconds, 2), sample_cpu_seconds=round(sample_seconds["cpu"], 3),
+        test_nll_seconds=nll_seconds["wall"] and round(nll_seconds["wall"], 2),
+        test_nll_cpu_seconds=nll_seconds["cpu"] and round(nll_seconds["cpu"], 2),
         num_samples=args.num_samples, device=str(device), threads=torch.get_num_threads(),
         seed=args.seed, num_params=sum(p.numel() for p in model.parameters()),
-        torch_version=str(torch.__version__), quick=args.quick, config=config, argv=args.argv,
+        torch_version=str(torch.__version__), quick=args.quick, config=dataclasses.asdict(model.config),
+        sampling=dataclasses.asdict(model.sampling), argv=args.argv,
         code_sha256=code_fingerprint(sys.modules[type(model).__module__].__file__),
         train_flags=dict(epochs=args.epochs, batch_size=args.batch_size, lr=args.lr,
                          patience=args.patience, ema=args.ema),
-        **extra)
+        other_samplers=other_samplers, **extra)
     metrics.update(sample_quality(samples.numpy(), out))
     save_json(paths["metrics"], metrics)
     return metrics

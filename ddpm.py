@@ -34,9 +34,8 @@ Run:  python ddpm.py                        # defaults, writes results/DDPM_*
       python ddpm.py --help
 """
 
+import dataclasses
 import math
-import tempfile
-import time
 
 import torch
 import torch.nn.functional as F
@@ -139,18 +138,42 @@ class EpsilonNet(nn.Module):
 # model
 
 
-class DDPM(nn.Module):
+@dataclasses.dataclass(frozen=True)
+class DDPMConfig:
+    num_steps: int = common.option(1000, "diffusion steps T", type=common.positive_int, flag=("--num-steps", "-T"))
+    schedule: str = common.option("linear", "noise schedule beta_t (linear: the better bound on validation)",
+                                  choices=("linear", "cosine"))
+    hidden: int = common.option(256, "width of the noise predictor's residual MLP", type=common.positive_int)
+    blocks: int = common.option(3, "residual blocks of the noise predictor", type=common.positive_int)
+    variance: str = common.option("learned", "reverse variances: learned interpolation between beta~_t and "
+                                  "beta_t (hybrid loss), or fixed beta~_t (simple loss only)",
+                                  choices=("learned", "fixed"))
+    grid_skip: bool = common.option(True, "predict eps with the MLP alone, without the exact per-pixel grid denoiser")
+    vlb_weight: float = common.option(1e-3, "lambda of the hybrid loss L_simple + lambda L_vlb",
+                                      type=common.nonnegative_float)
+    log_t_frac: float = common.option(0.5, "fraction of training steps t drawn log-uniformly on 1..T, the rest "
+                                      "uniformly: more training where the bound's terms are large",
+                                      type=common.unit_interval)
+
+
+@dataclasses.dataclass(frozen=True)
+class DDPMSampling:
+    sampler: str = common.option("ddim", "sampler for the samples, grid and GIF", choices=("ddim", "ancestral"))
+    ddim_steps: int = common.option(50, "DDIM steps", type=common.positive_int, quick=10)
+
+
+class DDPM(common.DigitsModel):
     name = "DDPM"
     nll_kind = "upper_bound"
     objective = "hybrid loss L_simple + lambda L_vlb"
+    Config, Sampling = DDPMConfig, DDPMSampling
 
-    def __init__(self, num_steps=1000, schedule="linear", hidden=256, blocks=3, variance="learned",
-                 grid_skip=True, vlb_weight=1e-3, log_t_frac=0.5, sampler="ddim", ddim_steps=50,
-                 timing_samples=1000):
-        super().__init__()
-        self.num_steps, self.learned_variance, self.grid_skip = num_steps, variance == "learned", grid_skip
-        self.vlb_weight, self.sampler, self.ddim_steps = vlb_weight, sampler, min(ddim_steps, num_steps)
-        self.timing_samples = timing_samples
+    def __init__(self, config=None, sampling=None):
+        super().__init__(config, sampling)
+        c = self.config
+        num_steps, schedule, log_t_frac = c.num_steps, c.schedule, c.log_t_frac
+        self.num_steps, self.learned_variance, self.grid_skip = num_steps, c.variance == "learned", c.grid_skip
+        self.vlb_weight = c.vlb_weight
         # schedules in float64, stored as float32 buffers indexed by t - 1 (index 0 is t = 1)
         betas = make_betas(schedule, num_steps)  # (T,)
         alphas = 1 - betas
@@ -175,7 +198,7 @@ class DDPM(nn.Module):
                 grid=common.pixels_to_pm1(torch.arange(common.NUM_LEVELS, dtype=torch.float64))).items():
             self.register_buffer(key, value.float())
         out_dim = 2 * common.NUM_PIXELS if self.learned_variance else common.NUM_PIXELS  # eps (and v)
-        self.net = EpsilonNet(common.NUM_PIXELS, out_dim, hidden, blocks, num_steps)
+        self.net = EpsilonNet(common.NUM_PIXELS, out_dim, c.hidden, c.blocks, num_steps)
         # logits of the per-pixel categorical prior of the grid skip (zero: uniform over 17 levels)
         self.prior_logits = nn.Parameter(torch.zeros(common.NUM_PIXELS, common.NUM_LEVELS))
 
@@ -269,7 +292,7 @@ class DDPM(nn.Module):
 
     def sample_ancestral(self, n):
         """x_T ~ N(0, I), x_{t-1} ~ p(x_{t-1} | x_t) for t = T..2, then a pixel bin ~ p(x_0 | x_1)."""
-        device = self.abar.device
+        device = self.device
         x = torch.randn(n, common.NUM_PIXELS, device=device)
         for step in reversed(range(1, self.num_steps)):
             t = torch.full((n,), step, dtype=torch.long, device=device)
@@ -298,35 +321,16 @@ class DDPM(nn.Module):
 
     def sample_ddim(self, n, steps=None):
         """DDIM from x_T ~ N(0, I) with --ddim-steps steps, rounded to the nearest pixel level."""
-        x = torch.randn(n, common.NUM_PIXELS, device=self.abar.device)
-        return common.pm1_to_pixels(self.ddim(x, min(steps or self.ddim_steps, self.num_steps))).round()
+        x = torch.randn(n, common.NUM_PIXELS, device=self.device)
+        steps = min(steps or self.sampling.ddim_steps, self.num_steps)
+        return common.pm1_to_pixels(self.ddim(x, steps)).round()
 
     def sample(self, n):
-        return self.sample_ancestral(n) if self.sampler == "ancestral" else self.sample_ddim(n)
+        return self.sample_ancestral(n) if self.sampling.sampler == "ancestral" else self.sample_ddim(n)
 
-    @torch.no_grad()
-    def extra_metrics(self, splits):
-        """Seconds (wall and CPU of this process) to draw 1000 samples (64 with --quick) with each
-        sampler, and the Frechet distance of each set to the test split (common.sample_quality)."""
-        device = self.abar.device
-        metrics = dict(sampler=self.sampler, ddim_steps=self.ddim_steps,
-                       timing_num_samples=self.timing_samples)
-        # the digit classifier of common.sample_quality is cached in a folder of its own (no --out
-        # here), trained once for both sample sets; it trains with gradients, which no_grad turns off
-        with tempfile.TemporaryDirectory() as cache:
-            for name, draw in (("ancestral", self.sample_ancestral), ("ddim", self.sample_ddim)):
-                with common.seeded(5, device):
-                    common.synchronize(device)
-                    wall, cpu = time.perf_counter(), time.process_time()
-                    samples = draw(self.timing_samples)
-                    common.synchronize(device)
-                    wall, cpu = time.perf_counter() - wall, time.process_time() - cpu
-                with torch.enable_grad():
-                    quality = common.sample_quality(samples.cpu().numpy(), cache)
-                metrics.update({f"{name}_seconds": round(wall, 3), f"{name}_cpu_seconds": round(cpu, 3),
-                                f"{name}_frechet_distance": quality["frechet_distance"]})
-        metrics["ddim_over_ancestral_time"] = metrics["ddim_seconds"] / metrics["ancestral_seconds"]
-        return metrics
+    def samplers(self):
+        """Both samplers, timed and scored by common (metrics: other_samplers)."""
+        return dict(ancestral=self.sample_ancestral, ddim=self.sample_ddim)
 
 
 # -----------------------------------------------------------------------------
@@ -336,38 +340,10 @@ class DDPM(nn.Module):
 def main(argv=None):
     parser = common.make_parser(__file__, __doc__, epochs=550, batch_size=64, lr=1e-3, patience=50,
                                 ema=0.999, gif_every=10)
-    group = parser.add_argument_group("DDPM")
-    group.add_argument("--num-steps", "-T", type=common.positive_int, default=1000,
-                       help="diffusion steps T (default %(default)s)")
-    group.add_argument("--schedule", choices=("linear", "cosine"), default="linear",
-                       help="noise schedule beta_t (default %(default)s, the better bound on validation)")
-    group.add_argument("--hidden", type=common.positive_int, default=256,
-                       help="width of the noise predictor's residual MLP (default %(default)s)")
-    group.add_argument("--blocks", type=common.positive_int, default=3,
-                       help="residual blocks of the noise predictor (default %(default)s)")
-    group.add_argument("--variance", choices=("learned", "fixed"), default="learned",
-                       help="reverse variances: learned interpolation between beta~_t and beta_t "
-                            "(hybrid loss), or fixed beta~_t (simple loss only) (default %(default)s)")
-    group.add_argument("--no-grid-skip", dest="grid_skip", action="store_false",
-                       help="predict eps with the MLP alone, without the exact per-pixel grid denoiser")
-    group.add_argument("--vlb-weight", type=common.nonnegative_float, default=1e-3,
-                       help="lambda of the hybrid loss L_simple + lambda L_vlb (default %(default)s)")
-    group.add_argument("--log-t-frac", type=common.unit_interval, default=0.5,
-                       help="fraction of training steps t drawn log-uniformly on 1..T, the rest "
-                            "uniformly: more training where the bound's terms are large "
-                            "(default %(default)s)")
-    group.add_argument("--sampler", choices=("ddim", "ancestral"), default="ddim",
-                       help="sampler for the samples, grid and GIF (default %(default)s)")
-    group.add_argument("--ddim-steps", type=common.positive_int, default=None,
-                       help="DDIM steps (default 50; 10 with --quick)")
+    common.add_options(parser, "DDPM", DDPMConfig)
+    common.add_options(parser, "DDPM sampling (free to change with --sample-only)", DDPMSampling)
     args = common.parse_args(parser, argv)
-    config = dict(num_steps=args.num_steps, schedule=args.schedule, hidden=args.hidden, blocks=args.blocks,
-                  variance=args.variance, grid_skip=args.grid_skip, vlb_weight=args.vlb_weight,
-                  log_t_frac=args.log_t_frac)
-    # the sampler is no part of the checkpoint's configuration: --sample-only may pick another one
-    sampler = dict(sampler=args.sampler, ddim_steps=args.ddim_steps or (10 if args.quick else 50),
-                   timing_samples=64 if args.quick else 1000)
-    common.run(args, build_model=lambda: DDPM(**config, **sampler), config=config)
+    common.run(args, DDPM, common.options_from(args, DDPMConfig), common.options_from(args, DDPMSampling))
 
 
 if __name__ == "__main__":

@@ -20,6 +20,8 @@ Run:  python energy_based_model.py            # defaults, writes results/EBM_*
       python energy_based_model.py --help
 """
 
+from dataclasses import dataclass
+
 import torch
 import torch.nn.functional as F
 from torch import nn
@@ -86,23 +88,44 @@ class ReplayBuffer(nn.Module):
 # model
 
 
-class EBM(nn.Module):
+@dataclass(frozen=True)
+class EBMConfig:
+    hidden: int = common.option(256, "width of the MLP's hidden layers", type=common.positive_int)
+    layers: int = common.option(3, "number of hidden layers", type=common.positive_int)
+    sgld_steps: int = common.option(20, "SGLD steps per training step, from the replay buffer",
+                                    type=common.positive_int)
+    step_size: float = common.option(1.0, "SGLD gradient step size", type=common.positive_float)
+    noise: float = common.option(0.01, "standard deviation of the SGLD noise", type=common.nonnegative_float)
+    buffer_size: int = common.option(10000, "number of persistent chains in the replay buffer",
+                                     type=common.positive_int)
+    reinit_freq: float = common.option(0.05, "probability that a chain restarts from uniform noise",
+                                       type=common.unit_interval)
+    energy_reg: float = common.option(0.1, "weight of the energy-magnitude regulariser E^2",
+                                      type=common.nonnegative_float)
+    data_noise: float = common.option(0.03, "std of the Gaussian noise added to training images in [-1, 1]",
+                                      type=common.nonnegative_float)
+
+
+@dataclass(frozen=True)
+class EBMSampling:
+    sample_steps: int = common.option(100, "SGLD steps from uniform noise when sampling", type=common.positive_int)
+
+
+class EBM(common.DigitsModel):
     name = "EBM"
     nll_kind = None
     objective = "train: CD + energy reg. + CE; val: CE (nats)"
+    Config, Sampling = EBMConfig, EBMSampling
 
-    def __init__(self, hidden=256, layers=3, sgld_steps=20, sample_steps=100, step_size=1.0,
-                 noise=0.01, buffer_size=10000, reinit_freq=0.05, energy_reg=0.1, data_noise=0.03):
-        super().__init__()
-        self.sgld_steps, self.sample_steps = sgld_steps, sample_steps
-        self.step_size, self.noise = step_size, noise
-        self.energy_reg, self.data_noise = energy_reg, data_noise
-        widths = [common.NUM_PIXELS] + [hidden] * layers
+    def __init__(self, config=None, sampling=None):
+        super().__init__(config, sampling)
+        config = self.config
+        widths = [common.NUM_PIXELS] + [config.hidden] * config.layers
         blocks = []
         for w_in, w_out in zip(widths[:-1], widths[1:]):
             blocks += [nn.Linear(w_in, w_out), nn.SiLU()]
         self.net = nn.Sequential(*blocks, nn.Linear(widths[-1], NUM_CLASSES))  # x -> logits f(x)
-        self.buffer = ReplayBuffer(buffer_size, common.NUM_PIXELS, reinit_freq)
+        self.buffer = ReplayBuffer(config.buffer_size, common.NUM_PIXELS, config.reinit_freq)
         # labels of all 1797 digits, to look up the labels of a batch (the loop passes pixels only)
         pixels, labels = common.load_digits_arrays()
         self.register_buffer("table_x", torch.from_numpy(pixels), persistent=False)  # (1797, 64)
@@ -124,12 +147,12 @@ class EBM(nn.Module):
         return self.table_y[index]
 
     def run_sgld(self, start, steps):
-        return sgld(self.energy, start, steps, self.step_size, self.noise, bounds=(-1.0, 1.0))
+        return sgld(self.energy, start, steps, self.config.step_size, self.config.noise, bounds=(-1.0, 1.0))
 
     def loss(self, x):
-        y = common.pixels_to_pm1(x) + self.data_noise * torch.randn_like(x)  # (B, 64)
+        y = common.pixels_to_pm1(x) + self.config.data_noise * torch.randn_like(x)  # (B, 64)
         index, start = self.buffer.draw(len(x))
-        negatives = self.run_sgld(start, self.sgld_steps)  # (B, 64) persistent chains
+        negatives = self.run_sgld(start, self.config.sgld_steps)  # (B, 64) persistent chains
         self.buffer.store(index, negatives)
         logits = self.logits(y)  # (B, 10)
         e_data = -torch.logsumexp(logits, dim=1)  # (B,)
@@ -137,7 +160,7 @@ class EBM(nn.Module):
         contrastive = e_data.mean() - e_model.mean()  # gradient of -log p(x), up to the sampler
         magnitude = (e_data ** 2).mean() + (e_model ** 2).mean()  # keeps energies near 0
         classification = F.cross_entropy(logits, self.labels_of(x))
-        return contrastive + self.energy_reg * magnitude + classification
+        return contrastive + self.config.energy_reg * magnitude + classification
 
     def eval_loss(self, x):
         """Held-out cross-entropy of p(y | x), in nats per image.
@@ -150,8 +173,8 @@ class EBM(nn.Module):
 
     def sample(self, n):
         """Short-run SGLD from uniform noise: (n, 64) on the 0..16 scale."""
-        start = uniform_noise(n, common.NUM_PIXELS, self.table_x.device)
-        return common.pm1_to_pixels(self.run_sgld(start, self.sample_steps))
+        start = uniform_noise(n, common.NUM_PIXELS, self.device)
+        return common.pm1_to_pixels(self.run_sgld(start, self.sampling.sample_steps))
 
     @torch.no_grad()
     def extra_metrics(self, splits):
@@ -163,15 +186,19 @@ class EBM(nn.Module):
             correct = self.logits(common.pixels_to_pm1(x)).argmax(1) == self.labels_of(x)
             metrics[f"{split}_accuracy"] = float(correct.float().mean())
         e_test = float(self.energy(common.pixels_to_pm1(splits["test"])).mean())
-        device = self.table_x.device
-        with common.seeded(0, device):
+        with common.seeded(0, self.device):
             noise_samples = common.pixels_to_pm1(self.sample(len(splits["test"])))
         e_samples = float(self.energy(noise_samples).mean())
         e_buffer = float(self.energy(self.buffer.chains[:len(splits["test"])]).mean())
         metrics.update(test_energy=e_test, sample_energy=e_samples, buffer_energy=e_buffer,
                        energy_gap=e_samples - e_test, buffer_energy_gap=e_buffer - e_test,
-                       sampler=f"{self.sample_steps} SGLD steps from uniform noise")
+                       sampler=f"{self.sampling.sample_steps} SGLD steps from uniform noise")
         return metrics
+
+    def extra_images(self, splits):
+        """EBM_buffer_samples.png: 64 persistent chains of the replay buffer (the training
+        negatives); EBM_samples.png shows short-run chains from noise."""
+        return dict(buffer_samples=(common.pm1_to_pixels(self.buffer.chains[:64]), 8))
 
 
 # -----------------------------------------------------------------------------
@@ -181,43 +208,10 @@ class EBM(nn.Module):
 def main(argv=None):
     parser = common.make_parser(__file__, __doc__, epochs=150, batch_size=64, lr=1e-3, patience=30,
                                 gif_every=2)
-    group = parser.add_argument_group("EBM")
-    group.add_argument("--hidden", type=common.positive_int, default=256,
-                       help="width of the MLP's hidden layers (default %(default)s)")
-    group.add_argument("--layers", type=common.positive_int, default=3,
-                       help="number of hidden layers (default %(default)s)")
-    group.add_argument("--sgld-steps", type=common.positive_int, default=20,
-                       help="SGLD steps per training step, from the replay buffer (default %(default)s)")
-    group.add_argument("--sample-steps", type=common.positive_int, default=100,
-                       help="SGLD steps from uniform noise when sampling (default %(default)s)")
-    group.add_argument("--step-size", type=common.positive_float, default=1.0,
-                       help="SGLD gradient step size (default %(default)s)")
-    group.add_argument("--noise", type=common.nonnegative_float, default=0.01,
-                       help="standard deviation of the SGLD noise (default %(default)s)")
-    group.add_argument("--buffer-size", type=common.positive_int, default=10000,
-                       help="number of persistent chains in the replay buffer (default %(default)s)")
-    group.add_argument("--reinit-freq", type=common.unit_interval, default=0.05,
-                       help="probability that a chain restarts from uniform noise (default %(default)s)")
-    group.add_argument("--energy-reg", type=common.nonnegative_float, default=0.1,
-                       help="weight of the energy-magnitude regulariser E^2 (default %(default)s)")
-    group.add_argument("--data-noise", type=common.nonnegative_float, default=0.03,
-                       help="std of the Gaussian noise added to training images in [-1, 1] (default %(default)s)")
+    common.add_options(parser, "EBM", EBMConfig)
+    common.add_options(parser, "EBM sampling (free to change with --sample-only)", EBMSampling)
     args = common.parse_args(parser, argv)
-    config = dict(hidden=args.hidden, layers=args.layers, sgld_steps=args.sgld_steps,
-                  sample_steps=args.sample_steps, step_size=args.step_size, noise=args.noise,
-                  buffer_size=args.buffer_size, reinit_freq=args.reinit_freq,
-                  energy_reg=args.energy_reg, data_noise=args.data_noise)
-    built = []
-
-    def build_model():
-        built.append(EBM(**config))
-        return built[-1]
-
-    common.run(args, build_model=build_model, config=config)
-    # an extra grid: 64 persistent chains of the replay buffer (the training negatives) of the
-    # state that wrote the outputs; EBM_samples.png shows short-run chains from noise
-    chains = built[-1].buffer.chains[:64]
-    common.save_image(args.out / "EBM_buffer_samples.png", common.image_grid(common.pm1_to_pixels(chains)))
+    common.run(args, EBM, common.options_from(args, EBMConfig), common.options_from(args, EBMSampling))
 
 
 if __name__ == "__main__":

@@ -21,6 +21,7 @@ Run:  python flow_based_model_realnvp.py            # defaults, writes results/R
       python flow_based_model_realnvp.py --help
 """
 
+import dataclasses
 import math
 
 import torch
@@ -180,18 +181,40 @@ class LogitTransform(nn.Module):
         return (torch.sigmoid(w) - self.alpha) / (1 - 2 * self.alpha) * common.NUM_LEVELS
 
 
-class RealNVP(nn.Module):
+@dataclasses.dataclass(frozen=True)
+class RealNVPConfig:
+    num_couplings: int = common.option(8, "number of affine coupling layers", type=common.positive_int)
+    hidden: int = common.option(256, "hidden units of each coupling's MLP", type=common.positive_int)
+    layers: int = common.option(2, "hidden layers of each coupling's MLP", type=common.positive_int)
+    dropout: float = common.option(0.5, "dropout in the coupling MLPs, against overfitting 1000 images",
+                                   type=common.unit_interval)
+    masks: str = common.option("random", "coupling masks: random halves or the 8x8 checkerboard, each "
+                               "followed by its complement", choices=("random", "checkerboard"))
+    alpha: float = common.option(0.01, "logit squeeze: w = logit(alpha + (1 - 2 alpha) v / 17), alpha in (0, 0.5)",
+                                 type=common.positive_float)
+    weight_decay: float = common.option(0.0, "AdamW weight decay", type=common.nonnegative_float)
+
+
+@dataclasses.dataclass(frozen=True)
+class RealNVPSampling:
+    nll_draws: int = common.option(10, "dequantization draws averaged in the test NLL bound",
+                                   type=common.positive_int)
+    temperature: float = common.option(1.0, "sampling temperature T, z ~ N(0, T^2 I); 1 samples the model "
+                                       "itself, < 1 gives cleaner, less diverse digits", type=common.positive_float)
+
+
+class RealNVP(common.DigitsModel):
     name = "RealNVP"
     nll_kind = "upper_bound"
     objective = "NLL bound (nats/image)"
+    Config, Sampling = RealNVPConfig, RealNVPSampling
 
-    def __init__(self, num_couplings=8, hidden=256, layers=2, dropout=0.5, masks="random", alpha=0.01,
-                 weight_decay=0.0, nll_draws=10, temperature=1.0, dim=common.NUM_PIXELS):
-        super().__init__()
-        self.dim, self.weight_decay = dim, weight_decay
-        self.nll_draws, self.temperature = nll_draws, temperature  # evaluation only, not in the checkpoint
-        self.logit = LogitTransform(alpha)
-        self.flow = CouplingStack(make_masks(masks, num_couplings, dim), hidden, layers, dropout)
+    def __init__(self, config=None, sampling=None, dim=common.NUM_PIXELS):
+        super().__init__(config, sampling)
+        self.dim = dim
+        self.logit = LogitTransform(self.config.alpha)
+        self.flow = CouplingStack(make_masks(self.config.masks, self.config.num_couplings, dim),
+                                  self.config.hidden, self.config.layers, self.config.dropout)
 
     def forward(self, v):
         """Dequantized pixels (B, D) in [0, 17) -> (z, log|det dz/dv| (B,)): logit, then couplings."""
@@ -201,9 +224,6 @@ class RealNVP(nn.Module):
 
     def inverse(self, z):
         return self.logit.inverse(self.flow.inverse(z))
-
-    def device(self):
-        return next(self.parameters()).device
 
     def log_prob(self, v):
         """(B, D) -> (B,) log p(v), a density on the continuous pixel scale (bins of volume 1)."""
@@ -216,23 +236,23 @@ class RealNVP(nn.Module):
 
     def test_nll(self, x):
         """(B,) E_u[-log p(x + u)] over nll_draws draws: an upper bound on -log P(x), nats."""
-        return torch.stack([-self.log_prob(common.dequantize(x)) for _ in range(self.nll_draws)]).mean(0)
+        return torch.stack([-self.log_prob(common.dequantize(x)) for _ in range(self.sampling.nll_draws)]).mean(0)
 
     def sample(self, n):
         """z ~ N(0, T^2 I) -> v = f^-1(z) -> floor(v), the bin v falls in, clamped to 0..16."""
-        z = self.temperature * torch.randn(n, self.dim, device=self.device())
+        z = self.sampling.temperature * torch.randn(n, self.dim, device=self.device)
         return self.inverse(z).floor().clamp(0, common.PIXEL_MAX)
 
     def extra_metrics(self, splits):
-        """The evaluation settings, and the NLL bound on train and validation with one
-        dequantization draw each (the train-validation gap shows the overfitting)."""
-        with common.seeded(0, self.device()), torch.no_grad():
+        """The NLL bound on train and validation with one dequantization draw each (the
+        train-validation gap shows the overfitting)."""
+        with common.seeded(0, self.device), torch.no_grad():
             bounds = {f"{k}_nll_bound_1draw": float(-self.log_prob(common.dequantize(splits[k])).mean())
                       for k in ("train", "val")}
-        return dict(nll_draws=self.nll_draws, temperature=self.temperature, **bounds)
+        return bounds
 
     def configure_optimizer(self, lr):
-        return torch.optim.AdamW(self.parameters(), lr=lr, weight_decay=self.weight_decay)
+        return torch.optim.AdamW(self.parameters(), lr=lr, weight_decay=self.config.weight_decay)
 
 
 # -----------------------------------------------------------------------------
@@ -241,36 +261,14 @@ class RealNVP(nn.Module):
 
 def main(argv=None):
     parser = common.make_parser(__file__, __doc__, epochs=300, batch_size=64, lr=1e-3, patience=20, gif_every=5)
-    group = parser.add_argument_group("RealNVP")
-    group.add_argument("--num-couplings", type=common.positive_int, default=8,
-                       help="number of affine coupling layers (default %(default)s)")
-    group.add_argument("--hidden", type=common.positive_int, default=256,
-                       help="hidden units of each coupling's MLP (default %(default)s)")
-    group.add_argument("--layers", type=common.positive_int, default=2,
-                       help="hidden layers of each coupling's MLP (default %(default)s)")
-    group.add_argument("--dropout", type=common.unit_interval, default=0.5,
-                       help="dropout in the coupling MLPs, against overfitting 1000 images (default %(default)s)")
-    group.add_argument("--masks", choices=("random", "checkerboard"), default="random",
-                       help="coupling masks: random halves or the 8x8 checkerboard, each followed by its "
-                            "complement (default %(default)s)")
-    group.add_argument("--alpha", type=common.positive_float, default=0.01,
-                       help="logit squeeze: w = logit(alpha + (1 - 2 alpha) v / 17) (default %(default)s)")
-    group.add_argument("--weight-decay", type=common.nonnegative_float, default=0.0,
-                       help="AdamW weight decay (default %(default)s)")
-    group.add_argument("--nll-draws", type=common.positive_int, default=10,
-                       help="dequantization draws averaged in the test NLL bound; may differ from "
-                            "the checkpoint's with --sample-only (default %(default)s)")
-    group.add_argument("--temperature", type=common.positive_float, default=1.0,
-                       help="sampling temperature T, z ~ N(0, T^2 I); 1 samples the model itself, "
-                            "< 1 gives cleaner, less diverse digits; may differ from the checkpoint's "
-                            "with --sample-only (default %(default)s)")
+    common.add_options(parser, "RealNVP", RealNVPConfig)
+    common.add_options(parser, "RealNVP evaluation and sampling (free to change with --sample-only)",
+                       RealNVPSampling)
     args = common.parse_args(parser, argv)
-    if args.alpha >= 0.5:
-        parser.error(f"argument --alpha: expected a number in (0, 0.5), got {args.alpha!r}")
-    config = dict(num_couplings=args.num_couplings, hidden=args.hidden, layers=args.layers, dropout=args.dropout,
-                  masks=args.masks, alpha=args.alpha, weight_decay=args.weight_decay)  # the checkpoint's
-    common.run(args, config=config, build_model=lambda: RealNVP(
-        **config, nll_draws=args.nll_draws, temperature=args.temperature))
+    config = common.options_from(args, RealNVPConfig)
+    if config.alpha >= 0.5:
+        parser.error(f"argument --alpha: expected a number in (0, 0.5), got {config.alpha!r}")
+    common.run(args, RealNVP, config, common.options_from(args, RealNVPSampling))
 
 
 if __name__ == "__main__":

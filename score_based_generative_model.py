@@ -43,8 +43,8 @@ Run:  python score_based_generative_model.py                    # defaults, writ
       python score_based_generative_model.py --sde vp           # the variance preserving SDE
 """
 
+import dataclasses
 import math
-import time
 
 import torch
 import torch.nn.functional as F
@@ -179,25 +179,6 @@ class NoiseMLP(nn.Module):
 # eps_fn(z, t) -> (B, 64) is the noise predictor; t is a (B,) tensor
 
 
-def eps_and_divergence(eps_fn, z, t, method="exact"):
-    """eps(z, t) (B, 64) and its divergence tr(d eps / d z) (B,): exact (the Jacobian by 64
-    forward-mode derivatives per image, jacfwd under vmap) or Hutchinson's estimate r^T J r with
-    one Rademacher vector r (unbiased)."""
-    if method == "exact":
-        def single(z_i, t_i):  # one image: (64,) -> (64,)
-            out = eps_fn(z_i[None], t_i[None])[0]
-            return out, out
-
-        jacobian, eps = torch.func.vmap(torch.func.jacfwd(single, has_aux=True))(z, t)  # (B, 64, 64)
-        return eps, jacobian.diagonal(dim1=1, dim2=2).sum(1)
-    with torch.enable_grad():
-        z = z.detach().requires_grad_(True)
-        eps = eps_fn(z, t)
-        probe = torch.randint_like(z, 2) * 2 - 1
-        (vjp,) = torch.autograd.grad((eps * probe).sum(), z)
-    return eps.detach(), (vjp * probe).sum(1)
-
-
 def at_time(fn, t):
     """fn (of a time tensor) at the float time t, evaluated in float64, as a float."""
     return float(fn(torch.tensor(t, dtype=torch.float64)))
@@ -289,31 +270,62 @@ def sample_reverse_sde(eps_fn, sde, z1, t_eps, steps, corrector_steps=0, snr=0.1
 # model
 
 
-class SBGM(nn.Module):
+@dataclasses.dataclass(frozen=True)
+class SBGMConfig:
+    sde: str = common.option("ve", "forward SDE, variance exploding or preserving (ve: the better validation "
+                             "bound, 95.6 against 96.3 nats for vp with seed 0)", choices=sorted(SDES))
+    output: str = common.option("levels", "network output: logits over the 17 values with the exact box "
+                                "posterior, or eps directly", choices=("levels", "eps"))
+    hidden: int = common.option(256, "width of the residual MLP", type=common.positive_int)
+    blocks: int = common.option(3, "residual blocks of the MLP", type=common.positive_int)
+    dropout: float = common.option(0.0, "dropout in each residual block", type=common.unit_interval)
+    t_eps: float = common.option(1e-5, "smallest time of the bound, the likelihood and the samplers, in (0, 1)",
+                                 type=common.positive_float)
+
+
+SAMPLE_STEPS = dict(ode=50, sde=250)  # default sampler steps (10 and 20 with --quick)
+QUICK_SAMPLE_STEPS = dict(ode=10, sde=20)
+
+
+@dataclasses.dataclass(frozen=True)
+class SBGMSampling:
+    ode_steps: int = common.option(32, "RK4 steps of the likelihood ODE", type=common.positive_int, quick=4)
+    divergence: str = common.option("hutchinson", "divergence in the likelihood ODE: Hutchinson's unbiased "
+                                    "estimate, or exact (64 derivatives per evaluation, ~15x slower)",
+                                    choices=("hutchinson", "exact"))
+    sampler: str = common.option("ode", "probability-flow ODE (Heun) or reverse-time SDE (Euler-Maruyama)",
+                                 choices=("ode", "sde"))
+    sample_steps: int = common.option(None, f"sampler steps (default {SAMPLE_STEPS['ode']} for ode, "
+                                      f"{SAMPLE_STEPS['sde']} for sde; {QUICK_SAMPLE_STEPS['ode']} and "
+                                      f"{QUICK_SAMPLE_STEPS['sde']} with --quick)", type=common.positive_int)
+    corrector_steps: int = common.option(0, "Langevin corrector steps per reverse-SDE step",
+                                         type=common.nonnegative_int)
+    snr: float = common.option(0.16, "signal-to-noise ratio of the Langevin corrector", type=common.positive_float)
+
+
+class SBGM(common.DigitsModel):
     name = "SBGM"
     nll_kind = "upper_bound"
     objective = "variational bound (nats/image)"
+    Config, Sampling = SBGMConfig, SBGMSampling
 
-    def __init__(self, sde="ve", output="levels", hidden=256, blocks=3, dropout=0.0, t_eps=1e-5,
-                 ode_steps=32, divergence="hutchinson", sampler="ode", sample_steps=50, corrector_steps=0,
-                 snr=0.16):
-        super().__init__()
-        self.sde = SDES[sde]()
-        self.output, self.t_eps = output, t_eps
-        self.ode_steps, self.divergence = ode_steps, divergence
-        self.sampler, self.sample_steps = sampler, sample_steps
-        self.corrector_steps, self.snr = corrector_steps, snr
-        self.net = NoiseMLP(hidden, blocks, common.NUM_LEVELS if output == "levels" else 1, dropout)
-        ends = self.sde.log_snr(torch.tensor([t_eps, 1.0], dtype=torch.float64))
+    def __init__(self, config=None, sampling=None):
+        super().__init__(config, sampling)
+        if self.sampling.sample_steps is None:
+            self.sampling = dataclasses.replace(self.sampling, sample_steps=SAMPLE_STEPS[self.sampling.sampler])
+        config = self.config
+        self.sde = SDES[config.sde]()
+        self.net = NoiseMLP(config.hidden, config.blocks, common.NUM_LEVELS if config.output == "levels" else 1,
+                            config.dropout)
+        ends = self.sde.log_snr(torch.tensor([config.t_eps, 1.0], dtype=torch.float64))
         self.lam_max, self.lam_min = float(ends[0]), float(ends[1])  # log-SNR range of the bound
-        self.nll_seconds = [0.0, 0.0]  # wall and CPU seconds of this process spent in test_nll
 
     def eps(self, z, t):
         """Noise prediction eps(z, t) = -sigma_t score(z, t); z (B, 64), t (B,) -> (B, 64)."""
         alpha, sigma = self.sde.marginal(t)
         u = (self.sde.log_snr(t) - self.lam_min) / (self.lam_max - self.lam_min)  # in [0, 1]
         out = self.net(z * (alpha**2 + sigma**2).rsqrt()[:, None], u)  # input of unit scale
-        if self.output == "eps":
+        if self.config.output == "eps":
             return out
         return box_posterior_eps(out.view(len(z), common.NUM_PIXELS, common.NUM_LEVELS),
                                  z / alpha[:, None], sigma / alpha)
@@ -350,38 +362,33 @@ class SBGM(nn.Module):
 
     def test_nll(self, x, chunk=64):
         """(B,) -log p(y) - PM1_LOGDET by the probability-flow ODE, one dequantization per image."""
-        start, cpu_start = time.perf_counter(), time.process_time()
         y = self.to_pm1(x)
 
         def eps_div(z, t):
-            return eps_and_divergence(self.eps, z, t, self.divergence)
+            return common.value_and_divergence(self.eps, z, t, self.sampling.divergence)
 
-        nll = torch.cat([-ode_log_likelihood(eps_div, self.sde, y[i:i + chunk], self.t_eps, self.ode_steps)
-                         for i in range(0, len(y), chunk)])
-        self.nll_seconds[0] += time.perf_counter() - start
-        self.nll_seconds[1] += time.process_time() - cpu_start
-        return nll - common.PM1_LOGDET
+        log_p = common.batched(lambda y_chunk: ode_log_likelihood(
+            eps_div, self.sde, y_chunk, self.config.t_eps, self.sampling.ode_steps), y, chunk)
+        return -log_p - common.PM1_LOGDET
 
     @torch.no_grad()
     def sample(self, n):
-        device = self.net.out.weight.device
-        z1 = torch.randn(n, common.NUM_PIXELS, device=device) * math.sqrt(self.sde.prior_var())
-        if self.sampler == "ode":
-            z, t = sample_probability_flow(self.eps, self.sde, z1, self.t_eps, self.sample_steps)
+        s, t_eps = self.sampling, self.config.t_eps
+        z1 = torch.randn(n, common.NUM_PIXELS, device=self.device) * math.sqrt(self.sde.prior_var())
+        if s.sampler == "ode":
+            z, t = sample_probability_flow(self.eps, self.sde, z1, t_eps, s.sample_steps)
         else:
-            z, t = sample_reverse_sde(self.eps, self.sde, z1, self.t_eps, self.sample_steps,
-                                      self.corrector_steps, self.snr)
+            z, t = sample_reverse_sde(self.eps, self.sde, z1, t_eps, s.sample_steps, s.corrector_steps, s.snr)
         alpha, sigma = self.sde.marginal(t)
         y = (z - sigma[:, None] * self.eps(z, t)) / alpha[:, None]  # E[y | z_e] (Tweedie)
         return torch.floor((y + 1) * 8 + 0.5).clamp(0, common.PIXEL_MAX)  # the value whose box holds y
 
     def extra_metrics(self, splits):
-        """The SDE's variational bound on the test split (the training objective, 10 draws of the
-        noise per image), and the wall and CPU seconds the ODE likelihood took."""
-        with common.seeded(0, splits["test"].device), torch.no_grad():
+        """The SDE's variational bound on the test split (the training objective), 10 draws of the
+        noise per image."""
+        with common.seeded(0, self.device), torch.no_grad():
             bound = torch.stack([self.bound(splits["test"]) for _ in range(10)]).mean()
-        return dict(test_variational_bound_nats=float(bound), test_nll_seconds=round(self.nll_seconds[0], 2),
-                    test_nll_cpu_seconds=round(self.nll_seconds[1], 2))
+        return dict(test_variational_bound_nats=float(bound))
 
 
 # -----------------------------------------------------------------------------
@@ -391,46 +398,15 @@ class SBGM(nn.Module):
 def main(argv=None):
     parser = common.make_parser(__file__, __doc__, epochs=300, batch_size=64, lr=1e-3, patience=50,
                                 ema=0.998, gif_every=10)
-    group = parser.add_argument_group("SBGM")
-    group.add_argument("--sde", choices=sorted(SDES), default="ve",
-                       help="forward SDE, variance exploding or preserving (default %(default)s: the "
-                            "better validation bound, 95.6 against 96.3 nats for vp with seed 0)")
-    group.add_argument("--output", choices=("levels", "eps"), default="levels",
-                       help="network output: logits over the 17 values with the exact box posterior, "
-                            "or eps directly (default %(default)s)")
-    group.add_argument("--hidden", type=common.positive_int, default=256,
-                       help="width of the residual MLP (default %(default)s)")
-    group.add_argument("--blocks", type=common.positive_int, default=3,
-                       help="residual blocks of the MLP (default %(default)s)")
-    group.add_argument("--dropout", type=common.unit_interval, default=0.0,
-                       help="dropout in each residual block (default %(default)s)")
-    group.add_argument("--t-eps", type=common.positive_float, default=1e-5,
-                       help="smallest time of the bound, the likelihood and the samplers (default %(default)s)")
-    group.add_argument("--ode-steps", type=common.positive_int, default=None,
-                       help="RK4 steps of the likelihood ODE (default 32; 4 with --quick)")
-    group.add_argument("--divergence", choices=("hutchinson", "exact"), default="hutchinson",
-                       help="divergence in the likelihood ODE: Hutchinson's unbiased estimate, or exact "
-                            "(64 derivatives per evaluation, ~15x slower) (default %(default)s)")
-    group.add_argument("--sampler", choices=("ode", "sde"), default="ode",
-                       help="probability-flow ODE (Heun) or reverse-time SDE (Euler-Maruyama) (default %(default)s)")
-    group.add_argument("--sample-steps", type=common.positive_int, default=None,
-                       help="sampler steps (default 50 for ode, 250 for sde; 10 and 20 with --quick)")
-    group.add_argument("--corrector-steps", type=common.nonnegative_int, default=0,
-                       help="Langevin corrector steps per reverse-SDE step (default %(default)s)")
-    group.add_argument("--snr", type=common.positive_float, default=0.16,
-                       help="signal-to-noise ratio of the Langevin corrector (default %(default)s)")
+    common.add_options(parser, "SBGM", SBGMConfig)
+    common.add_options(parser, "SBGM likelihood and sampling (free to change with --sample-only)", SBGMSampling)
     args = common.parse_args(parser, argv)
-    if args.t_eps >= 1:
-        parser.error(f"argument --t-eps: expected a number in (0, 1), got {args.t_eps}")
-    config = dict(sde=args.sde, output=args.output, hidden=args.hidden, blocks=args.blocks,
-                  dropout=args.dropout, t_eps=args.t_eps)
-    # the evaluation and sampler settings are no part of the checkpoint's configuration:
-    # --sample-only may pick others
-    default_steps = dict(ode=(10, 50), sde=(20, 250))[args.sampler][0 if args.quick else 1]
-    settings = dict(ode_steps=args.ode_steps or (4 if args.quick else 32), divergence=args.divergence,
-                    sampler=args.sampler, sample_steps=args.sample_steps or default_steps,
-                    corrector_steps=args.corrector_steps, snr=args.snr)
-    common.run(args, build_model=lambda: SBGM(**config, **settings), config=config)
+    config, sampling = common.options_from(args, SBGMConfig), common.options_from(args, SBGMSampling)
+    if config.t_eps >= 1:
+        parser.error(f"argument --t-eps: expected a number in (0, 1), got {config.t_eps}")
+    if sampling.sample_steps is None and args.quick:  # otherwise SBGM fills in SAMPLE_STEPS
+        sampling = dataclasses.replace(sampling, sample_steps=QUICK_SAMPLE_STEPS[sampling.sampler])
+    common.run(args, SBGM, config, sampling)
 
 
 if __name__ == "__main__":

@@ -30,6 +30,7 @@ Run:  python score_matching.py            # defaults, writes results/ScM_*
       python score_matching.py --help
 """
 
+import dataclasses
 import math
 
 import torch
@@ -106,17 +107,56 @@ class ScoreNet(nn.Module):
         return self.out(F.silu(self.out_norm(h)))
 
 
-class ScoreMatching(nn.Module):
+# defaults that depend on the number of levels, chosen by sample quality on the validation split:
+# several levels (NCSN), or one level at intro_dgm's sigma = 0.1 with a relative step
+# alpha / sigma^2 = 0.1 and as many Langevin steps in all (500)
+DEFAULTS = dict(sigma_min=0.01, langevin_steps=50, step_size=7e-6)
+SINGLE_LEVEL = dict(sigma_min=0.1, langevin_steps=500, step_size=1e-3)
+
+
+@dataclasses.dataclass(frozen=True)
+class ScMConfig:
+    hidden: int = common.option(256, "width of the score network", type=common.positive_int)
+    blocks: int = common.option(2, "residual blocks of the score network", type=common.positive_int)
+    noise_levels: int = common.option(10, "number L of noise levels, geometric from --sigma-max to --sigma-min",
+                                      type=common.positive_int)
+    sigma_max: float = common.option(2.0, "largest noise level on the [-1, 1] pixel scale", type=common.positive_float)
+    sigma_min: float = common.option(
+        None, "smallest noise level, the one sampling ends at; the only one with a single level "
+        f"(default {DEFAULTS['sigma_min']}; {SINGLE_LEVEL['sigma_min']} with one level)", type=common.positive_float)
+
+
+@dataclasses.dataclass(frozen=True)
+class ScMSampling:
+    langevin_steps: int = common.option(
+        None, f"Langevin steps T per noise level (default {DEFAULTS['langevin_steps']}; "
+        f"{SINGLE_LEVEL['langevin_steps']} with one level; at most 5 with --quick)", type=common.positive_int)
+    step_size: float = common.option(
+        None, "eps: the Langevin step at level i is eps * sigma_i^2 / sigma_L^2 "
+        f"(default {DEFAULTS['step_size']}; {SINGLE_LEVEL['step_size']} with one level)", type=common.positive_float)
+    denoise: bool = common.option(True, "skip the final denoising step x + sigma_L^2 s(x, sigma_L)")
+
+
+def with_level_defaults(config, sampling):
+    """config and sampling with the fields left None filled from DEFAULTS or SINGLE_LEVEL."""
+    table = SINGLE_LEVEL if config.noise_levels == 1 else DEFAULTS
+    fill = lambda settings: dataclasses.replace(settings, **{  # noqa: E731
+        f.name: table[f.name] for f in dataclasses.fields(settings) if getattr(settings, f.name) is None})
+    return fill(config), fill(sampling)
+
+
+class ScoreMatching(common.DigitsModel):
     name = "ScM"
     nll_kind = None
     objective = "DSM loss (sigma^2-weighted, per image)"
+    Config, Sampling = ScMConfig, ScMSampling
 
-    def __init__(self, dim=common.NUM_PIXELS, hidden=256, blocks=2, noise_levels=10, sigma_max=2.0,
-                 sigma_min=0.01, langevin_steps=50, step_size=7e-6, denoise=True):
-        super().__init__()
-        self.dim, self.langevin_steps, self.step_size, self.denoise = dim, langevin_steps, step_size, denoise
-        self.register_buffer("sigmas", geometric_sigmas(sigma_max, sigma_min, noise_levels))  # (L,)
-        self.net = ScoreNet(dim, noise_levels, hidden, blocks)
+    def __init__(self, config=None, sampling=None, dim=common.NUM_PIXELS):
+        config, sampling = with_level_defaults(config or ScMConfig(), sampling or ScMSampling())
+        super().__init__(config, sampling)
+        self.dim = dim
+        self.register_buffer("sigmas", geometric_sigmas(config.sigma_max, config.sigma_min, config.noise_levels))
+        self.net = ScoreNet(dim, config.noise_levels, config.hidden, config.blocks)
 
     def score(self, x, levels):
         """s(x, sigma_i) ~ grad_x log p_sigma_i(x): (B, D), (B,) level indices -> (B, D)."""
@@ -150,10 +190,9 @@ class ScoreMatching(nn.Module):
 
     @torch.no_grad()
     def extra_metrics(self, splits):
-        generator = torch.Generator(device=self.sigmas.device).manual_seed(0)  # fixed noise
+        generator = torch.Generator(device=self.device).manual_seed(0)  # fixed noise
         test = splits["test"]
-        per_level = torch.stack([self.loss_per_level(test[i:i + 512], generator) * len(test[i:i + 512])
-                                 for i in range(0, len(test), 512)]).sum(0) / len(test)
+        per_level = common.batched(lambda x: self.loss_per_level(x, generator)[None] * len(x), test).sum(0) / len(test)
         return dict(
             test_dsm_loss=per_level.mean().item(),
             test_dsm_loss_per_level=[round(v, 4) for v in per_level.tolist()],
@@ -166,8 +205,9 @@ class ScoreMatching(nn.Module):
 
     @torch.no_grad()
     def sample(self, n):
-        x = torch.rand(n, self.dim, device=self.sigmas.device) * 2 - 1  # uniform on [-1, 1]^D
-        y = annealed_langevin(self.score, x, self.sigmas, self.langevin_steps, self.step_size, self.denoise)
+        x = torch.rand(n, self.dim, device=self.device) * 2 - 1  # uniform on [-1, 1]^D
+        s = self.sampling
+        y = annealed_langevin(self.score, x, self.sigmas, s.langevin_steps, s.step_size, s.denoise)
         return common.pm1_to_pixels(y)
 
 
@@ -175,51 +215,24 @@ class ScoreMatching(nn.Module):
 # command line
 
 
-# sampler defaults, chosen by sample quality on the validation split: several levels (NCSN), or one
-# level at intro_dgm's sigma = 0.1 with a relative step alpha / sigma^2 = 0.1 and as many Langevin
-# steps in all (500)
-DEFAULTS = dict(sigma_min=0.01, langevin_steps=50, step_size=7e-6)
-SINGLE_LEVEL = dict(sigma_min=0.1, langevin_steps=500, step_size=1e-3)
-
-
 def main(argv=None):
     parser = common.make_parser(__file__, __doc__, epochs=700, batch_size=64, lr=1e-3, patience=50,
                                 ema=0.999, gif_every=50)
-    group = parser.add_argument_group("ScM")
-    group.add_argument("--hidden", type=common.positive_int, default=256,
-                       help="width of the score network (default %(default)s)")
-    group.add_argument("--blocks", type=common.positive_int, default=2,
-                       help="residual blocks of the score network (default %(default)s)")
-    group.add_argument("--noise-levels", type=common.positive_int, default=10,
-                       help="number L of noise levels, geometric from --sigma-max to --sigma-min "
-                            "(default %(default)s)")
-    group.add_argument("--single-level", action="store_true",
-                       help="one noise level and plain Langevin dynamics (intro_dgm's model); the same "
-                            "as --noise-levels 1")
-    group.add_argument("--sigma-max", type=common.positive_float, default=2.0,
-                       help="largest noise level on the [-1, 1] pixel scale (default %(default)s)")
-    group.add_argument("--sigma-min", type=common.positive_float, default=None,
-                       help="smallest noise level, the one sampling ends at; the only one with a single "
-                            f"level (default {DEFAULTS['sigma_min']}; {SINGLE_LEVEL['sigma_min']} with one level)")
-    group.add_argument("--langevin-steps", type=common.positive_int, default=None,
-                       help=f"Langevin steps T per noise level (default {DEFAULTS['langevin_steps']}; "
-                            f"{SINGLE_LEVEL['langevin_steps']} with one level; at most 5 with --quick)")
-    group.add_argument("--step-size", type=common.positive_float, default=None,
-                       help="eps: the Langevin step at level i is eps * sigma_i^2 / sigma_L^2 "
-                            f"(default {DEFAULTS['step_size']}; {SINGLE_LEVEL['step_size']} with one level)")
-    group.add_argument("--no-denoise", action="store_true",
-                       help="skip the final denoising step x + sigma_L^2 s(x, sigma_L)")
+    common.add_options(parser, "ScM", ScMConfig)
+    parser.add_argument_group("ScM").add_argument(
+        "--single-level", action="store_true",
+        help="one noise level and plain Langevin dynamics (intro_dgm's model); the same as --noise-levels 1")
+    common.add_options(parser, "ScM sampling (free to change with --sample-only)", ScMSampling)
     args = common.parse_args(parser, argv)
-    noise_levels = 1 if args.single_level else args.noise_levels
-    sampler = {k: getattr(args, k) if getattr(args, k) is not None else v
-               for k, v in (SINGLE_LEVEL if noise_levels == 1 else DEFAULTS).items()}
-    if noise_levels > 1 and args.sigma_max <= sampler["sigma_min"]:
-        parser.error(f"--sigma-max ({args.sigma_max}) must be larger than --sigma-min ({sampler['sigma_min']})")
+    config = common.options_from(args, ScMConfig)
+    if args.single_level:
+        config = dataclasses.replace(config, noise_levels=1)
+    config, sampling = with_level_defaults(config, common.options_from(args, ScMSampling))
+    if config.noise_levels > 1 and config.sigma_max <= config.sigma_min:
+        parser.error(f"--sigma-max ({config.sigma_max}) must be larger than --sigma-min ({config.sigma_min})")
     if args.quick:
-        sampler["langevin_steps"] = min(sampler["langevin_steps"], 5)
-    config = dict(hidden=args.hidden, blocks=args.blocks, noise_levels=noise_levels,
-                  sigma_max=args.sigma_max, **sampler, denoise=not args.no_denoise)
-    common.run(args, build_model=lambda: ScoreMatching(**config), config=config)
+        sampling = dataclasses.replace(sampling, langevin_steps=min(sampling.langevin_steps, 5))
+    common.run(args, ScoreMatching, config, sampling)
 
 
 if __name__ == "__main__":

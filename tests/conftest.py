@@ -51,8 +51,12 @@ def check_outputs(out, name, nll_kind):
         assert metrics["test_bpd"] == pytest.approx(metrics["test_nll_nats"] / (64 * math.log(2)))
     assert metrics["epochs_run"] >= 1 and 1 <= metrics["best_epoch"] <= metrics["epochs_run"]
     assert metrics["train_seconds"] > 0 and metrics["sample_seconds"] > 0 and metrics["num_params"] > 0
-    checkpoint = torch.load(out / f"{name}.pt", map_location="cpu", weights_only=True)
-    assert checkpoint["model_name"] == name and checkpoint["epoch"] == metrics["epochs_run"]
+    weights = torch.load(out / f"{name}.pt", map_location="cpu", weights_only=True)
+    assert weights["model_name"] == name and weights["epoch"] == metrics["epochs_run"]
+    assert weights["kind"] == "weights" and common.weights_checksum(weights["weights"]) == weights["weights_sha256"]
+    assert "optimizer" not in weights and "frames" not in weights  # the small file that ships
+    resume = torch.load(out / f"{name}_resume.pt", map_location="cpu", weights_only=True)
+    assert resume["kind"] == "resume" and resume["state"]["epoch"] == metrics["epochs_run"]
     assert not list(out.glob(".*tmp*")), "temporary files left behind"
     return metrics
 

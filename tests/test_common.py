@@ -30,6 +30,10 @@ def history(out):
     return torch.load(Path(out) / "ARM.pt", weights_only=True)["history"]
 
 
+def resume_history(out):
+    return torch.load(Path(out) / "ARM_resume.pt", weights_only=True)["state"]["history"]
+
+
 # --- data and transforms -------------------------------------------------------
 
 
@@ -117,7 +121,7 @@ def test_resumed_run_ends_with_the_same_losses_as_an_uninterrupted_one(tmp_path)
     straight, resumed = tmp_path / "straight", tmp_path / "resumed"
     assert run_main(arm_script.main, TINY + ["--epochs", "4", "--out", str(straight)]) == 0
     assert run_main(arm_script.main, TINY + ["--epochs", "2", "--out", str(resumed)]) == 0
-    assert len(history(resumed)["train"]) == 2
+    assert len(history(resumed)["train"]) == 2 == len(resume_history(resumed)["train"])
     assert run_main(arm_script.main, TINY + ["--epochs", "4", "--resume", "--out", str(resumed)]) == 0
     assert history(resumed) == history(straight)
     check_outputs(resumed, "ARM", "exact")
@@ -195,7 +199,7 @@ def test_sigint_checkpoints_writes_outputs_and_exits_130(tmp_path):
     deadline = time.time() + 300
     while time.time() < deadline:  # interrupt once two epochs are checkpointed (two GIF frames)
         time.sleep(0.2)
-        if (tmp_path / "ARM.pt").exists() and history(tmp_path)["train"][1:]:
+        if (tmp_path / "ARM_resume.pt").exists() and resume_history(tmp_path)["train"][1:]:
             break
     proc.send_signal(signal.SIGINT)
     stdout, stderr = proc.communicate(timeout=120)
@@ -221,7 +225,7 @@ def test_non_finite_loss_keeps_best_state_writes_outputs_exits_1(tmp_path, capsy
     metrics = check_outputs(tmp_path, "ARM", "exact")
     assert metrics["epochs_run"] == 2 and metrics["best_epoch"] in (1, 2)
     assert metrics["stopped"] == "non_finite"
-    best = torch.load(tmp_path / "ARM.pt", weights_only=True)["best_model"]
+    best = torch.load(tmp_path / "ARM.pt", weights_only=True)["weights"]
     assert all(torch.isfinite(v).all() for v in best.values() if v.is_floating_point())
 
 
@@ -251,10 +255,10 @@ FLAG_VALUES = {
     "--lr": st.sampled_from(["1e-3", "0", "-1", "inf", "nan", "x"]),
     "--patience": st.sampled_from(["1", "0", "x"]),
     "--ema": st.sampled_from(["0", "0.5", "1", "-0.1"]),
-    "--seed": st.sampled_from(["0", "7", "-1", "x"]),
+    "--seed": st.sampled_from(["0", "7", "-1", "x", str(2**64), str(2**31)]),
     "--device": st.sampled_from(["cpu", "auto", "gpu", ""]),
-    "--threads": st.sampled_from(["1", "0", "x"]),
-    "--num-samples": st.sampled_from(["8", "0", "x"]),
+    "--threads": st.sampled_from(["1", "0", "x", "100000"]),
+    "--num-samples": st.sampled_from(["8", "0", "x", "1"]),
     "--gif-every": st.sampled_from(["1", "0"]),
     "--channels": st.sampled_from(["4", "0", "x"]),
     "--dropout": st.sampled_from(["0.1", "1", "-1"]),
@@ -278,3 +282,29 @@ def test_random_arguments_end_in_exit_0_or_2_never_a_traceback(flags, switches, 
     assert "Traceback" not in err
     if code == 2:
         assert "error:" in err
+
+
+def test_resume_needs_the_training_checkpoint_and_the_same_training_flags(tmp_path, capsys):
+    """The weights file alone (a fresh clone) is enough for --sample-only, not for --resume; and
+    --resume with another learning rate or batch size is refused instead of recorded."""
+    assert run_main(arm_script.main, TINY + ["--epochs", "1", "--out", str(tmp_path)]) == 0
+    capsys.readouterr()
+    for flags, words in ((["--lr", "0.5"], "--lr 0.002 (checkpoint) vs 0.5 (now)"),
+                         (["--batch-size", "7"], "--batch-size 64 (checkpoint) vs 7 (now)")):
+        assert run_main(arm_script.main, TINY + ["--epochs", "2", "--resume", *flags, "--out", str(tmp_path)]) == 2
+        err = capsys.readouterr().err.strip()
+        assert words in err and len(err.splitlines()) == 1, err
+    assert len(history(tmp_path)["train"]) == 1  # nothing was trained or overwritten
+    (tmp_path / "ARM_resume.pt").unlink()
+    assert run_main(arm_script.main, TINY + ["--epochs", "2", "--resume", "--out", str(tmp_path)]) == 2
+    err = capsys.readouterr().err.strip()
+    assert "ARM_resume.pt" in err and "weights only" in err and len(err.splitlines()) == 1
+    assert run_main(arm_script.main, TINY + ["--sample-only", "--out", str(tmp_path)]) == 0
+
+
+def test_one_sample_is_written_without_a_frechet_distance(tmp_path):
+    """A covariance needs two samples: with one, the distance is null instead of a crash."""
+    assert run_main(arm_script.main, TINY + ["--num-samples", "1", "--out", str(tmp_path)]) == 0
+    metrics = json.loads((tmp_path / "ARM_metrics.json").read_text())
+    assert metrics["frechet_distance"] is None and 0 <= metrics["copy_rate"] <= 1
+    assert np.load(tmp_path / "ARM_samples.npy").shape == (1, 64)

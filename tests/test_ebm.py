@@ -21,7 +21,7 @@ TINY = ["--quick", "--no-progress", "--hidden", "16", "--layers", "1", "--buffer
 def tiny_ebm(**overrides):
     torch.manual_seed(0)
     config = dict(hidden=16, layers=2, sgld_steps=3, sample_steps=3, buffer_size=50)
-    return EBM(**{**config, **overrides})
+    return EBM.build(**{**config, **overrides})
 
 
 # --- SGLD ------------------------------------------------------------------------
@@ -117,7 +117,7 @@ def test_loss_is_contrastive_divergence_plus_regulariser_plus_cross_entropy():
     model.buffer.chains.copy_(point.expand(50, 64))
     pixels, labels = common.load_digits_arrays()
     x, labels = torch.from_numpy(pixels[:8]), torch.from_numpy(labels[:8])
-    negative = sgld(model.energy, point[None], 1, model.step_size, 0.0, bounds=(-1.0, 1.0))
+    negative = sgld(model.energy, point[None], 1, model.config.step_size, 0.0, bounds=(-1.0, 1.0))
     e_data, e_neg = model.energy(common.pixels_to_pm1(x)), model.energy(negative)
     expected = (e_data.mean() - e_neg.mean() + 0.3 * ((e_data ** 2).mean() + (e_neg ** 2).mean())
                 + F.cross_entropy(model.logits(common.pixels_to_pm1(x)), labels))

@@ -1,6 +1,7 @@
 """RealNVP: invertibility, log-determinants against autograd Jacobians, a density that integrates
 to one, the dequantization bound, and a smoke test of the script (with --sample-only)."""
 
+import dataclasses
 import json
 import math
 
@@ -24,9 +25,9 @@ def randomised(model, seed=0, std=0.3):
     return model.eval()
 
 
-def tiny_flow(dim=common.NUM_PIXELS, masks="random", seed=0, **overrides):
-    config = dict(num_couplings=4, hidden=16, layers=2, dropout=0.0, masks=masks, dim=dim, **overrides)
-    return randomised(RealNVP(**config).double(), seed)
+def tiny_flow(dim=common.NUM_PIXELS, masks="random", seed=0, nll_draws=10, **overrides):
+    config = RealNVP.Config(num_couplings=4, hidden=16, layers=2, dropout=0.0, masks=masks, **overrides)
+    return randomised(RealNVP(config, RealNVP.Sampling(nll_draws=nll_draws), dim=dim).double(), seed)
 
 
 def pixels_in_range(n, seed=0):
@@ -56,7 +57,7 @@ def test_masks_alternate_so_that_every_pixel_is_transformed():
 
 @pytest.mark.parametrize("masks", ["random", "checkerboard"])
 def test_inverse_of_forward_is_the_identity(masks):
-    model = randomised(RealNVP(num_couplings=6, hidden=32, dropout=0.0, masks=masks), std=0.15)  # float32
+    model = randomised(RealNVP.build(num_couplings=6, hidden=32, dropout=0.0, masks=masks), std=0.15)  # float32
     torch.manual_seed(1)
     h = torch.randn(64, 64) * 3  # random inputs to the couplings
     z, _ = model.flow(h)
@@ -186,7 +187,7 @@ def test_samples_are_pixel_values_and_temperature_zero_limit_is_the_mode_path():
     samples = model.sample(50)
     assert samples.shape == (50, 64)
     assert torch.equal(samples, samples.round()) and samples.min() >= 0 and samples.max() <= 16
-    model.temperature = 1e-6
+    model.sampling = dataclasses.replace(model.sampling, temperature=1e-6)
     cold = model.sample(3)
     assert torch.equal(cold, model.inverse(torch.zeros(3, 64)).floor().clamp(0, 16))
 
@@ -198,11 +199,11 @@ def test_smoke_every_output_and_sample_only_at_another_temperature(tmp_path):
     assert run_main(realnvp_script.main, TINY + ["--out", str(tmp_path)]) == 0
     metrics = check_outputs(tmp_path, "RealNVP", "upper_bound")
     assert metrics["test_nll_nats"] < 64 * math.log(17) * 1.5
-    assert metrics["nll_draws"] == 10 and metrics["temperature"] == 1.0
+    assert metrics["sampling"] == dict(nll_draws=10, temperature=1.0)
     assert run_main(realnvp_script.main, TINY + ["--out", str(tmp_path), "--sample-only",
                                                  "--temperature", "0.7", "--nll-draws", "2"]) == 0
     again = json.loads((tmp_path / "RealNVP_metrics.json").read_text())
-    assert again["temperature"] == 0.7 and again["nll_draws"] == 2
+    assert again["sampling"] == dict(nll_draws=2, temperature=0.7)
     assert again["epochs_run"] == metrics["epochs_run"]
 
 

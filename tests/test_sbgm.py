@@ -10,7 +10,7 @@ import torch
 import common
 import score_based_generative_model as sbgm_script
 from conftest import check_outputs, run_main
-from score_based_generative_model import (SBGM, VESDE, VPSDE, box_posterior_eps, eps_and_divergence,
+from score_based_generative_model import (SBGM, VESDE, VPSDE, box_posterior_eps,
                                           ode_log_likelihood, sample_probability_flow, sample_reverse_sde)
 
 SDES = dict(vp=VPSDE(), ve=VESDE())
@@ -96,10 +96,10 @@ def test_exact_and_hutchinson_divergence_match_the_analytic_trace(name):
     torch.manual_seed(0)
     z = torch.randn(3, d, dtype=torch.float64)
     t = torch.tensor([1e-3, 0.2, 0.7], dtype=torch.float64)
-    eps, exact = eps_and_divergence(eps_fn, z, t, "exact")
+    eps, exact = common.value_and_divergence(eps_fn, z, t, "exact")
     assert torch.allclose(eps, eps_fn(z, t)) and torch.allclose(exact, divergence(t), rtol=1e-10)
     probes = 4000  # Hutchinson: unbiased, its mean over probes converges to the trace
-    _, estimate = eps_and_divergence(eps_fn, z.repeat_interleave(probes, 0), t.repeat_interleave(probes), "hutchinson")
+    _, estimate = common.value_and_divergence(eps_fn, z.repeat_interleave(probes, 0), t.repeat_interleave(probes), "hutchinson")
     estimate = estimate.view(3, probes)
     standard_error = estimate.std(1) / math.sqrt(probes)
     assert ((estimate.mean(1) - divergence(t)).abs() < 4 * standard_error + 1e-9).all()
@@ -155,16 +155,16 @@ def test_untrained_levels_model_is_uniform_over_the_17_values(name):
     off). Each pixel's eps depends on that pixel only, so the Jacobian is diagonal and Hutchinson's
     r^T J r = sum_i J_ii r_i^2 is the exact divergence (and far cheaper than the exact path here)."""
     torch.manual_seed(0)
-    model = SBGM(sde=name, hidden=16, blocks=1, ode_steps=64, sample_steps=200).double().eval()
+    model = SBGM.build(sde=name, hidden=16, blocks=1, ode_steps=64, sample_steps=200).double().eval()
     x = common.load_splits(torch.device("cpu"), quick=True)["val"][:8].double()
     with torch.no_grad():
         bound = torch.stack([model.bound(x.repeat(250, 1)).mean() for _ in range(4)]).mean()
         samples = model.float().sample(400)
         model.double().sde = sde = EXACT_PRIOR_SDES[name]  # the output is 0: the net ignores the log-SNR range
         y = model.to_pm1(x)
-        log_p = ode_log_likelihood(lambda z, t: eps_and_divergence(model.eps, z, t, "hutchinson"), sde, y,
-                                   model.t_eps, model.ode_steps)
-    alpha, sigma = sde.marginal(torch.tensor(model.t_eps, dtype=torch.float64))
+        log_p = ode_log_likelihood(lambda z, t: common.value_and_divergence(model.eps, z, t, "hutchinson"), sde, y,
+                                   model.config.t_eps, model.sampling.ode_steps)
+    alpha, sigma = sde.marginal(torch.tensor(model.config.t_eps, dtype=torch.float64))
     half, normal = 17 / 16, torch.distributions.Normal(0.0, 1.0)
     per_pixel = (normal.cdf((y / alpha + half) * alpha / sigma) - normal.cdf((y / alpha - half) * alpha / sigma))
     exact = (per_pixel / (2 * half * alpha)).log().sum(1)  # (8,)

@@ -53,7 +53,7 @@ def test_dsm_loss_of_the_exact_score_is_the_analytic_minimum_and_an_error_costs_
 def test_zero_score_network_gives_half_the_dimension():
     """With the network's output layer zeroed, s = 0 and every level's loss is E|z|^2 / 2 = 32."""
     torch.manual_seed(0)
-    model = ScoreMatching(hidden=16, blocks=1)
+    model = ScoreMatching.build(hidden=16, blocks=1)
     torch.nn.init.zeros_(model.net.out.weight)
     torch.nn.init.zeros_(model.net.out.bias)
     x = torch.randint(0, 17, (2000, 64)).float()
@@ -71,7 +71,7 @@ def test_learned_score_matches_the_analytic_score_of_gaussian_data():
     mu = torch.tensor([0.4, -0.2])
     cov = torch.tensor([[0.30, 0.12], [0.12, 0.10]])
     chol = torch.linalg.cholesky(cov)
-    model = ScoreMatching(dim=2, hidden=32, blocks=2, noise_levels=3, sigma_max=1.0, sigma_min=0.1)
+    model = ScoreMatching(ScoreMatching.Config(hidden=32, blocks=2, noise_levels=3, sigma_max=1.0, sigma_min=0.1), dim=2)
     optimizer = torch.optim.Adam(model.parameters(), lr=1e-2)
     scheduler = torch.optim.lr_scheduler.CosineAnnealingLR(optimizer, 300)
     for _ in range(300):
@@ -140,16 +140,26 @@ def test_smoke_every_output(tmp_path):
     assert metrics["test_dsm_loss"] == pytest.approx(sum(metrics["test_dsm_loss_per_level"]) / 10, rel=1e-3)
     assert "nll" not in json.dumps({k: v for k, v in metrics.items() if "dsm" in k}).lower()
     assert metrics["sigmas"][0] == pytest.approx(2.0) and metrics["sigmas"][-1] == pytest.approx(0.01)
-    assert metrics["config"]["langevin_steps"] == 5  # --quick shrinks the sampler
+    assert metrics["sampling"]["langevin_steps"] == 5  # --quick shrinks the sampler
 
 
 def test_single_level_flag(tmp_path):
     assert run_main(scm_script.main, [*TINY, "--single-level", "--out", str(tmp_path)]) == 0
     metrics = check_outputs(tmp_path, "ScM", None)
     assert metrics["sigmas"] == pytest.approx([0.1]) and metrics["config"]["noise_levels"] == 1
-    assert metrics["config"]["step_size"] == scm_script.SINGLE_LEVEL["step_size"]
+    assert metrics["sampling"]["step_size"] == scm_script.SINGLE_LEVEL["step_size"]
 
 
 def test_sigma_range_is_checked(tmp_path):
     assert run_main(scm_script.main, [*TINY, "--sigma-max", "0.01", "--sigma-min", "0.1",
                                       "--out", str(tmp_path)]) == 2
+
+
+def test_sample_only_takes_other_langevin_settings_on_the_same_weights(tmp_path):
+    """Sampler settings are not part of the stored configuration: --sample-only may change them."""
+    assert run_main(scm_script.main, [*TINY, "--out", str(tmp_path)]) == 0
+    assert run_main(scm_script.main, [*TINY, "--out", str(tmp_path), "--sample-only", "--langevin-steps", "3",
+                                      "--step-size", "1e-5", "--no-denoise"]) == 0
+    metrics = json.loads((tmp_path / "ScM_metrics.json").read_text())
+    assert metrics["sampling"] == dict(langevin_steps=3, step_size=1e-5, denoise=False)
+    assert "langevin_steps" not in metrics["config"] and metrics["stopped"] == "sample_only"
