@@ -81,7 +81,14 @@ class ReplayBuffer(nn.Module):
         return index, start
 
     def store(self, index, x):
-        self.chains[index] = x.detach()
+        """Write chains back; a chain drawn twice in one batch keeps its last copy. (Plain
+        chains[index] = x with repeated indices leaves it to the threads which copy lands last,
+        so two runs with the same seed differed.)"""
+        order = torch.arange(len(index), device=index.device)
+        last = torch.full((len(self.chains),), -1, dtype=torch.long, device=index.device)
+        last = last.scatter_reduce(0, index, order, reduce="amax")  # (size,) last position drawing each chain
+        keep = last[index] == order
+        self.chains[index[keep]] = x.detach()[keep]
 
 
 # -----------------------------------------------------------------------------

@@ -91,6 +91,9 @@ def test_replay_buffer_keeps_its_size_and_restarts_at_its_rate():
     index = torch.tensor([3, 7])
     buffer.store(index, torch.zeros(2, 64))
     assert (buffer.chains[index] == 0).all() and (buffer.chains[[0, 1, 2]] == 5.0).all()
+    repeated = torch.tensor([4, 9, 4, 4, 9])  # a chain drawn several times keeps the last copy
+    buffer.store(repeated, torch.arange(5.0)[:, None].expand(5, 64))
+    assert (buffer.chains[4] == 3.0).all() and (buffer.chains[9] == 4.0).all()
     buffer.reinit_freq = 0.0
     assert (buffer.draw(200)[1].abs() == 5.0).sum() >= 190 * 64  # no restarts at rate 0
 
