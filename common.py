@@ -460,6 +460,23 @@ def atomic_write(path, write):
             tmp.unlink()
 
 
+def remove_stale_temporaries(folder):
+    """Delete the temporary files atomic_write left behind in `folder` when a process was killed
+    (SIGKILL) mid-write: names .STEM.tmpPID.SUFFIX whose process no longer runs."""
+    import re
+
+    for path in Path(folder).glob(".*.tmp*"):
+        match = re.search(r"\.tmp(\d+)", path.name)
+        if not match or int(match.group(1)) == os.getpid():
+            continue
+        try:
+            os.kill(int(match.group(1)), 0)  # raises if no such process
+        except ProcessLookupError:
+            path.unlink(missing_ok=True)
+        except (PermissionError, OverflowError):  # another user's process is alive; a bogus pid is not
+            pass
+
+
 def code_fingerprint(script):
     """sha256 of a script and common.py: tells whether results come from the current code."""
     import hashlib
@@ -861,6 +878,10 @@ def validate(model, splits, seed, device, cache_dir):
         return batched_mean(model.eval_loss, splits["val"])
 
 
+class StopNow(BaseException):
+    """A second SIGINT/SIGTERM: leave at once, writing nothing more (no `except Exception` stops it)."""
+
+
 class _Signals:
     """SIGINT/SIGTERM raise KeyboardInterrupt while training; while outputs are written they are
     only recorded, so that every output is completed before the process exits with 130."""
@@ -874,6 +895,8 @@ class _Signals:
         raise KeyboardInterrupt
 
     def _record(self, signum, frame):
+        if self.received:  # a second signal: stop at once; every file on disk is whole
+            raise StopNow
         self.received = True
 
     def _install(self, handler):
@@ -996,10 +1019,18 @@ def run(args, model_class, config, sampling=None):
     exits 2 on bad input, 1 on a non-finite loss, 130 when interrupted, returns normally otherwise."""
     signals = _Signals()
     try:
+        signals.raising()  # the first signal stops training, or any other phase, at once
         code = _run(args, model_class, config, sampling, signals)
     except UsageError as error:
         print(f"{args.prog}: error: {error}", file=sys.stderr)
         code = EXIT_USAGE
+    except OSError as error:  # a failed write: the files written before it, and the old ones, are whole
+        print(f"{args.prog}: error: could not write {error.filename or args.out} "
+              f"({error.strerror or error}); files already written are whole", file=sys.stderr)
+        code = EXIT_USAGE
+    except (KeyboardInterrupt, StopNow):
+        print(f"{args.prog}: interrupted; files already written are whole", file=sys.stderr)
+        code = EXIT_INTERRUPTED
     finally:
         signals.restore()
     if code:
@@ -1027,6 +1058,7 @@ def output_paths(out, name):
 def _run(args, model_class, config, sampling, signals):
     out = Path(args.out)
     _check_out(out)
+    remove_stale_temporaries(out)
     device = choose_device(args.device)
     torch.set_num_threads(args.threads)
     set_seed(args.seed)
@@ -1081,16 +1113,17 @@ def _run(args, model_class, config, sampling, signals):
                                     for s, e in zip(state.frames, state.frame_epochs)])
     load_weights_into(model, state.best_weights, paths["weights"])
     model.eval()
-    metrics = _final_outputs(model, splits, args, device, paths, state, reason)
+    signals.deferred()
+    metrics = _final_outputs(model, splits, args, device, paths, state, reason, signals)
     print(json.dumps(_finite_or_none({k: metrics[k] for k in (
         "model", "test_nll_nats", "test_bpd", "nll_kind", "epochs_run", "best_epoch",
         "train_seconds", "sample_seconds")})))
-    if reason == "interrupted" or signals.received:
+    if metrics["interrupted"]:  # exit status and metrics agree; a signal after this point changes neither
         return EXIT_INTERRUPTED
     return EXIT_NONFINITE if reason == "non_finite" else 0
 
 
-def _final_outputs(model, splits, args, device, paths, state, reason):
+def _final_outputs(model, splits, args, device, paths, state, reason, signals):
     """Evaluate the best state on the test split and write samples, images and metrics."""
     out, name = Path(args.out), model.name
     test_nll, nll_seconds = None, dict(wall=None, cpu=None)
@@ -1104,7 +1137,8 @@ def _final_outputs(model, splits, args, device, paths, state, reason):
     with timed(device) as sample_seconds:
         samples = draw_samples(model, args.num_samples, args.seed + 4, device).cpu()
     other_samplers = {}
-    for sampler_name, sampler in model.samplers().items():  # each timed and scored like the main one
+    # each other sampler timed and scored like the main one; skipped after an interrupt, to be quick
+    for sampler_name, sampler in ({} if reason == "interrupted" else model.samplers()).items():
         with timed(device) as seconds:
             other = draw_samples(model, args.num_samples, args.seed + 5, device, sampler=sampler).cpu()
         other_samplers[sampler_name] = dict(seconds=round(seconds["wall"], 3), cpu_seconds=round(seconds["cpu"], 3),
@@ -1121,7 +1155,7 @@ def _final_outputs(model, splits, args, device, paths, state, reason):
         nll_kind=model.nll_kind, epochs_run=state.epoch, best_epoch=state.best_epoch,
         best_val_objective=state.best_val if math.isfinite(state.best_val) else None,
         objective=model.objective, val_objective=model.val_objective or model.objective,
-        stopped=reason, interrupted=reason == "interrupted",
+        stopped=reason, interrupted=reason == "interrupted" or signals.received,
         train_seconds=round(state.train_seconds, 2), sample_seconds=round(sample_seconds["wall"], 3),
         # CPU seconds of this process: on a shared machine, wall time overstates the cost
         train_cpu_seconds=round(state.train_cpu_seconds, 2), sample_cpu_seconds=round(sample_seconds["cpu"], 3),
@@ -1136,5 +1170,6 @@ def _final_outputs(model, splits, args, device, paths, state, reason):
                          patience=args.patience, ema=args.ema),
         other_samplers=other_samplers, **extra)
     metrics.update(sample_quality(samples.numpy(), out))
+    metrics["interrupted"] = metrics["interrupted"] or signals.received
     save_json(paths["metrics"], metrics)
     return metrics

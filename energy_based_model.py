@@ -214,7 +214,7 @@ class EBM(common.DigitsModel):
 
 def main(argv=None):
     parser = common.make_parser(__file__, __doc__, epochs=150, batch_size=64, lr=1e-3, patience=30,
-                                gif_every=2)
+                                gif_every=5)
     common.add_options(parser, "EBM", EBMConfig)
     common.add_options(parser, "EBM sampling (free to change with --sample-only)", EBMSampling)
     args = common.parse_args(parser, argv)

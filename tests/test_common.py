@@ -308,3 +308,40 @@ def test_one_sample_is_written_without_a_frechet_distance(tmp_path):
     metrics = json.loads((tmp_path / "ARM_metrics.json").read_text())
     assert metrics["frechet_distance"] is None and 0 <= metrics["copy_rate"] <= 1
     assert np.load(tmp_path / "ARM_samples.npy").shape == (1, 64)
+
+
+def test_stale_temporary_files_of_dead_processes_are_removed_at_start(tmp_path):
+    stale = tmp_path / ".ARM_metrics.tmp999999999.json"  # no such process
+    stale.write_text('{"trunc')
+    mine = tmp_path / f".x.tmp{os.getpid()}.json"  # a live process's: left alone
+    mine.write_text("{}")
+    assert run_main(arm_script.main, TINY + ["--epochs", "1", "--out", str(tmp_path)]) == 0
+    assert not stale.exists() and mine.exists()
+
+
+def test_a_failed_write_is_one_line_and_exit_2(tmp_path, capsys, monkeypatch):
+    def refuse(path, data):
+        raise PermissionError(13, "Permission denied", str(path))
+
+    monkeypatch.setattr(common, "save_json", refuse)
+    assert run_main(arm_script.main, TINY + ["--epochs", "1", "--out", str(tmp_path)]) == 2
+    err = capsys.readouterr().err.strip()
+    assert "ARM_metrics.json" in err and "Permission denied" in err and len(err.splitlines()) == 1
+    check = json.loads  # the weights written before the failure are whole
+    assert torch.load(tmp_path / "ARM.pt", weights_only=True)["epoch"] == 1 and check("{}") == {}
+
+
+def test_sigint_during_sample_only_is_one_line_and_exit_130(tmp_path):
+    assert run_main(arm_script.main, TINY + ["--epochs", "1", "--out", str(tmp_path)]) == 0
+    env = dict(os.environ, PYTHONPATH=str(ROOT))
+    proc = subprocess.Popen([sys.executable, str(ROOT / "autoregressive_model.py"), *TINY, "--threads", "1",
+                             "--sample-only", "--num-samples", "2000000", "--out", str(tmp_path)],
+                            env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    time.sleep(10)  # loading done, sampling under way (two million samples take minutes)
+    proc.send_signal(signal.SIGINT)
+    time.sleep(0.5)
+    proc.send_signal(signal.SIGINT)  # the second one stops at once
+    _, stderr = proc.communicate(timeout=60)
+    assert proc.returncode == 130 and "Traceback" not in stderr, stderr
+    assert "interrupted" in stderr.strip().splitlines()[-1]
+    assert not list(tmp_path.glob(".*tmp*"))
