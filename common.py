@@ -228,10 +228,10 @@ def parse_args(parser, argv=None):
 
 def option(default, help, *, type=None, choices=None, quick=None, flag=None):
     """A dataclass field that is also a flag: --name-with-dashes (or `flag`, a string or a tuple
-    of aliases), with help text and a
-    parser for the value. A bool defaulting to True becomes --no-NAME, one defaulting to False
-    --NAME. quick: the value --quick uses when the flag is not given. A default of None means the
-    script resolves it from other flags (the help says how)."""
+    of aliases), with help text and a parser for the value (`type`, or `choices`). A bool that
+    defaults to True becomes --no-NAME, one that defaults to False --NAME. quick: the value
+    --quick uses when the flag is not given. A default of None means the script resolves it
+    from other flags (the help says how)."""
     return dataclasses.field(default=default, metadata=dict(
         help=help, type=type, choices=choices, quick=quick, flag=flag))
 
@@ -432,6 +432,14 @@ def synchronize(device):
         torch.mps.synchronize()
 
 
+def peak_memory_mb():
+    """Peak resident memory of this process so far, in MiB (Linux reports KiB, macOS bytes)."""
+    import resource
+
+    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    return peak / 2**20 if sys.platform == "darwin" else peak / 1024
+
+
 @contextlib.contextmanager
 def timed(device):
     """Wall and process-CPU seconds of a block, the device synchronised at both ends:
@@ -603,11 +611,12 @@ class TrainState:
     history: dict = dataclasses.field(default_factory=lambda: dict(train=[], val=[]))  # series -> per epoch
     train_seconds: float = 0.0
     train_cpu_seconds: float = 0.0
+    epoch_seconds: list = dataclasses.field(default_factory=list)  # wall seconds of each epoch
     frames: list = dataclasses.field(default_factory=list)  # (64, 64) samples drawn during training
     frame_epochs: list = dataclasses.field(default_factory=list)
     rng: dict = None  # RNG states at the end of the last epoch
 
-    SUMMARY = ("epoch", "best_epoch", "best_val", "history", "train_seconds", "train_cpu_seconds")
+    SUMMARY = ("epoch", "best_epoch", "best_val", "history", "train_seconds", "train_cpu_seconds", "epoch_seconds")
 
     def to_dict(self):
         return {field.name: getattr(self, field.name) for field in dataclasses.fields(self)}
@@ -991,6 +1000,7 @@ def train(model, splits, optimizer, ema, state, *, epochs, batch_size, patience,
                 for key, value in {**means, "val": val}.items():
                     state.history.setdefault(key, []).append(value)
                 state.train_seconds += seconds["wall"]
+                state.epoch_seconds.append(seconds["wall"])
                 state.train_cpu_seconds += seconds["cpu"]
                 state.epoch = epoch
                 state.rng = rng_state()
@@ -1157,6 +1167,8 @@ def _final_outputs(model, splits, args, device, paths, state, reason, signals):
         objective=model.objective, val_objective=model.val_objective or model.objective,
         stopped=reason, interrupted=reason == "interrupted" or signals.received,
         train_seconds=round(state.train_seconds, 2), sample_seconds=round(sample_seconds["wall"], 3),
+        train_seconds_to_best=round(sum(state.epoch_seconds[:state.best_epoch]), 2),
+        peak_memory_mb=round(peak_memory_mb(), 1),
         # CPU seconds of this process: on a shared machine, wall time overstates the cost
         train_cpu_seconds=round(state.train_cpu_seconds, 2), sample_cpu_seconds=round(sample_seconds["cpu"], 3),
         test_nll_seconds=nll_seconds["wall"] and round(nll_seconds["wall"], 2),
