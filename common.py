@@ -130,6 +130,14 @@ def dequantize(x):
     return x + torch.rand_like(x)
 
 
+def independent_pixel_log_probs(train):
+    """(64, 17) log p_i(v): the per-pixel independent categorical over 0..16 fitted on `train`
+    ((N, 64) pixels) with add-0.5 smoothing, the classical baseline of leaderboard.py and ood.py."""
+    train = np.asarray(train).round().astype(int)
+    counts = np.stack([np.bincount(train[:, i], minlength=NUM_LEVELS) for i in range(NUM_PIXELS)])
+    return np.log((counts + 0.5) / (len(train) + 0.5 * NUM_LEVELS))
+
+
 def nats_to_bpd(nats):
     """Nats per image -> bits per dimension on the 64 pixels."""
     return nats / (NUM_PIXELS * math.log(2))
@@ -165,14 +173,16 @@ seed_int = _number(int, lambda v: 0 <= v < 2**31, "an integer in [0, 2^31)")  # 
 thread_count = _number(int, lambda v: 1 <= v <= 256, "an integer from 1 to 256")
 
 
-class _Parser(argparse.ArgumentParser):
+class Parser(argparse.ArgumentParser):
+    """An argparse parser whose errors are one line and exit 2 (used by every script)."""
+
     def error(self, message):  # one line, exit 2 (argparse's default prints the whole usage)
         self.exit(EXIT_USAGE, f"{self.prog}: error: {message} (see --help)\n")
 
 
 def make_parser(script, doc, *, epochs, batch_size, lr, patience, ema=0.0, gif_every=1, num_samples=1000):
     """The flags every script shares; defaults are the script's own. script: its __file__."""
-    parser = _Parser(prog=Path(script).name, description=doc, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = Parser(prog=Path(script).name, description=doc, formatter_class=argparse.RawDescriptionHelpFormatter)
     train = parser.add_argument_group("training")
     train.add_argument("--epochs", type=positive_int, default=None,
                        help=f"maximum number of epochs (default {epochs}; 2 with --quick)")
@@ -1047,7 +1057,8 @@ def run(args, model_class, config, sampling=None):
         raise SystemExit(code)
 
 
-def _check_out(out):
+def check_out(out):
+    """--out must be a folder this process can write: UsageError (one line) otherwise."""
     if out.exists() and not out.is_dir():
         raise UsageError(f"--out {out} is a file, not a folder")
     try:
@@ -1067,7 +1078,7 @@ def output_paths(out, name):
 
 def _run(args, model_class, config, sampling, signals):
     out = Path(args.out)
-    _check_out(out)
+    check_out(out)
     remove_stale_temporaries(out)
     device = choose_device(args.device)
     torch.set_num_threads(args.threads)

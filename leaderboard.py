@@ -58,11 +58,10 @@ UNIFORM_NLL = common.NUM_PIXELS * math.log(common.NUM_LEVELS)  # 181.3 nats
 def independent_categorical(splits, num_samples, seed):
     """p(x) = prod_i p_i(x_i), each p_i a categorical over 0..16 with add-0.5 smoothing."""
     start = time.perf_counter()
-    train = splits["train"].astype(int)
-    counts = np.stack([np.bincount(train[:, i], minlength=common.NUM_LEVELS) for i in range(64)])
-    probs = (counts + 0.5) / (len(train) + 0.5 * common.NUM_LEVELS)  # (64, 17)
+    log_probs = common.independent_pixel_log_probs(splits["train"])  # (64, 17)
     test = splits["test"].astype(int)
-    nll = -np.log(probs[np.arange(64), test]).sum(1).mean()
+    nll = -log_probs[np.arange(64), test].sum(1).mean()
+    probs = np.exp(log_probs)
     fit_seconds = time.perf_counter() - start
     rng = np.random.default_rng(seed)
     start = time.perf_counter()
@@ -275,7 +274,7 @@ def threads_benchmark(out, thread_counts=(1, 2), epochs=5):
 
 
 def main(argv=None):
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = common.Parser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--out", type=Path, default=Path("results"),
                         help="folder of the model runs and of the leaderboard (default %(default)s)")
     parser.add_argument("--no-train", action="store_true",
