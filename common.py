@@ -588,8 +588,9 @@ def save_curve(path, history, best_epoch, name, objective, val_objective=None):
                        label=f"best epoch {best_epoch} (val {history['val'][best_epoch - 1]:.2f})")
     ax.set_xlabel("epoch")
     ax.set_ylabel(objective)
-    if val_objective:
-        val_ax.set_ylabel(f"validation: {val_objective}")
+    if val_objective:  # e.g. a Frechet distance that falls from hundreds to tens: log scale
+        val_ax.set_ylabel(f"validation: {val_objective}", fontsize=7)
+        val_ax.set_yscale("log")
     ax.set_title(f"{name}: training and validation objective")
     handles = [h for a in {ax, val_ax} for h in a.get_legend_handles_labels()[0]]
     ax.legend(handles=handles, fontsize=8)
