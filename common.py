@@ -86,15 +86,25 @@ def pm1_to_pixels(y):
     return ((y + 1) * 8).clamp(0, PIXEL_MAX)
 
 
-def log_normal_mass(lower, upper):
+def log_ndtr(x):
+    """log Phi(x), elementwise, accurate in both tails, from erfc and erfcx. Unlike
+    torch.special.log_ndtr it has a vmap batching rule (so jacfwd under vmap stays batched) and is
+    faster on CPU; the two agree to 1e-12 (tests/test_fm.py)."""
+    negative, positive = x.clamp(max=0), x.clamp(min=0)  # each branch sees only its own half: no inf
+    left = torch.log(0.5 * torch.special.erfcx(-negative / math.sqrt(2))) - 0.5 * negative**2
+    right = torch.log1p(-0.5 * torch.special.erfc(positive / math.sqrt(2)))
+    return torch.where(x < 0, left, right)
+
+
+def log_normal_mass(lower, upper, log_cdf=torch.special.log_ndtr):
     """log(Phi(upper) - Phi(lower)) for lower < upper (either may be infinite), elementwise and
     accurate in both tails: an interval above 0 is reflected, Phi(u) - Phi(l) = Phi(-l) - Phi(-u),
     so the difference is never that of two numbers near 1. The mass of a normal in a pixel's box
-    (DDPM's decoder, SBGM's box posterior)."""
+    (DDPM's decoder, SBGM's and FM's box posteriors). log_cdf: log Phi (log_ndtr under vmap)."""
     flip = (lower + upper) > 0  # nan-free: inf + finite; -inf + inf only for the full line
     a = torch.where(flip, -upper, lower)
     b = torch.where(flip, -lower, upper)
-    log_a, log_b = torch.special.log_ndtr(a), torch.special.log_ndtr(b)  # log_a <= log_b
+    log_a, log_b = log_cdf(a), log_cdf(b)  # log_a <= log_b
     # log Phi(b) + log(1 - Phi(a) / Phi(b))
     return log_b + torch.log(-torch.expm1((log_a - log_b).clamp(max=-1e-30)))
 
