@@ -29,6 +29,7 @@ from pathlib import Path
 
 import numpy as np
 import torch
+import torch.nn.functional as F
 from torch import nn
 
 NUM_PIXELS = 64  # 8 x 8 images
@@ -391,6 +392,51 @@ class DigitsModel(nn.Module):
         """name -> ((N, 64) pixels, images per row): written as OUT/NAME_name.png."""
         return {}
 
+
+
+# -----------------------------------------------------------------------------
+# a network more than one family uses
+
+
+class TimeResidualBlock(nn.Module):
+    """h <- h + W2 dropout(silu(W1 silu(LayerNorm(h)) + W_t e)), e the time embedding."""
+
+    def __init__(self, hidden, embed, dropout):
+        super().__init__()
+        self.norm = nn.LayerNorm(hidden)
+        self.fc1 = nn.Linear(hidden, hidden)
+        self.time = nn.Linear(embed, hidden)
+        self.dropout = nn.Dropout(dropout)
+        self.fc2 = nn.Linear(hidden, hidden)
+
+    def forward(self, h, e):  # h (B, H), e (B, E)
+        a = F.silu(self.fc1(F.silu(self.norm(h))) + self.time(e))
+        return h + self.fc2(self.dropout(a))
+
+
+class TimeResidualMLP(nn.Module):
+    """(x (B, 64), u (B,) a time in [0, 1]) -> (B, out): residual MLP blocks, time through Gaussian
+    Fourier features of u (Song et al. 2021) and an MLP. The output layer starts at zero. SBGM's
+    noise predictor and flow matching's velocity network."""
+
+    def __init__(self, hidden, blocks, out, dropout=0.0, embed=128, fourier_scale=16.0):
+        super().__init__()
+        self.register_buffer("frequencies", torch.randn(embed // 2) * fourier_scale)
+        self.embed = nn.Sequential(nn.Linear(embed, embed), nn.SiLU(), nn.Linear(embed, embed), nn.SiLU())
+        self.inp = nn.Linear(NUM_PIXELS, hidden)
+        self.blocks = nn.ModuleList(TimeResidualBlock(hidden, embed, dropout) for _ in range(blocks))
+        self.norm = nn.LayerNorm(hidden)
+        self.out = nn.Linear(hidden, out)
+        nn.init.zeros_(self.out.weight)
+        nn.init.zeros_(self.out.bias)
+
+    def forward(self, x, u):
+        angles = 2 * math.pi * u[:, None] * self.frequencies  # (B, E / 2)
+        e = self.embed(torch.cat([angles.sin(), angles.cos()], 1))  # (B, E)
+        h = self.inp(x)
+        for block in self.blocks:
+            h = block(h, e)
+        return self.out(F.silu(self.norm(h)))
 
 
 # -----------------------------------------------------------------------------

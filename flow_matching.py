@@ -90,46 +90,6 @@ def box_posterior(logits, x, t):
 
 
 # -----------------------------------------------------------------------------
-# the network
-
-
-class Block(nn.Module):
-    def __init__(self, hidden, embed, dropout):
-        super().__init__()
-        self.norm = nn.LayerNorm(hidden)
-        self.fc1 = nn.Linear(hidden, hidden)
-        self.time = nn.Linear(embed, hidden)
-        self.dropout = nn.Dropout(dropout)
-        self.fc2 = nn.Linear(hidden, hidden)
-
-    def forward(self, h, e):  # h (B, H), e (B, E)
-        return h + self.fc2(self.dropout(F.silu(self.fc1(F.silu(self.norm(h))) + self.time(e))))
-
-
-class ResidualMLP(nn.Module):
-    """(x (B, 64), u (B,) in [0, 1]) -> (B, out): residual MLP, time by Fourier features of u."""
-
-    def __init__(self, hidden, blocks, out, dropout=0.0, embed=128, fourier_scale=16.0):
-        super().__init__()
-        self.register_buffer("frequencies", torch.randn(embed // 2) * fourier_scale)
-        self.embed = nn.Sequential(nn.Linear(embed, embed), nn.SiLU(), nn.Linear(embed, embed), nn.SiLU())
-        self.inp = nn.Linear(common.NUM_PIXELS, hidden)
-        self.blocks = nn.ModuleList(Block(hidden, embed, dropout) for _ in range(blocks))
-        self.norm = nn.LayerNorm(hidden)
-        self.out = nn.Linear(hidden, out)
-        nn.init.zeros_(self.out.weight)  # starts at v = 0 (velocity) or uniform over the 17 values (levels)
-        nn.init.zeros_(self.out.bias)
-
-    def forward(self, x, u):
-        angles = 2 * math.pi * u[:, None] * self.frequencies  # (B, E / 2)
-        e = self.embed(torch.cat([angles.sin(), angles.cos()], 1))  # (B, E)
-        h = self.inp(x)
-        for block in self.blocks:
-            h = block(h, e)
-        return self.out(F.silu(self.norm(h)))
-
-
-# -----------------------------------------------------------------------------
 # ODE: likelihood by the exact change of variables, and few-step samplers
 # velocity(x, t) -> (B, 64) with x (B, 64), t (B,)
 
@@ -235,8 +195,8 @@ class FM(common.DigitsModel):
     def __init__(self, config=None, sampling=None):
         super().__init__(config, sampling)
         per_pixel = common.NUM_LEVELS if self.config.output == "levels" else 1
-        self.net = ResidualMLP(self.config.hidden, self.config.blocks, common.NUM_PIXELS * per_pixel,
-                               self.config.dropout)
+        self.net = common.TimeResidualMLP(self.config.hidden, self.config.blocks, common.NUM_PIXELS * per_pixel,
+                                          self.config.dropout)
         self.objective = ("variational bound (nats/image)" if self.config.time_sampling == "likelihood"
                           else "flow matching loss")
         ends = log_snr(torch.tensor([BOUND_T0, BOUND_T1], dtype=torch.float64))

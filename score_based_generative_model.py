@@ -136,44 +136,6 @@ def box_posterior_eps(logits, x_tilde, sigma_tilde):
     return (posterior * ratio).sum(-1)
 
 
-class ResidualBlock(nn.Module):
-    def __init__(self, hidden, embed, dropout):
-        super().__init__()
-        self.norm = nn.LayerNorm(hidden)
-        self.fc1 = nn.Linear(hidden, hidden)
-        self.time = nn.Linear(embed, hidden)
-        self.dropout = nn.Dropout(dropout)
-        self.fc2 = nn.Linear(hidden, hidden)
-
-    def forward(self, h, e):  # h (B, H), e (B, E)
-        a = F.silu(self.fc1(F.silu(self.norm(h))) + self.time(e))
-        return h + self.fc2(self.dropout(a))
-
-
-class NoiseMLP(nn.Module):
-    """(z scaled to unit variance, u = normalized log-SNR in [0, 1]) -> (B, 64 * out_per_pixel).
-    Time enters through Gaussian Fourier features of u (Song et al. 2021) and an MLP."""
-
-    def __init__(self, hidden, blocks, out_per_pixel, dropout=0.0, embed=128, fourier_scale=16.0):
-        super().__init__()
-        self.register_buffer("frequencies", torch.randn(embed // 2) * fourier_scale)
-        self.embed = nn.Sequential(nn.Linear(embed, embed), nn.SiLU(), nn.Linear(embed, embed), nn.SiLU())
-        self.inp = nn.Linear(common.NUM_PIXELS, hidden)
-        self.blocks = nn.ModuleList(ResidualBlock(hidden, embed, dropout) for _ in range(blocks))
-        self.norm = nn.LayerNorm(hidden)
-        self.out = nn.Linear(hidden, common.NUM_PIXELS * out_per_pixel)
-        nn.init.zeros_(self.out.weight)  # starts at eps = 0 (eps) or a uniform prior over the values (levels)
-        nn.init.zeros_(self.out.bias)
-
-    def forward(self, z, u):
-        angles = 2 * math.pi * u[:, None] * self.frequencies  # (B, E / 2)
-        e = self.embed(torch.cat([angles.sin(), angles.cos()], 1))  # (B, E)
-        h = self.inp(z)
-        for block in self.blocks:
-            h = block(h, e)
-        return self.out(F.silu(self.norm(h)))
-
-
 # -----------------------------------------------------------------------------
 # the probability-flow ODE (likelihood and sampler) and the reverse-time SDE sampler
 # eps_fn(z, t) -> (B, 64) is the noise predictor; t is a (B,) tensor
@@ -315,8 +277,10 @@ class SBGM(common.DigitsModel):
             self.sampling = dataclasses.replace(self.sampling, sample_steps=SAMPLE_STEPS[self.sampling.sampler])
         config = self.config
         self.sde = SDES[config.sde]()
-        self.net = NoiseMLP(config.hidden, config.blocks, common.NUM_LEVELS if config.output == "levels" else 1,
-                            config.dropout)
+        # (z scaled to unit variance, normalized log-SNR in [0, 1]) -> 64 x (17 logits or eps); starts
+        # at eps = 0 (eps) or a uniform prior over the values (levels)
+        per_pixel = common.NUM_LEVELS if config.output == "levels" else 1
+        self.net = common.TimeResidualMLP(config.hidden, config.blocks, common.NUM_PIXELS * per_pixel, config.dropout)
         ends = self.sde.log_snr(torch.tensor([config.t_eps, 1.0], dtype=torch.float64))
         self.lam_max, self.lam_min = float(ends[0]), float(ends[1])  # log-SNR range of the bound
 
