@@ -690,11 +690,22 @@ class TrainState:
 
     @classmethod
     def from_dict(cls, data, path):
-        """The inverse of to_dict (or, from a weights file, of its summary); missing keys: UsageError."""
+        """The inverse of to_dict (or, from a weights file, of its summary); a missing key or a
+        value of the wrong type is a one-line UsageError."""
         missing = [f.name for f in dataclasses.fields(cls) if f.name not in data and f.name in cls.SUMMARY]
         if missing:
             raise UsageError(f"{path} has an older or foreign layout (missing {', '.join(missing)})")
-        return cls(**{f.name: data[f.name] for f in dataclasses.fields(cls) if f.name in data})
+        state = cls(**{f.name: data[f.name] for f in dataclasses.fields(cls) if f.name in data})
+        expected = dict(epoch=int, best_epoch=int, best_val=(int, float), history=dict, train_seconds=(int, float),
+                        train_cpu_seconds=(int, float), epoch_seconds=list, best_weights=dict, frames=list,
+                        frame_epochs=list)
+        for key, kind in expected.items():
+            value = getattr(state, key)
+            if not isinstance(value, kind) or isinstance(value, bool):
+                raise UsageError(f"{path} is damaged: {key} is a {type(value).__name__}")
+        if not all(isinstance(v, list) for v in state.history.values()) or "train" not in state.history:
+            raise UsageError(f"{path} is damaged: history is not a dict of lists with a train series")
+        return state
 
 
 def weights_checksum(weights):
@@ -1127,6 +1138,39 @@ def check_out(out):
         raise UsageError(f"--out {out} can't be written ({error.strerror or error})") from None
 
 
+def shows_progress(args):
+    """Progress bars and phase lines go to stderr when it is a terminal, unless --no-progress."""
+    return not args.no_progress and sys.stderr.isatty()
+
+
+@contextlib.contextmanager
+def announced(text, enabled):
+    """A status line on stderr around a slow phase: "ARM: test NLL ... 4.2 s" (when enabled)."""
+    if enabled:
+        print(f"{text} ...", end="", file=sys.stderr, flush=True)
+    start = time.perf_counter()
+    yield
+    if enabled:
+        print(f" {time.perf_counter() - start:.1f} s", file=sys.stderr, flush=True)
+
+
+def summary(metrics, paths, out):
+    """The few lines a person reads at the end of a run: headline numbers, where the files went."""
+    m, nll = metrics, metrics["test_nll_nats"]
+    likelihood = (f"test NLL {nll:.2f} nats/image ({m['test_bpd']:.3f} bits/dim, {m['nll_kind'].replace('_', ' ')})"
+                  if nll is not None else "no likelihood")
+    frechet = "n/a" if m["frechet_distance"] is None else f"{m['frechet_distance']:.2f}"
+    state = "interrupted, " if m["interrupted"] else ""
+    extra = sorted(p.name for p in out.glob(f"{m['model']}_*.png") if p not in paths.values())
+    return "\n".join([
+        f"{m['model']}: {likelihood}; Frechet distance {frechet}, copy rate {m['copy_rate']:.3f}, "
+        f"coverage {m['class_coverage']:.3f}; {state}{m['epochs_run']} epochs (best {m['best_epoch']}), "
+        f"trained {m['train_seconds']:.0f} s, {m['num_samples']} samples in {m['sample_seconds']:.2f} s",
+        f"  weights {paths['weights']} (training state for --resume: {paths['resume']})",
+        f"  samples {paths['npy']}, {paths['grid']}; curve {paths['curve']}; GIF {paths['gif']}",
+        f"  metrics {paths['metrics']}" + (f"; also {', '.join(str(out / e) for e in extra)}" if extra else "")])
+
+
 def output_paths(out, name):
     return {kind: out / f"{name}{suffix}" for kind, suffix in dict(
         weights=".pt", resume="_resume.pt", curve="_loss_val_curve.png", gif="_training.gif",
@@ -1178,7 +1222,7 @@ def _run(args, model_class, config, sampling, signals):
     if not args.sample_only:
         reason = train(model, splits, optimizer, ema, state, epochs=args.epochs, batch_size=args.batch_size,
                        patience=args.patience, gif_every=args.gif_every, seed=args.seed, signals=signals,
-                       cache_dir=out, progress=not args.no_progress and sys.stderr.isatty(),
+                       cache_dir=out, progress=shows_progress(args),
                        checkpoint=lambda: save_resume(paths["resume"], name, config, train_flags, state,
                                                       model, optimizer, ema))
         if not state.history["train"]:
@@ -1196,6 +1240,7 @@ def _run(args, model_class, config, sampling, signals):
     print(json.dumps(_finite_or_none({k: metrics[k] for k in (
         "model", "test_nll_nats", "test_bpd", "nll_kind", "epochs_run", "best_epoch",
         "train_seconds", "sample_seconds")})))
+    print(summary(metrics, paths, out), file=sys.stderr)
     if metrics["interrupted"]:  # exit status and metrics agree; a signal after this point changes neither
         return EXIT_INTERRUPTED
     return EXIT_NONFINITE if reason == "non_finite" else 0
@@ -1203,21 +1248,23 @@ def _run(args, model_class, config, sampling, signals):
 
 def _final_outputs(model, splits, args, device, paths, state, reason, signals):
     """Evaluate the best state on the test split and write samples, images and metrics."""
-    out, name = Path(args.out), model.name
+    out, name, show = Path(args.out), model.name, shows_progress(args)
     test_nll, nll_seconds = None, dict(wall=None, cpu=None)
     if model.nll_kind:
-        with timed(device) as nll_seconds, seeded(args.seed + 3, device), torch.no_grad():
+        with announced(f"{name}: test NLL of {len(splits['test'])} images", show), timed(device) as nll_seconds, \
+                seeded(args.seed + 3, device), torch.no_grad():
             test_nll = float(batched(model.test_nll, splits["test"]).mean())
-    with seeded(args.seed + 5, device):
+    with announced(f"{name}: other metrics", show), seeded(args.seed + 5, device):
         extra = model.extra_metrics(splits)
         images = model.extra_images(splits)
 
-    with timed(device) as sample_seconds:
+    with announced(f"{name}: {args.num_samples} samples", show), timed(device) as sample_seconds:
         samples = draw_samples(model, args.num_samples, args.seed + 4, device).cpu()
     other_samplers = {}
     # each other sampler timed and scored like the main one; skipped after an interrupt, to be quick
     for sampler_name, sampler in ({} if reason == "interrupted" else model.samplers()).items():
-        with timed(device) as seconds:
+        with announced(f"{name}: {args.num_samples} samples, sampler {sampler_name}", show), \
+                timed(device) as seconds:
             other = draw_samples(model, args.num_samples, args.seed + 5, device, sampler=sampler).cpu()
         other_samplers[sampler_name] = dict(seconds=round(seconds["wall"], 3), cpu_seconds=round(seconds["cpu"], 3),
                                             frechet_distance=sample_quality(other.numpy(), out)["frechet_distance"])

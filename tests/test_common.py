@@ -163,6 +163,9 @@ class Payload:
     ("pickled_code", "refused"),
     ("other_model", "checkpoint of RealNVP"),
     ("other_config", "another configuration"),
+    ("old_layout", "older or foreign layout (missing epoch_seconds)"),
+    ("wrong_type", "damaged: best_val is a str"),
+    ("damaged_weights", "do not match their sha256"),
 ])
 def test_bad_checkpoints_exit_2_with_one_line(damage, words, tmp_path, capsys, monkeypatch):
     monkeypatch.chdir(tmp_path)
@@ -181,6 +184,15 @@ def test_bad_checkpoints_exit_2_with_one_line(damage, words, tmp_path, capsys, m
         torch.save(checkpoint, path)
     elif damage == "other_config":
         argv = [a if a != "8" else "16" for a in argv]
+    elif damage in ("old_layout", "wrong_type", "damaged_weights"):
+        checkpoint = torch.load(path, weights_only=True)
+        if damage == "old_layout":
+            del checkpoint["epoch_seconds"]
+        elif damage == "wrong_type":
+            checkpoint["best_val"] = "0.5"
+        else:
+            checkpoint["weights"]["head.bias"][3] *= 1.5  # bytes altered inside the tensor data
+        torch.save(checkpoint, path)
     capsys.readouterr()
     assert run_main(arm_script.main, argv) == 2
     err = capsys.readouterr().err.strip()
@@ -345,3 +357,13 @@ def test_sigint_during_sample_only_is_one_line_and_exit_130(tmp_path):
     assert proc.returncode == 130 and "Traceback" not in stderr, stderr
     assert "interrupted" in stderr.strip().splitlines()[-1]
     assert not list(tmp_path.glob(".*tmp*"))
+
+
+def test_a_run_ends_with_a_short_human_summary(tmp_path, capsys):
+    """stdout keeps its one JSON line; stderr ends with the headline numbers and the files."""
+    assert run_main(arm_script.main, TINY + ["--epochs", "1", "--out", str(tmp_path)]) == 0
+    captured = capsys.readouterr()
+    assert json.loads(captured.out.strip().splitlines()[-1])["model"] == "ARM"
+    lines = captured.err.strip().splitlines()[-4:]
+    assert lines[0].startswith("ARM: test NLL ") and "Frechet distance" in lines[0]
+    assert str(tmp_path / "ARM.pt") in lines[1] and str(tmp_path / "ARM_metrics.json") in lines[3]
