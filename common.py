@@ -16,6 +16,7 @@ model maps it to its own space with the transforms here. Models do math; this fi
 import argparse
 import contextlib
 import dataclasses
+import io
 import itertools
 import json
 import math
@@ -529,6 +530,8 @@ def atomic_write(path, write):
     try:
         write(tmp)
         os.replace(tmp, path)
+    except OSError as error:  # name the file the user knows, not the temporary one (or none)
+        raise OSError(error.errno, error.strerror, str(path)) from None
     finally:
         if tmp.exists():
             tmp.unlink()
@@ -721,7 +724,11 @@ def weights_checksum(weights):
 
 
 def save_checkpoint(path, checkpoint):
-    atomic_write(path, lambda tmp: torch.save(checkpoint, tmp))
+    """torch.save through memory: torch's own file writer reports a full disk as a RuntimeError,
+    a plain write as the OSError that run() turns into one line."""
+    buffer = io.BytesIO()
+    torch.save(checkpoint, buffer)
+    atomic_write(path, lambda tmp: tmp.write_bytes(buffer.getvalue()))
 
 
 def save_weights(path, name, config, state):

@@ -367,3 +367,18 @@ def test_a_run_ends_with_a_short_human_summary(tmp_path, capsys):
     lines = captured.err.strip().splitlines()[-4:]
     assert lines[0].startswith("ARM: test NLL ") and "Frechet distance" in lines[0]
     assert str(tmp_path / "ARM.pt") in lines[1] and str(tmp_path / "ARM_metrics.json") in lines[3]
+
+
+def test_a_full_disk_is_an_os_error_naming_the_file_and_the_old_file_stays(tmp_path):
+    path = tmp_path / "ARM.pt"
+    common.save_checkpoint(path, {"a": torch.ones(3)})
+
+    def full(tmp):
+        tmp.write_bytes(b"partial")
+        raise OSError(28, "No space left on device")  # as a write() to a full disk: no file name
+
+    with pytest.raises(OSError) as error:
+        common.atomic_write(path, full)
+    assert error.value.filename == str(path) and "No space" in error.value.strerror
+    assert torch.equal(torch.load(path, weights_only=True)["a"], torch.ones(3))
+    assert [p.name for p in tmp_path.iterdir()] == ["ARM.pt"]
