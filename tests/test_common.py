@@ -203,7 +203,8 @@ def test_bad_checkpoints_exit_2_with_one_line(damage, words, tmp_path, capsys, m
 # --- interruption, non-finite losses, atomic writes ------------------------------------
 
 
-def test_sigint_checkpoints_writes_outputs_and_exits_130(tmp_path):
+@pytest.mark.parametrize("signum", [signal.SIGINT, signal.SIGTERM])
+def test_a_signal_checkpoints_writes_outputs_and_exits_130(signum, tmp_path):
     env = dict(os.environ, PYTHONPATH=str(ROOT))
     proc = subprocess.Popen([sys.executable, str(ROOT / "autoregressive_model.py"), *TINY, "--threads", "1",
                              "--epochs", "500", "--patience", "500", "--out", str(tmp_path)],
@@ -213,7 +214,7 @@ def test_sigint_checkpoints_writes_outputs_and_exits_130(tmp_path):
         time.sleep(0.2)
         if (tmp_path / "ARM_resume.pt").exists() and resume_history(tmp_path)["train"][1:]:
             break
-    proc.send_signal(signal.SIGINT)
+    proc.send_signal(signum)
     stdout, stderr = proc.communicate(timeout=120)
     assert proc.returncode == 130, stderr
     assert "Traceback" not in stderr
