@@ -43,8 +43,6 @@ import dataclasses
 import math
 
 import torch
-import torch.nn.functional as F
-from torch import nn
 
 import common
 

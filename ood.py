@@ -39,8 +39,6 @@ Run:  python ood.py                      # writes results/ood.md, ood.json, ood.
 import argparse
 import dataclasses
 import importlib
-import json
-import math
 import re
 import subprocess
 import sys
@@ -455,7 +453,7 @@ def markdown(rows, sets, built_in, recommended, skipped, in_size):
     names = list(sets)
 
     def table(metric, digits):
-        lines = ["| model | score | " + " | ".join(names) + f" | mean over built-in |",
+        lines = ["| model | score | " + " | ".join(names) + " | mean over built-in |",
                  "|---|---|" + "---|" * (len(names) + 1)]
         for r in rows:
             mark = "**" if (r["model"], r["score"]) == (recommended["model"], recommended["score"]) else ""

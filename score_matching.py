@@ -31,7 +31,6 @@ Run:  python score_matching.py            # defaults, writes results/ScM_*
 """
 
 import dataclasses
-import math
 
 import torch
 import torch.nn.functional as F
