@@ -40,9 +40,11 @@ TRAIN_END, VAL_END = 1000, 1350  # train = [:1000], val = [1000:1350], test = [1
 PM1_LOGDET = NUM_PIXELS * math.log(1 / 8)  # log|det d pixels_to_pm1 / dx| per image
 PM1_BIN_HALF_WIDTH = 1 / 16  # on the [-1, 1] scale, level k owns the box -1 + k / 8 +- 1/16
 QUICK_SIZES = dict(train=200, val=100, test=100)  # --quick trains and evaluates on subsets
-# 2 torch threads trained every family 1.0-1.7x faster than 1 on an idle 2-core machine, and
-# never slower (README "CPU threads", `python leaderboard.py --threads-benchmark`)
-DEFAULT_THREADS = min(2, os.cpu_count() or 1)
+# 2 torch threads trained eight of nine families 1.1-1.6x faster than 1 on an idle 2-core machine
+# (README "Speed", `python benchmark.py`: a training step on 1 and on 2 threads); beside a busy core, two
+# spinning threads stall each other, so the default takes only the cores that are idle
+MAX_AUTO_THREADS = 2
+DEFAULT_THREADS = min(MAX_AUTO_THREADS, os.cpu_count() or 1)
 EXIT_USAGE, EXIT_NONFINITE, EXIT_INTERRUPTED = 2, 1, 130
 
 
@@ -185,6 +187,11 @@ seed_int = _number(int, lambda v: 0 <= v < 2**31, "an integer in [0, 2^31)")  # 
 thread_count = _number(int, lambda v: 1 <= v <= 256, "an integer from 1 to 256")
 
 
+def threads_flag(value):
+    """--threads: "auto" (None: chosen at start from the idle cores) or a count 1..256."""
+    return None if value == "auto" else thread_count(value)
+
+
 class Parser(argparse.ArgumentParser):
     """An argparse parser whose errors are one line and exit 2 (used by every script)."""
 
@@ -213,9 +220,10 @@ def make_parser(script, doc, *, epochs, batch_size, lr, patience, ema=0.0, gif_e
     run_group = parser.add_argument_group("machine and outputs")
     run_group.add_argument("--device", default="auto", choices=("auto", "cpu", "cuda", "mps"),
                            help="auto picks cuda, then mps, then cpu (default %(default)s)")
-    run_group.add_argument("--threads", type=thread_count, default=DEFAULT_THREADS,
-                           help="CPU threads for torch (default %(default)s: 2 measured fastest on a 2-core machine; "
-                                "use 1 when other jobs share the cores)")
+    run_group.add_argument("--threads", type=threads_flag, default=None, metavar="N|auto",
+                           help=f"CPU threads for torch (default auto: the cores idle at the start, measured "
+                                f"over 0.2 s, at most {MAX_AUTO_THREADS}; results repeat exactly for the same "
+                                f"seed and thread count)")
     run_group.add_argument("--out", type=Path, default=Path("results"),
                            help="folder for every output (default %(default)s)")
     run_group.add_argument("--num-samples", type=positive_int, default=None,
@@ -442,6 +450,35 @@ class TimeResidualMLP(nn.Module):
 
 # -----------------------------------------------------------------------------
 # device, threads, seeding
+
+
+def _cpu_times():
+    """(idle, total) jiffies of all cores from /proc/stat's first line (Linux)."""
+    values = [int(v) for v in Path("/proc/stat").read_text().split("\n", 1)[0].split()[1:9]]
+    return values[3] + values[4], sum(values)  # idle + iowait; user .. steal
+
+
+def idle_cores(interval=0.2):
+    """How many cores other processes leave idle, measured over `interval` seconds; None where
+    /proc/stat is unreadable (not Linux)."""
+    try:
+        idle0, total0 = _cpu_times()
+        time.sleep(interval)
+        idle1, total1 = _cpu_times()
+    except (OSError, ValueError, IndexError):
+        return None
+    return (os.cpu_count() or 1) * (idle1 - idle0) / max(total1 - total0, 1)
+
+
+def auto_threads(max_threads=MAX_AUTO_THREADS):
+    """Torch threads for this run: the idle cores (rounded), at least 1 and at most max_threads
+    and the cores this process may use. Beside one CPU-bound job on 2 cores this gives 1: two
+    spinning threads on shared cores trained the ARM 3.0x slower than on the idle machine, one
+    thread 1.4x (README "Speed")."""
+    usable = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
+    idle = idle_cores()
+    free = usable if idle is None else int(idle + 0.5)
+    return max(1, min(max_threads, usable, free))
 
 
 def choose_device(name):
@@ -1172,7 +1209,8 @@ def summary(metrics, paths, out):
     return "\n".join([
         f"{m['model']}: {likelihood}; Frechet distance {frechet}, copy rate {m['copy_rate']:.3f}, "
         f"coverage {m['class_coverage']:.3f}; {state}{m['epochs_run']} epochs (best {m['best_epoch']}), "
-        f"trained {m['train_seconds']:.0f} s, {m['num_samples']} samples in {m['sample_seconds']:.2f} s",
+        f"trained {m['train_seconds']:.0f} s on {m['threads']} thread(s), {m['num_samples']} samples in "
+        f"{m['sample_seconds']:.2f} s",
         f"  weights {paths['weights']} (training state for --resume: {paths['resume']})",
         f"  samples {paths['npy']}, {paths['grid']}; curve {paths['curve']}; GIF {paths['gif']}",
         f"  metrics {paths['metrics']}" + (f"; also {', '.join(str(out / e) for e in extra)}" if extra else "")])
@@ -1189,7 +1227,7 @@ def _run(args, model_class, config, sampling, signals):
     check_out(out)
     remove_stale_temporaries(out)
     device = choose_device(args.device)
-    torch.set_num_threads(args.threads)
+    torch.set_num_threads(args.threads or auto_threads())
     set_seed(args.seed)
     model = model_class(config, sampling).to(device)
     name, config = model.name, dataclasses.asdict(model.config)

@@ -17,18 +17,17 @@ the validation split:
 
 Run:  python leaderboard.py                 # trains what is missing, then writes the table
       python leaderboard.py --no-train      # only what is already in results/
-      python leaderboard.py --threads-benchmark   # seconds per epoch with 1 and 2 CPU threads
-Writes OUT/leaderboard.md, OUT/leaderboard.json and OUT/leaderboard.png (the benchmark:
-OUT/threads.md and OUT/threads.json). Run it on an otherwise idle machine.
+      python leaderboard.py --seeds 0 1 2   # every family with three seeds: results/seeds.md
+Writes OUT/leaderboard.md, OUT/leaderboard.json and OUT/leaderboard.png. Run it on an otherwise
+idle machine; the speed of every family is benchmark.py's.
 """
 
 import argparse
 import json
+import shutil
 import math
-import os
 import subprocess
 import sys
-import tempfile
 import time
 from pathlib import Path
 
@@ -125,12 +124,13 @@ def kernel_density(splits, num_samples, seed, bandwidths=(1.0, 1.5, 2.0, 2.5, 3.
 # model runs
 
 
-def is_current(metrics, script):
-    """A metrics file counts when it comes from a finished default run of the current code."""
+def is_current(metrics, script, flags=()):
+    """A metrics file counts when it comes from a finished default run of the current code (with
+    `flags`, e.g. ("--seed", "1"), and nothing else that changes results)."""
     return (metrics.get("code_sha256") == common.code_fingerprint(ROOT / script)
             and not metrics.get("quick") and not metrics.get("interrupted")
             and metrics.get("stopped") != "non_finite"
-            and _result_flags(metrics.get("argv", ["?"])) == [])
+            and _result_flags(metrics.get("argv", ["?"])) == list(flags))
 
 
 def _result_flags(argv):
@@ -146,15 +146,23 @@ def _result_flags(argv):
     return kept
 
 
-def model_row(name, script, out, train, threads):
+def current_metrics(name, script, out, train, threads, flags=()):
+    """OUT/NAME_metrics.json of the default run (plus `flags`), made first when it is missing or
+    stale and train is set; None when there is none."""
     path = out / f"{name}_metrics.json"
     metrics = json.loads(path.read_text()) if path.is_file() else None
-    if (metrics is None or not is_current(metrics, script)) and train and (ROOT / script).is_file():
-        print(f"leaderboard: training {name} with its defaults ({script})", flush=True)
+    if (metrics is None or not is_current(metrics, script, flags)) and train and (ROOT / script).is_file():
+        print(f"leaderboard: training {name} with its defaults {' '.join(flags)} ({script})", flush=True)
+        out.mkdir(parents=True, exist_ok=True)
         command = [sys.executable, str(ROOT / script), "--no-progress", "--threads", str(threads),
-                   "--out", str(out)]
+                   "--out", str(out), *flags]
         if subprocess.run(command, cwd=ROOT).returncode == 0:
             metrics = json.loads(path.read_text())
+    return metrics
+
+
+def model_row(name, script, out, train, threads):
+    metrics = current_metrics(name, script, out, train, threads)
     if metrics is None:
         return None
     samples = np.load(out / f"{name}_samples.npy")
@@ -236,41 +244,59 @@ def picture(panels, path):
 
 
 # -----------------------------------------------------------------------------
-# CPU threads: the measurement behind common.DEFAULT_THREADS
+# seeds: does a result rest on one lucky seed?
 
 
-def threads_benchmark(out, thread_counts=(1, 2), epochs=5):
-    """Each family's default model trained for `epochs` epochs (early stopping off) and 1000
-    samples drawn, once per thread count, each in a fresh process and a scratch folder. Returns
-    rows of wall seconds per epoch (training, validation and checkpoint) and per 1000 samples."""
+def seed_table(out, seeds, train, threads):
+    """Every family's default run with each seed (seed 0 is the leaderboard's run in OUT, the
+    others in OUT/seeds/seedN, scored with OUT's digit classifier): test NLL and Frechet distance
+    per seed, their mean and standard deviation. Writes OUT/seeds.md and OUT/seeds.json."""
     rows = []
     for name, script in SCRIPTS.items():
-        if not (ROOT / script).is_file():
-            continue
-        for threads in thread_counts:
-            with tempfile.TemporaryDirectory() as scratch:
-                command = [sys.executable, str(ROOT / script), "--no-progress", "--epochs", str(epochs),
-                           "--patience", str(epochs), "--gif-every", str(epochs), "--threads", str(threads),
-                           "--out", scratch]
-                print(f"leaderboard: {name} with {threads} thread(s)", flush=True)
-                subprocess.run(command, cwd=ROOT, check=True, stdout=subprocess.DEVNULL)
-                metrics = json.loads((Path(scratch) / f"{name}_metrics.json").read_text())
-            rows.append(dict(model=name, threads=threads, epochs=metrics["epochs_run"],
-                             seconds_per_epoch=metrics["train_seconds"] / metrics["epochs_run"],
-                             cpu_seconds_per_epoch=metrics["train_cpu_seconds"] / metrics["epochs_run"],
-                             seconds_per_1000_samples=metrics["sample_seconds"] * 1000 / metrics["num_samples"]))
-    lines = ["| model | threads | s / epoch (wall) | CPU s / epoch | s / 1000 samples (wall) | speed-up of training |",
-             "|---|---|---|---|---|---|"]
-    for row in rows:
-        single = next(r for r in rows if r["model"] == row["model"] and r["threads"] == thread_counts[0])
-        lines.append(f"| {row['model']} | {row['threads']} | {row['seconds_per_epoch']:.2f} | "
-                     f"{row['cpu_seconds_per_epoch']:.2f} | {row['seconds_per_1000_samples']:.2f} | "
-                     f"{single['seconds_per_epoch'] / row['seconds_per_epoch']:.2f}x |")
+        runs = []
+        for seed in seeds:
+            folder = out if seed == 0 else out / "seeds" / f"seed{seed}"
+            if seed and (out / "_digit_classifier.pt").is_file() and not (folder / "_digit_classifier.pt").is_file():
+                folder.mkdir(parents=True, exist_ok=True)
+                shutil.copy(out / "_digit_classifier.pt", folder)
+            metrics = current_metrics(name, script, folder, train, threads, ("--seed", str(seed)) if seed else ())
+            if metrics is None:
+                print(f"leaderboard: no seed {seed} run of {name}; skipped", file=sys.stderr)
+                continue
+            flags = ("--seed", str(seed)) if seed else ()
+            runs.append(dict(seed=seed, test_nll_nats=metrics["test_nll_nats"], current=is_current(metrics, script, flags),
+                             frechet_distance=metrics["frechet_distance"], train_seconds=metrics["train_seconds"],
+                             epochs=metrics["epochs_run"]))
+        if runs:
+            rows.append(dict(model=name, nll_kind=metrics["nll_kind"], runs=runs,
+                             **{f"{key}_{stat}": value for key in ("test_nll_nats", "frechet_distance")
+                                for stat, value in zip(("mean", "std"), mean_std([r[key] for r in runs]))}))
+    lines = [f"| model | NLL kind | test NLL, seeds {', '.join(map(str, seeds))} | mean +- std "
+             f"| Frechet distance, seeds {', '.join(map(str, seeds))} | mean +- std | train s |",
+             "|---|---|---|---|---|---|---|"]
+    for r in rows:
+        stale = "" if all(run["current"] for run in r["runs"]) else " (stale)"
+        nlls = ", ".join(fmt(run["test_nll_nats"]) for run in r["runs"])
+        fds = ", ".join(fmt(run["frechet_distance"]) for run in r["runs"])
+        seconds = ", ".join(f"{run['train_seconds']:.0f}" for run in r["runs"])
+        nll_stat = ("-" if r["test_nll_nats_mean"] is None
+                    else f"{r['test_nll_nats_mean']:.2f} +- {r['test_nll_nats_std']:.2f}")
+        lines.append(f"| {r['model']}{stale} | {r['nll_kind'] or '-'} | {nlls} | {nll_stat} | {fds} "
+                     f"| {r['frechet_distance_mean']:.2f} +- {r['frechet_distance_std']:.2f} | {seconds} |")
+    lines += ["", "Standard deviation over the seeds (n - 1 in the denominator). Each run trains with its "
+              "seed and draws its samples with it; the Frechet distance uses the same classifier for all."]
     table = "\n".join(lines) + "\n"
-    common.atomic_write(out / "threads.md", lambda tmp: tmp.write_text(table))
-    common.save_json(out / "threads.json", dict(cpu_count=os.cpu_count(), torch_version=torch.__version__,
-                                                 rows=rows))
+    common.atomic_write(out / "seeds.md", lambda tmp: tmp.write_text(table))
+    common.save_json(out / "seeds.json", dict(seeds=list(seeds), rows=rows))
     print(table)
+
+
+def mean_std(values):
+    """(mean, sample standard deviation) of floats; (None, None) when any is None."""
+    if any(v is None for v in values):
+        return None, None
+    values = np.asarray(values, np.float64)
+    return float(values.mean()), float(values.std(ddof=1)) if len(values) > 1 else 0.0
 
 
 def main(argv=None):
@@ -282,16 +308,17 @@ def main(argv=None):
     parser.add_argument("--threads", type=common.positive_int, default=common.DEFAULT_THREADS,
                         help="CPU threads for the model runs (default %(default)s)")
     parser.add_argument("--seed", type=common.nonnegative_int, default=0, help="baselines' seed (default 0)")
-    parser.add_argument("--threads-benchmark", action="store_true",
-                        help="only time 5 epochs and 1000 samples of every family with 1 and 2 CPU threads")
+    parser.add_argument("--seeds", type=common.seed_int, nargs="+", default=None, metavar="SEED",
+                        help="only the seed table: every family's default run with each seed (e.g. 0 1 2), "
+                             "written to OUT/seeds.md; seeds other than 0 run in OUT/seeds/seedN")
     args = parser.parse_args(argv)
     out = args.out if args.out.is_absolute() else ROOT / args.out
     if out.exists() and not out.is_dir():
         parser.error(f"--out {out} is a file, not a folder")
     out.mkdir(parents=True, exist_ok=True)
     torch.set_num_threads(args.threads)
-    if args.threads_benchmark:
-        threads_benchmark(out)
+    if args.seeds is not None:
+        seed_table(out, list(dict.fromkeys(args.seeds)), not args.no_train, args.threads)
         return
 
     pixels, _ = common.load_digits_arrays()

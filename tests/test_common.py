@@ -270,7 +270,7 @@ FLAG_VALUES = {
     "--ema": st.sampled_from(["0", "0.5", "1", "-0.1"]),
     "--seed": st.sampled_from(["0", "7", "-1", "x", str(2**64), str(2**31)]),
     "--device": st.sampled_from(["cpu", "auto", "gpu", ""]),
-    "--threads": st.sampled_from(["1", "0", "x", "100000"]),
+    "--threads": st.sampled_from(["1", "0", "x", "100000", "auto"]),
     "--num-samples": st.sampled_from(["8", "0", "x", "1"]),
     "--gif-every": st.sampled_from(["1", "0"]),
     "--channels": st.sampled_from(["4", "0", "x"]),
@@ -383,3 +383,34 @@ def test_a_full_disk_is_an_os_error_naming_the_file_and_the_old_file_stays(tmp_p
     assert error.value.filename == str(path) and "No space" in error.value.strerror
     assert torch.equal(torch.load(path, weights_only=True)["a"], torch.ones(3))
     assert [p.name for p in tmp_path.iterdir()] == ["ARM.pt"]
+
+
+@pytest.mark.parametrize("idle, usable, expected", [(0.0, 2, 1), (0.9, 2, 1), (1.1, 2, 1), (1.6, 2, 2),
+                                                     (2.0, 2, 2), (7.5, 8, 2), (3.0, 1, 1), (None, 2, 2)])
+def test_auto_threads_takes_the_idle_cores(idle, usable, expected, monkeypatch):
+    monkeypatch.setattr(common, "idle_cores", lambda interval=0.2: idle)
+    monkeypatch.setattr(common.os, "sched_getaffinity", lambda pid: set(range(usable)), raising=False)
+    assert common.auto_threads() == expected
+
+
+def test_idle_cores_sees_a_busy_core():
+    """While a spinning process holds a core, at most the other cores can be idle."""
+    import multiprocessing
+
+    if not Path("/proc/stat").is_file():
+        pytest.skip("no /proc/stat")
+    stop = multiprocessing.Event()
+    spinner = multiprocessing.Process(target=_spin, args=(stop,))
+    spinner.start()
+    try:
+        time.sleep(0.2)
+        idle = common.idle_cores(0.3)
+    finally:
+        stop.set()
+        spinner.join()
+    assert 0 <= idle <= (os.cpu_count() or 1) - 0.7
+
+
+def _spin(stop):
+    while not stop.is_set():
+        pass

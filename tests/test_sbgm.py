@@ -2,6 +2,7 @@
 against analytic densities, the box posterior against quadrature, the samplers against a
 Gaussian, and smoke tests of the script."""
 
+import dataclasses
 import math
 
 import pytest
@@ -204,6 +205,9 @@ def test_smoke_every_output(tmp_path):
     metrics = check_outputs(tmp_path, "SBGM", "upper_bound")
     assert metrics["test_nll_nats"] < 64 * math.log(17) * 1.2
     assert metrics["test_variational_bound_nats"] < 64 * math.log(17) * 1.2
+    # the ODE sampler at 10 and 50 steps beside the default (10 with --quick): timed and scored
+    assert set(metrics["other_samplers"]) == {"ode_50"}
+    assert all(r["seconds"] > 0 and r["frechet_distance"] > 0 for r in metrics["other_samplers"].values())
     # another sampler on the same checkpoint: settings are not part of the configuration
     assert run_main(sbgm_script.main, ["--quick", "--no-progress", "--out", str(tmp_path), "--hidden", "16",
                                        "--blocks", "1", "--sample-only", "--sampler", "sde"]) == 0
@@ -218,3 +222,18 @@ def test_smoke_ve_eps_exact_divergence_sde_sampler_with_corrector(tmp_path):
 
 def test_bad_t_eps_exits_2(tmp_path):
     assert run_main(sbgm_script.main, ["--quick", "--out", str(tmp_path), "--t-eps", "1.5"]) == 2
+
+
+def test_other_samplers_are_the_ode_at_other_step_counts():
+    """samplers() gives the ODE with 10 and 50 steps (not the default's own count), each the same
+    draw as sample() with that many steps."""
+    model = SBGM.build(hidden=16, blocks=1).eval()
+    assert set(model.samplers()) == {"ode_10", "ode_50"}
+    ten = SBGM(model.config, dataclasses.replace(model.sampling, sample_steps=10))
+    ten.load_state_dict(model.state_dict())
+    assert set(ten.samplers()) == {"ode_50"}
+    torch.manual_seed(3)
+    expected = ten.sample(16)
+    torch.manual_seed(3)
+    assert torch.equal(model.samplers()["ode_10"](16), expected)
+    assert not SBGM.build(hidden=16, blocks=1, compare_samplers=False).samplers()

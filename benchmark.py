@@ -1,0 +1,243 @@
+"""Speed of every family, measured against the machine it runs on.
+
+    python benchmark.py          # OUT/benchmark.md and .json: the speed table below
+    python benchmark.py --busy   # OUT/busy.md and .json: ARM and DDPM beside a CPU-bound process
+
+The speed table takes, per family, what its default run recorded in OUT/NAME_metrics.json
+(seconds per epoch, seconds to the best validation value, seconds per 1000 samples, peak memory)
+and measures its training step here, on 1 and on 2 threads: the matrix-multiply FLOPs of one
+step, counted with torch.utils.flop_counter's formulas from the shapes (forward and backward,
+every network evaluation of the step, e.g. the EBM's Langevin chains), the seconds per step, and
+so the achieved fraction of this machine's fp32 matmul throughput, measured on 1024 x 1024
+products at the same thread count. The share of an epoch spent in training steps shows what the
+rest (validation, GIF frames) costs. The busy table runs ARM's and DDPM's default runs beside one
+CPU-bound process, with the automatic thread count and with 2 threads forced. Nothing here
+depends on a GPU; with --device cuda the step is timed there. Run it on an otherwise idle
+machine, after the default runs (python leaderboard.py).
+"""
+
+import argparse
+import importlib
+import json
+import math
+import os
+import shutil
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import torch
+from torch.utils._python_dispatch import TorchDispatchMode
+from torch.utils.flop_counter import flop_registry
+
+import common
+from leaderboard import SCRIPTS, is_current
+
+ROOT = Path(__file__).resolve().parent
+BUSY_FAMILIES = ("ARM", "DDPM")
+
+# -----------------------------------------------------------------------------
+# measurements
+
+
+def model_class(name, script):
+    """The common.DigitsModel subclass called `name` in `script`."""
+    module = importlib.import_module(Path(script).stem)
+    return next(c for c in vars(module).values() if isinstance(c, type) and issubclass(c, common.DigitsModel)
+                and c.name == name)
+
+
+class MatmulFlops(TorchDispatchMode):
+    """FLOPs of the matrix products (mm, addmm, bmm, convolutions and their backward) run inside
+    it, from torch.utils.flop_counter's formulas of the shapes. (torch's FlopCounterMode itself
+    also tracks modules with backward hooks, which torch.autograd.grad inside a step refuses.)"""
+
+    def __init__(self):
+        super().__init__()
+        self.flops = 0
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        kwargs = kwargs or {}
+        out = func(*args, **kwargs)
+        formula = flop_registry.get(func._overloadpacket)
+        if formula is not None:
+            self.flops += formula(*args, **kwargs, out_val=out)
+        return out
+
+
+def matmul_flops_per_second(device, n=1024, min_seconds=1.0):
+    """Achieved fp32 FLOP/s of (n, n) @ (n, n) products: the machine's practical peak."""
+    a, b = torch.randn(n, n, device=device), torch.randn(n, n, device=device)
+    a @ b  # warm-up
+    reps = 0
+    with common.timed(device) as seconds:
+        start = time.perf_counter()
+        while reps < 3 or time.perf_counter() - start < min_seconds:
+            a @ b
+            reps += 1
+    return 2 * n**3 * reps / seconds["wall"]
+
+
+def step_speed(model, optimizer, train, batch_size, device, min_seconds=2.0):
+    """(matmul FLOPs of one training step, wall seconds per step) on full batches of train."""
+    batches = [train[i:i + batch_size] for i in range(0, len(train) - batch_size + 1, batch_size)]
+    model.train()
+    for batch in batches[:2]:  # warm-up: allocator, optimizer state
+        model.train_step(batch, optimizer)
+    with MatmulFlops() as counter:
+        model.train_step(batches[0], optimizer)
+    steps = 0
+    with common.timed(device) as seconds:
+        start = time.perf_counter()
+        while steps < 5 or time.perf_counter() - start < min_seconds:
+            model.train_step(batches[steps % len(batches)], optimizer)
+            steps += 1
+    return counter.flops, seconds["wall"] / steps
+
+
+def speed_row(name, script, out, splits, device, peaks):
+    """One family: what its default run recorded, and its training step timed here at each thread
+    count of `peaks` (thread count -> matmul FLOP/s)."""
+    metrics = json.loads((out / f"{name}_metrics.json").read_text())
+    flags = metrics["train_flags"]
+    steps = {}
+    for threads, peak in peaks.items():
+        torch.set_num_threads(threads)
+        common.set_seed(0)
+        model = model_class(name, script).build().to(device)  # the defaults: the run's config if current
+        flops, step_seconds = step_speed(model, model.configure_optimizer(flags["lr"]), splits["train"],
+                                         flags["batch_size"], device)
+        steps[threads] = dict(step_ms=1000 * step_seconds, achieved_gflops=flops / step_seconds / 1e9,
+                              matmul_fraction=flops / step_seconds / peak)
+    run_threads = metrics["threads"]
+    epoch_seconds = metrics["train_seconds"] / metrics["epochs_run"]
+    steps_per_epoch = math.ceil(len(splits["train"]) / flags["batch_size"])
+    step_at_run = steps.get(run_threads, steps[max(steps)])["step_ms"] / 1000
+    return dict(model=name, threads=run_threads, epochs=metrics["epochs_run"],
+                seconds_per_epoch=epoch_seconds, seconds_to_best=metrics["train_seconds_to_best"],
+                train_seconds=metrics["train_seconds"],
+                seconds_per_1000_samples=metrics["sample_seconds"] * 1000 / metrics["num_samples"],
+                peak_memory_mb=metrics["peak_memory_mb"], step_mflop=flops / 1e6, steps=steps,
+                step_share_of_epoch=min(1.0, steps_per_epoch * step_at_run / epoch_seconds),
+                current=is_current(metrics, script))
+
+
+def speed_table(out, device, thread_counts):
+    peaks = {}
+    for threads in thread_counts:
+        torch.set_num_threads(threads)
+        peaks[threads] = matmul_flops_per_second(device)
+    splits = common.load_splits(device)
+    rows = []
+    for name, script in SCRIPTS.items():
+        print(f"benchmark: {name} training step", flush=True)
+        rows.append(speed_row(name, script, out, splits, device, peaks))
+    one, most = min(thread_counts), max(thread_counts)
+    lines = [f"Machine: {os.cpu_count()} CPU cores, device {device}, torch {torch.__version__}; fp32 matmul "
+             f"throughput (1024 x 1024 products) " + ", ".join(f"{peaks[t] / 1e9:.0f} GFLOP/s on {t} thread(s)"
+                                                               for t in thread_counts) + ".",
+             "",
+             "From each default run's metrics (its thread count in the threads column): seconds per epoch "
+             "(training steps, validation, GIF frames), epochs, seconds to its best validation value, "
+             "training seconds, seconds per 1000 samples with the default sampler, peak resident memory. "
+             "Measured here: one training step's matmul FLOPs (forward and backward, every network "
+             f"evaluation of the step), its time on {one} and {most} thread(s), the {most}-thread speed-up, "
+             f"the achieved fraction of the matmul throughput on {most} thread(s), and the share of an "
+             "epoch spent in training steps (the rest: validation, GIF frames, data shuffling).", "",
+             f"| model | threads | s / epoch | epochs | s to best | train s | s / 1000 samples | peak MiB "
+             f"| MFLOP / step | step ms, {one} thread | step ms, {most} threads | speed-up "
+             f"| GFLOP/s | of matmul peak | step share of epoch |",
+             "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
+    for r in rows:
+        s1, s2 = r["steps"][one], r["steps"][most]
+        lines.append(f"| {r['model']}{'' if r['current'] else ' (stale)'} | {r['threads']} "
+                     f"| {r['seconds_per_epoch']:.2f} | {r['epochs']} | {r['seconds_to_best']:.1f} "
+                     f"| {r['train_seconds']:.1f} | {r['seconds_per_1000_samples']:.2f} | {r['peak_memory_mb']:.0f} "
+                     f"| {r['step_mflop']:.0f} | {s1['step_ms']:.1f} | {s2['step_ms']:.1f} "
+                     f"| {s1['step_ms'] / s2['step_ms']:.2f}x | {s2['achieved_gflops']:.1f} "
+                     f"| {100 * s2['matmul_fraction']:.1f}% | {100 * r['step_share_of_epoch']:.0f}% |")
+    total = sum(r["train_seconds"] for r in rows)
+    lines += ["", f"All {len(rows)} default runs: {total:.0f} s of training in all."]
+    write(out, "benchmark", "\n".join(lines) + "\n",
+          dict(device=str(device), thread_counts=list(thread_counts), cpu_count=os.cpu_count(),
+               matmul_flops_per_second={str(t): p for t, p in peaks.items()},
+               torch_version=torch.__version__, rows=rows))
+
+
+# -----------------------------------------------------------------------------
+# default runs in fresh processes: thread counts, and a busy machine
+
+
+def default_run(name, script, out, flags=()):
+    """The family's default run with extra flags in a scratch folder (the out folder's cached
+    digit classifier copied in); returns its metrics."""
+    with tempfile.TemporaryDirectory() as scratch:
+        if (out / "_digit_classifier.pt").is_file():
+            shutil.copy(out / "_digit_classifier.pt", scratch)
+        command = [sys.executable, str(ROOT / script), "--no-progress", "--out", scratch, *flags]
+        subprocess.run(command, cwd=ROOT, check=True, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+        return json.loads((Path(scratch) / f"{name}_metrics.json").read_text())
+
+
+def busy_table(out, families=BUSY_FAMILIES):
+    """Default runs beside one CPU-bound process (a Python busy loop), with the default automatic
+    thread count and with 2 threads forced, against the idle default run in OUT."""
+    rows = []
+    for name in families:
+        idle = json.loads((out / f"{name}_metrics.json").read_text())
+        for threads in ("auto", "2"):
+            hog = subprocess.Popen([sys.executable, "-c", "while True: pass"])
+            try:
+                time.sleep(1.0)  # let it show in the idle-core measurement
+                print(f"benchmark: {name} beside a busy core, --threads {threads}", flush=True)
+                busy = default_run(name, SCRIPTS[name], out, ["--threads", threads])
+            finally:
+                hog.kill()
+                hog.wait()
+            rows.append(dict(model=name, threads_flag=threads, threads=busy["threads"],
+                             idle_train_seconds=idle["train_seconds"], idle_threads=idle["threads"],
+                             idle_epochs=idle["epochs_run"], busy_train_seconds=busy["train_seconds"],
+                             busy_epochs=busy["epochs_run"],
+                             slowdown=busy["train_seconds"] / idle["train_seconds"],
+                             slowdown_per_epoch=(busy["train_seconds"] / busy["epochs_run"])
+                             / (idle["train_seconds"] / idle["epochs_run"])))
+    lines = ["| model | --threads beside the busy core | threads used | busy train s (epochs) "
+             "| idle train s (epochs, threads) | slowdown | per epoch |", "|---|---|---|---|---|---|---|"]
+    for r in rows:
+        lines.append(f"| {r['model']} | {r['threads_flag']} | {r['threads']} | {r['busy_train_seconds']:.1f} "
+                     f"({r['busy_epochs']}) | {r['idle_train_seconds']:.1f} ({r['idle_epochs']}, {r['idle_threads']}) "
+                     f"| {r['slowdown']:.2f}x | {r['slowdown_per_epoch']:.2f}x |")
+    write(out, "busy", "\n".join(lines) + "\n", dict(cpu_count=os.cpu_count(), rows=rows))
+
+
+def write(out, stem, table, data):
+    common.atomic_write(out / f"{stem}.md", lambda tmp: tmp.write_text(table))
+    common.save_json(out / f"{stem}.json", data)
+    print(table)
+
+
+def main(argv=None):
+    parser = common.Parser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--out", type=Path, default=Path("results"),
+                        help="folder of the default runs and of the tables (default %(default)s)")
+    parser.add_argument("--device", default="cpu", choices=("cpu", "cuda", "mps"),
+                        help="device of the timed training steps (default %(default)s)")
+    parser.add_argument("--threads", type=common.thread_count, nargs="+", default=[1, common.MAX_AUTO_THREADS],
+                        metavar="N", help="CPU thread counts of the timed training steps (default 1 2)")
+    parser.add_argument("--busy", action="store_true",
+                        help=f"only time {' and '.join(BUSY_FAMILIES)}'s default runs beside one CPU-bound process")
+    args = parser.parse_args(argv)
+    out = args.out if args.out.is_absolute() else ROOT / args.out
+    missing = [n for n in SCRIPTS if not (out / f"{n}_metrics.json").is_file()]
+    if missing:
+        parser.error(f"no default runs of {', '.join(missing)} in {out}; make them with: python leaderboard.py")
+    if args.busy:
+        busy_table(out)
+    else:
+        speed_table(out, common.choose_device(args.device), sorted(set(args.threads)))
+
+
+if __name__ == "__main__":
+    main()

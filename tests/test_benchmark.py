@@ -1,0 +1,92 @@
+"""benchmark.py: the FLOP count against hand-counted products, the timed step, and the tables."""
+
+import json
+
+import pytest
+import torch
+from torch import nn
+
+import benchmark
+import common
+import leaderboard
+
+
+def test_matmul_flops_count_linear_layers_forward_and_backward():
+    """A (B, n) @ (n, m) product costs 2 B n m; backward computes the weight's gradient (2 B n m)
+    and, when the input needs one, the input's (2 B n m) too."""
+    torch.manual_seed(0)
+    layer = nn.Linear(32, 16)
+    x = torch.randn(8, 32)
+    with benchmark.MatmulFlops() as counter:
+        layer(x).sum().backward()
+    assert counter.flops == 2 * (2 * 8 * 32 * 16)
+    with benchmark.MatmulFlops() as counter:
+        layer(x.requires_grad_()).sum().backward()
+    assert counter.flops == 3 * (2 * 8 * 32 * 16)
+    with benchmark.MatmulFlops() as counter:  # autograd.grad inside (the EBM's Langevin steps) is fine
+        torch.autograd.grad(layer(x).sum(), x)
+    assert counter.flops == 2 * (2 * 8 * 32 * 16)
+
+
+def test_step_speed_of_a_family_counts_its_flops_and_time():
+    """DDPM's step evaluates its MLP forward and backward once: at least 4 B (in x out) per Linear
+    layer (forward and weight gradient), at most 6 B (in x out) plus the rest of the step."""
+    import ddpm
+
+    torch.manual_seed(0)
+    model = ddpm.DDPM.build()
+    train = common.load_splits(torch.device("cpu"), quick=True)["train"]
+    flops, seconds = benchmark.step_speed(model, model.configure_optimizer(1e-3), train, 64,
+                                          torch.device("cpu"), min_seconds=0.0)
+    linear = sum(m.weight.numel() for m in model.modules() if isinstance(m, nn.Linear))
+    assert 4 * 64 * linear <= flops <= 6 * 64 * linear
+    assert 0 < seconds < 10
+
+
+def test_machine_throughput_is_positive_and_plausible():
+    peak = benchmark.matmul_flops_per_second(torch.device("cpu"), n=256, min_seconds=0.05)
+    assert 1e8 < peak < 1e14
+
+
+def test_seed_table_gives_mean_and_spread_of_each_family(tmp_path, monkeypatch):
+    """Seed 0 from OUT, seed 1 from OUT/seeds/seed1; made-up metrics marked current."""
+    monkeypatch.setattr(leaderboard, "SCRIPTS", {"ARM": "autoregressive_model.py"})
+    fingerprint = common.code_fingerprint(leaderboard.ROOT / "autoregressive_model.py")
+    for seed, folder, nll, fd in ((0, tmp_path, 80.0, 20.0), (1, tmp_path / "seeds" / "seed1", 82.0, 24.0)):
+        folder.mkdir(parents=True, exist_ok=True)
+        argv = ["--no-progress"] + (["--seed", str(seed)] if seed else [])
+        (folder / "ARM_metrics.json").write_text(json.dumps(dict(
+            model="ARM", test_nll_nats=nll, nll_kind="exact", frechet_distance=fd, train_seconds=10.0,
+            epochs_run=5, code_sha256=fingerprint, quick=False, interrupted=False, stopped="early_stopping",
+            argv=argv)))
+    leaderboard.main(["--out", str(tmp_path), "--no-train", "--seeds", "0", "1"])
+    row = json.loads((tmp_path / "seeds.json").read_text())["rows"][0]
+    assert row["test_nll_nats_mean"] == pytest.approx(81.0)
+    assert row["test_nll_nats_std"] == pytest.approx(2**0.5)
+    assert row["frechet_distance_mean"] == pytest.approx(22.0)
+    assert row["frechet_distance_std"] == pytest.approx(8**0.5)
+    table = (tmp_path / "seeds.md").read_text()
+    assert "| ARM | exact | 80.00, 82.00 | 81.00 +- 1.41 | 20.00, 24.00 | 22.00 +- 2.83 | 10, 10 |" in table
+    assert leaderboard.mean_std([1.0, None]) == (None, None)
+
+
+def test_speed_table_reads_the_run_and_times_the_step_on_each_thread_count(tmp_path, monkeypatch):
+    """One family (DDPM) with made-up run metrics: the run's columns come from its metrics, the
+    step is timed on 1 and 2 threads, and the fraction of the (stubbed) matmul peak follows."""
+    monkeypatch.setattr(benchmark, "SCRIPTS", {"DDPM": "ddpm.py"})
+    monkeypatch.setattr(benchmark, "matmul_flops_per_second", lambda device: 1e12)
+    fast = benchmark.step_speed
+    monkeypatch.setattr(benchmark, "step_speed", lambda *a, **k: fast(*a, **k, min_seconds=0.0))
+    (tmp_path / "DDPM_metrics.json").write_text(json.dumps(dict(
+        model="DDPM", train_flags=dict(lr=1e-3, batch_size=64), threads=2, epochs_run=10, train_seconds=20.0,
+        train_seconds_to_best=15.0, sample_seconds=0.5, num_samples=1000, peak_memory_mb=900.0, argv=[])))
+    benchmark.main(["--out", str(tmp_path)])
+    data = json.loads((tmp_path / "benchmark.json").read_text())
+    row = data["rows"][0]
+    assert data["thread_counts"] == [1, 2] and set(row["steps"]) == {"1", "2"}
+    assert row["seconds_per_epoch"] == 2.0 and row["seconds_per_1000_samples"] == 0.5 and not row["current"]
+    for step in row["steps"].values():
+        assert step["step_ms"] > 0
+        assert step["matmul_fraction"] == pytest.approx(step["achieved_gflops"] * 1e9 / 1e12)
+    table = (tmp_path / "benchmark.md").read_text()
+    assert "| DDPM (stale) | 2 | 2.00 | 10 | 15.0 | 20.0 | 0.50 | 900 |" in table
