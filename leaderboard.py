@@ -134,14 +134,15 @@ def is_current(metrics, script, flags=()):
 
 
 def _result_flags(argv):
-    """argv without the flags that don't change results (--no-progress, --out DIR, --threads N)."""
+    """argv without the flags that don't change results (--no-progress, --out DIR, --threads N,
+    --checkpoint-seconds S)."""
     kept, skip = [], False
     for arg in argv:
         if skip:
             skip = False
-        elif arg in ("--out", "--threads"):
+        elif arg in ("--out", "--threads", "--checkpoint-seconds"):
             skip = True
-        elif arg != "--no-progress" and not arg.startswith(("--out=", "--threads=")):
+        elif arg != "--no-progress" and not arg.startswith(("--out=", "--threads=", "--checkpoint-seconds=")):
             kept.append(arg)
     return kept
 

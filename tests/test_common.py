@@ -132,6 +132,18 @@ def test_resumed_run_ends_with_the_same_losses_as_an_uninterrupted_one(tmp_path)
     assert a["test_nll_nats"] == pytest.approx(b["test_nll_nats"], abs=1e-4)
 
 
+@pytest.mark.parametrize("seconds, epochs_written", [("0", [1, 2, 3]), ("1000", [3])])
+def test_resume_checkpoint_every_epoch_or_when_training_ends(seconds, epochs_written, tmp_path, monkeypatch):
+    """--checkpoint-seconds 0 writes the resume file after every epoch; a long interval writes it
+    once, when training ends (it is never missing at the end)."""
+    written, original = [], common.save_resume
+    monkeypatch.setattr(common, "save_resume", lambda path, *rest: written.append(rest[3].epoch) or original(path, *rest))
+    assert run_main(arm_script.main, TINY + ["--epochs", "3", "--patience", "3", "--checkpoint-seconds", seconds,
+                                             "--out", str(tmp_path)]) == 0
+    assert written == epochs_written
+    assert len(resume_history(tmp_path)["train"]) == 3
+
+
 def test_sample_only_reproduces_samples_and_metrics_without_training(tmp_path, capsys):
     assert run_main(arm_script.main, TINY + ["--sample-only", "--out", str(tmp_path)]) == 2
     err = capsys.readouterr().err
@@ -207,7 +219,8 @@ def test_bad_checkpoints_exit_2_with_one_line(damage, words, tmp_path, capsys, m
 def test_a_signal_checkpoints_writes_outputs_and_exits_130(signum, tmp_path):
     env = dict(os.environ, PYTHONPATH=str(ROOT))
     proc = subprocess.Popen([sys.executable, str(ROOT / "autoregressive_model.py"), *TINY, "--threads", "1",
-                             "--epochs", "500", "--patience", "500", "--out", str(tmp_path)],
+                             "--epochs", "500", "--patience", "500", "--checkpoint-seconds", "0",
+                             "--out", str(tmp_path)],
                             env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     deadline = time.time() + 300
     while time.time() < deadline:  # interrupt once two epochs are checkpointed (two GIF frames)
