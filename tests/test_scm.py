@@ -7,6 +7,7 @@ import json
 import pytest
 import torch
 
+import common
 import score_matching as scm_script
 from conftest import check_outputs, run_main
 from score_matching import ScoreMatching, annealed_langevin, dsm_loss, geometric_sigmas
@@ -59,8 +60,24 @@ def test_zero_score_network_gives_half_the_dimension():
     x = torch.randint(0, 17, (2000, 64)).float()
     with torch.no_grad():
         per_level = model.loss_per_level(x)
-    assert per_level.shape == (10,)
-    assert torch.allclose(per_level, torch.full((10,), 32.0), rtol=0.02)
+    levels = ScoreMatching.Config().noise_levels
+    assert per_level.shape == (levels,)
+    assert torch.allclose(per_level, torch.full((levels,), 32.0), rtol=0.02)
+
+
+def test_input_scale_is_the_spread_of_the_training_images():
+    """The network sees x~ / sqrt(sigma_data^2 + sigma^2), about unit variance at every level:
+    DATA_SCALE is the root mean square distance of the training pixels ([-1, 1]) from the mean image."""
+    train = common.pixels_to_pm1(common.load_splits("cpu")["train"].double())
+    rms = (train - train.mean(0)).pow(2).mean().sqrt().item()
+    assert scm_script.DATA_SCALE == pytest.approx(rms, abs=0.005)
+
+
+def test_largest_noise_level_is_about_the_largest_distance_between_training_images():
+    """Song & Ermon 2020, technique 1: sigma_max near the largest pairwise distance of the data."""
+    train = common.pixels_to_pm1(common.load_splits("cpu")["train"].double())
+    largest = torch.cdist(train, train).max().item()  # 9.6
+    assert 0.9 < ScoreMatching.Config().sigma_max / largest < 1.2
 
 
 def test_learned_score_matches_the_analytic_score_of_gaussian_data():
@@ -93,14 +110,16 @@ def test_learned_score_matches_the_analytic_score_of_gaussian_data():
 
 
 def test_langevin_step_schedule_with_a_zero_score():
-    """With s = 0 the chains only add noise: the variance grows by T * sum_i alpha_i, with
-    alpha_i = eps * sigma_i^2 / sigma_L^2 (Song & Ermon 2019, Algorithm 1)."""
+    """With s = 0 the chains only add noise: the variance grows by T * sum_i alpha_i, with the
+    relative step alpha_i = eps * sigma_i^2 (Song & Ermon 2019, Algorithm 1's eps / sigma_L^2
+    written as eps); the denoising step adds nothing for s = 0."""
     torch.manual_seed(0)
     sigmas = geometric_sigmas(1.0, 0.1, 3).double()
-    steps, step_size = 20, 1e-3
+    steps, step_size = 20, 0.1
     x = torch.zeros(20_000, 4, dtype=torch.float64)
     samples = annealed_langevin(lambda x, levels: torch.zeros_like(x), x, sigmas, steps, step_size)
-    expected = steps * step_size * (sigmas ** 2 / sigmas[-1] ** 2).sum()  # 20 * 1e-3 * (100 + 10 + 1)
+    expected = steps * step_size * (sigmas ** 2).sum()  # 20 * 0.1 * (1 + 0.1 + 0.01) = 2.22
+    assert expected.item() == pytest.approx(2.22)
     assert samples.var(0).mean().item() == pytest.approx(expected.item(), rel=0.02)
 
 
@@ -115,13 +134,13 @@ def test_annealed_langevin_with_the_exact_score_reproduces_the_gaussian(denoise)
     mu = torch.tensor([0.5, -1.0, 0.0], dtype=torch.float64)
     var = torch.tensor([0.3, 0.1, 0.5], dtype=torch.float64)
     sigmas = geometric_sigmas(1.0, 0.1, 4).double()
-    steps, step_size = 150, 1e-2
+    steps, step_size = 150, 1.0  # alpha_i = sigma_i^2 < w_i: every step contracts
     x = torch.rand(10_000, 3, dtype=torch.float64) * 2 - 1  # uniform on [-1, 1]: mean 0, var 1/3
     samples = annealed_langevin(gaussian_score(mu, var, sigmas), x, sigmas, steps, step_size, denoise)
 
     mean, variance = torch.zeros(3, dtype=torch.float64), torch.full((3,), 1 / 3, dtype=torch.float64)
     for sigma in sigmas:
-        w, a = var + sigma ** 2, step_size * (sigma / sigmas[-1]) ** 2
+        w, a = var + sigma ** 2, step_size * sigma ** 2
         for _ in range(steps):
             mean, variance = mean + a / 2 * (mu - mean) / w, (1 - a / (2 * w)) ** 2 * variance + a
     w_last = var + sigmas[-1] ** 2
@@ -136,10 +155,13 @@ def test_annealed_langevin_with_the_exact_score_reproduces_the_gaussian(denoise)
 def test_smoke_every_output(tmp_path):
     assert run_main(scm_script.main, [*TINY, "--out", str(tmp_path)]) == 0
     metrics = check_outputs(tmp_path, "ScM", None)
-    assert 0 < metrics["test_dsm_loss"] < 64 and len(metrics["test_dsm_loss_per_level"]) == 10
-    assert metrics["test_dsm_loss"] == pytest.approx(sum(metrics["test_dsm_loss_per_level"]) / 10, rel=1e-3)
+    config = ScoreMatching.Config()
+    levels = config.noise_levels
+    assert 0 < metrics["test_dsm_loss"] < 64 and len(metrics["test_dsm_loss_per_level"]) == levels
+    assert metrics["test_dsm_loss"] == pytest.approx(sum(metrics["test_dsm_loss_per_level"]) / levels, rel=1e-3)
     assert "nll" not in json.dumps({k: v for k, v in metrics.items() if "dsm" in k}).lower()
-    assert metrics["sigmas"][0] == pytest.approx(2.0) and metrics["sigmas"][-1] == pytest.approx(0.01)
+    assert metrics["sigmas"][0] == pytest.approx(config.sigma_max)
+    assert metrics["sigmas"][-1] == pytest.approx(scm_script.DEFAULTS["sigma_min"])
     assert metrics["sampling"]["langevin_steps"] == 5  # --quick shrinks the sampler
 
 
