@@ -1,21 +1,30 @@
 """RealNVP normalizing flow of 8x8 Digits (Dinh, Sohl-Dickstein & Bengio 2017, "Density
 estimation using Real NVP"; intro_dgm's RealNVP example), with an honest likelihood.
 
-An invertible map f takes a dequantized image v = x + u, u ~ U[0, 1)^64, to z = f(v) with a
+An invertible map f takes a dequantized image v = x + u, u in [0, 1)^64, to z = f(v) with a
 standard normal base density, so by the change of variables
 
     log p(v) = log N(f(v); 0, I) + log|det df/dv|.
 
 f is the logit transform of RealNVP/Glow, w = logit(alpha + (1 - 2 alpha) v / 17), followed by a
-stack of ActNorm layers (Glow's per-pixel affine map) and affine coupling layers: with a binary
-mask m (checkerboard on the 8x8 grid, or random halves), h' = m * h + (1 - m) * (h * exp(s(m * h))
-+ t(m * h)), whose log|det| is the sum of s over the free pixels; s is a tanh-bounded log-scale
-from an MLP with dropout. Masks alternate so that every pixel is transformed. Sampling runs the inverse from z ~ N(0, T^2 I) and floors v to the pixel values.
+stack of ActNorm layers (Glow's per-pixel affine map), optionally an LU-parametrised invertible
+linear mixing (Glow's 1x1 convolution; --mixing), and affine coupling layers: with a binary mask m
+(by default the checkerboard on the 8x8 grid, or random halves), h' = m * h + (1 - m) * (h *
+exp(s(m * h)) + t(m * h)), whose log|det| is the sum of s over the free pixels; s is a tanh-bounded
+log-scale from a residual MLP with LayerNorm and dropout (8 couplings, 256 hidden units, dropout
+0.5 by default). Masks alternate so that every pixel is transformed. Sampling runs the inverse
+from z ~ N(0, T^2 I) (T = 1 by default: true samples of the model) and floors v to the pixel values.
 
-Training maximises log p(x + u) with a fresh u every step. Since each pixel's bin [x, x + 1) has
-volume 1, -log P(x) <= E_u[-log p(x + u)] (Jensen), so the test NLL, averaged over --nll-draws
-dequantization draws, is an upper bound on the discrete NLL in nats per image on the 0..16 pixels,
-comparable with the exact NLL of the autoregressive model.
+Dequantization (Theis et al. 2016; Ho et al. 2019, Flow++): u ~ q(u | x), uniform or (the
+default) a learned conditional flow, u = sigmoid(g(e; x)), e ~ N(0, I). Since each pixel's bin
+[x, x + 1) has volume 1, P(x) = E_q[p(x + u) / q(u | x)], so by Jensen
+
+    -log P(x) <= E_q[-log p(x + u) + log q(u | x)],
+
+which training minimises (one fresh draw per image and step, reparametrised) jointly in f and q.
+The test NLL is the importance-weighted form of this bound over --nll-draws draws (Burda et al.
+2016; --nll-estimate mean gives the plain average), an upper bound on the discrete NLL in nats per
+image on the 0..16 pixels, comparable with the exact NLL of the autoregressive model.
 
 Run:  python flow_based_model_realnvp.py            # defaults, writes results/RealNVP_*
       python flow_based_model_realnvp.py --help
@@ -65,40 +74,58 @@ def make_masks(kind, num_couplings, dim=common.NUM_PIXELS, seed=0):
 # model
 
 
+class ResidualMLP(nn.Module):
+    """(B, inputs) -> (B, outputs): h = W_in x, then blocks h <- h + W dropout(silu(LayerNorm(h))),
+    and a head W_out dropout(silu(LayerNorm(h))) that starts at zero (so a coupling starts as the identity)."""
+
+    def __init__(self, inputs, outputs, hidden, blocks, dropout):
+        super().__init__()
+        self.inp = nn.Linear(inputs, hidden)
+        self.blocks = nn.ModuleList(
+            nn.Sequential(nn.LayerNorm(hidden), nn.SiLU(), nn.Dropout(dropout), nn.Linear(hidden, hidden))
+            for _ in range(blocks))
+        self.head = nn.Sequential(nn.LayerNorm(hidden), nn.SiLU(), nn.Dropout(dropout), nn.Linear(hidden, outputs))
+        nn.init.zeros_(self.head[-1].weight)
+        nn.init.zeros_(self.head[-1].bias)
+
+    def forward(self, x):
+        h = self.inp(x)
+        for block in self.blocks:
+            h = h + block(h)
+        return self.head(h)
+
+
 class AffineCoupling(nn.Module):
-    """h -> m * h + (1 - m) * (h * exp(s) + t), (s, t) = net(m * h); log|det| = sum (1 - m) * s.
+    """h -> h' with h'_fixed = h_fixed and h'_free = h_free * exp(s) + t, (s, t) = net(h_fixed, c),
+    where the binary mask marks the fixed coordinates and c is an optional conditioning input
+    (B, cond_dim) (the dequantizer's pixels); log|det dh'/dh| = sum s.
 
     The log-scale is s = scale * tanh(raw), bounded for stability (RealNVP uses a tanh too); the
-    last layer starts at zero, so every coupling starts as the identity."""
+    net's head starts at zero, so every coupling starts as the identity."""
 
-    def __init__(self, mask, hidden, layers, dropout):
+    def __init__(self, mask, hidden, blocks, dropout, cond_dim=0):
         super().__init__()
-        dim = len(mask)
         self.register_buffer("mask", mask)
-        blocks = [nn.Linear(dim, hidden), nn.LeakyReLU()]
-        for _ in range(layers - 1):
-            blocks += [nn.Dropout(dropout), nn.Linear(hidden, hidden), nn.LeakyReLU()]
-        blocks += [nn.Dropout(dropout), nn.Linear(hidden, 2 * dim)]
-        self.net = nn.Sequential(*blocks)
-        nn.init.zeros_(self.net[-1].weight)
-        nn.init.zeros_(self.net[-1].bias)
-        self.scale = nn.Parameter(torch.ones(dim))
+        self.register_buffer("fixed", mask.nonzero()[:, 0])
+        self.register_buffer("free", (mask == 0).nonzero()[:, 0])
+        self.net = ResidualMLP(len(self.fixed) + cond_dim, 2 * len(self.free), hidden, blocks, dropout)
+        self.scale = nn.Parameter(torch.ones(len(self.free)))
 
-    def shift_and_log_scale(self, h_fixed):
-        """(B, D) masked input -> (s, t), each (B, D), zero on the fixed coordinates."""
-        raw_s, t = self.net(h_fixed).chunk(2, dim=1)
-        free = 1 - self.mask
-        return free * self.scale * torch.tanh(raw_s), free * t
+    def shift_and_log_scale(self, h, cond):
+        """(B, D) input (only its fixed coordinates are read) -> (s, t), each (B, D_free)."""
+        inputs = h[:, self.fixed] if cond is None else torch.cat([h[:, self.fixed], cond], 1)
+        raw_s, t = self.net(inputs).chunk(2, dim=1)
+        return self.scale * torch.tanh(raw_s), t
 
-    def forward(self, h):
+    def forward(self, h, cond=None):
         """(B, D) -> (h', log|det dh'/dh| (B,))."""
-        s, t = self.shift_and_log_scale(self.mask * h)
-        return h * torch.exp(s) + t, s.sum(1)  # fixed coordinates: s = t = 0, h' = h
+        s, t = self.shift_and_log_scale(h, cond)
+        return h.index_copy(1, self.free, h[:, self.free] * torch.exp(s) + t), s.sum(1)
 
-    def inverse(self, h_out):
+    def inverse(self, h_out, cond=None):
         """(B, D) -> h with forward(h)[0] == h_out (the fixed coordinates pass unchanged)."""
-        s, t = self.shift_and_log_scale(self.mask * h_out)
-        return (h_out - t) * torch.exp(-s)
+        s, t = self.shift_and_log_scale(h_out, cond)
+        return h_out.index_copy(1, self.free, (h_out[:, self.free] - t) * torch.exp(-s))
 
 
 class ActNorm(nn.Module):
@@ -125,15 +152,56 @@ class ActNorm(nn.Module):
         return h_out * torch.exp(-self.log_scale) - self.bias
 
 
-class CouplingStack(nn.Module):
-    """ActNorm and an affine coupling per mask, composed, in R^D: the flow proper."""
+class InvertibleLinear(nn.Module):
+    """h -> W h with W = P L (U + diag(sign * exp(d))) (Glow's LU-parametrised invertible 1x1
+    convolution; on 64 pixels a full linear mixing): P a fixed permutation, L unit lower and U
+    strictly upper triangular, so log|det W| = sum d, exact and cheap. Starts at a random rotation."""
 
-    def __init__(self, masks, hidden, layers, dropout):
+    def __init__(self, dim, generator):
+        super().__init__()
+        rotation = torch.linalg.qr(torch.randn(dim, dim, generator=generator))[0]
+        permutation, lower, upper = torch.linalg.lu(rotation)
+        diagonal = torch.diagonal(upper)
+        self.register_buffer("permutation", permutation)
+        self.register_buffer("sign", torch.sign(diagonal))
+        self.lower = nn.Parameter(torch.tril(lower, -1))
+        self.upper = nn.Parameter(torch.triu(upper, 1))
+        self.log_diagonal = nn.Parameter(torch.log(diagonal.abs()))
+
+    def weight(self):
+        eye = torch.eye(len(self.sign), dtype=self.lower.dtype, device=self.lower.device)
+        lower = torch.tril(self.lower, -1) + eye
+        upper = torch.triu(self.upper, 1) + torch.diag(self.sign * torch.exp(self.log_diagonal))
+        return self.permutation @ lower @ upper
+
+    def forward(self, h):
+        """(B, D) -> (h W^T, log|det W| (B,))."""
+        return h @ self.weight().T, self.log_diagonal.sum().expand(len(h))
+
+    def inverse(self, h_out):
+        """h = W^-1 h_out by two triangular solves with the factors themselves (no new
+        factorisation of W): U' h = L^-1 P^T h_out."""
+        eye = torch.eye(len(self.sign), dtype=self.lower.dtype, device=self.lower.device)
+        lower = torch.tril(self.lower, -1) + eye
+        upper = torch.triu(self.upper, 1) + torch.diag(self.sign * torch.exp(self.log_diagonal))
+        y = torch.linalg.solve_triangular(lower, self.permutation.T @ h_out.T, upper=False, unitriangular=True)
+        return torch.linalg.solve_triangular(upper, y, upper=True).T
+
+
+class CouplingStack(nn.Module):
+    """Per mask: ActNorm, an invertible linear mixing (mixing=True) and an affine coupling,
+    composed, in R^D: the flow proper."""
+
+    def __init__(self, masks, hidden, blocks, dropout, mixing=True, seed=0):
         super().__init__()
         dim = masks.shape[1]
+        generator = torch.Generator().manual_seed(seed)
         self.steps = nn.ModuleList()
         for mask in masks:
-            self.steps.extend([ActNorm(dim), AffineCoupling(mask, hidden, layers, dropout)])
+            self.steps.append(ActNorm(dim))
+            if mixing:
+                self.steps.append(InvertibleLinear(dim, generator))
+            self.steps.append(AffineCoupling(mask, hidden, blocks, dropout))
 
     def forward(self, h):
         """(B, D) -> (z, summed log|det dz/dh| (B,))."""
@@ -181,15 +249,61 @@ class LogitTransform(nn.Module):
         return (torch.sigmoid(w) - self.alpha) / (1 - 2 * self.alpha) * common.NUM_LEVELS
 
 
+class VariationalDequantizer(nn.Module):
+    """q(u | x) on (0, 1)^D (Ho et al. 2019, Flow++): e ~ N(0, I), h = g(e; x) by affine couplings
+    whose conditioners also see the pixels x, u = sigmoid(h), so
+
+        log q(u | x) = log N(e; 0, I) - log|det dg/de| - sum_i log sigmoid'(h_i).
+
+    Then -log P(x) <= E_q[-log p(x + u) + log q(u | x)] (Jensen on P(x) = E_q[p(x + u) / q(u | x)]);
+    q = uniform is the plain dequantization bound, so a learned q can only tighten it."""
+
+    def __init__(self, dim, num_couplings, hidden, blocks, dropout, masks, seed=1):
+        super().__init__()
+        self.couplings = nn.ModuleList(AffineCoupling(mask, hidden, blocks, dropout, cond_dim=dim)
+                                       for mask in make_masks(masks, num_couplings, dim, seed=seed))
+
+    @staticmethod
+    def condition(x):
+        return x / common.PIXEL_MAX * 2 - 1  # (B, D) pixels to [-1, 1]
+
+    def forward(self, e, x):
+        """(noise e (B, D), pixels x (B, D)) -> (u in (0, 1)^D, log q(u | x) (B,))."""
+        c, h, log_det = self.condition(x), e, e.new_zeros(len(e))
+        for coupling in self.couplings:
+            h, step_log_det = coupling(h, c)
+            log_det = log_det + step_log_det
+        log_sigmoid_slope = (nn.functional.logsigmoid(h) + nn.functional.logsigmoid(-h)).sum(1)
+        return torch.sigmoid(h), standard_normal_log_prob(e) - log_det - log_sigmoid_slope
+
+    def inverse(self, u, x):
+        """(u, x) -> e with forward(e, x)[0] == u."""
+        c, h = self.condition(x), torch.log(u) - torch.log1p(-u)
+        for coupling in reversed(self.couplings):
+            h = coupling.inverse(h, c)
+        return h
+
+
 @dataclasses.dataclass(frozen=True)
 class RealNVPConfig:
     num_couplings: int = common.option(8, "number of affine coupling layers", type=common.positive_int)
-    hidden: int = common.option(256, "hidden units of each coupling's MLP", type=common.positive_int)
-    layers: int = common.option(2, "hidden layers of each coupling's MLP", type=common.positive_int)
+    hidden: int = common.option(256, "hidden units of each coupling's residual MLP", type=common.positive_int)
+    blocks: int = common.option(2, "residual blocks of each coupling's MLP", type=common.nonnegative_int)
     dropout: float = common.option(0.5, "dropout in the coupling MLPs, against overfitting 1000 images",
                                    type=common.unit_interval)
-    masks: str = common.option("random", "coupling masks: random halves or the 8x8 checkerboard, each "
-                               "followed by its complement", choices=("random", "checkerboard"))
+    # checkerboard: mean val Frechet over 5 sample seeds 20.9 against 22.7 with random halves (val
+    # bound 93.3 against 93.1, one draw)
+    masks: str = common.option("checkerboard", "coupling masks: the 8x8 checkerboard or random halves, each "
+                               "followed by its complement", choices=("checkerboard", "random"))
+    # mixing off: with random masks it gave val bound 96.9 against 93.1 (one draw) and mean val
+    # Frechet 23.4 against 22.7 over 5 sample seeds
+    mixing: bool = common.option(False, "an invertible linear map (LU-parametrised) before each coupling")
+    dequantization: str = common.option("variational", "dequantization noise u: uniform, or a learned "
+                                        "flow q(u | x)", choices=("variational", "uniform"))
+    dequant_couplings: int = common.option(4, "couplings of the variational dequantizer",
+                                           type=common.positive_int)
+    dequant_hidden: int = common.option(192, "hidden units of the dequantizer's coupling MLPs",
+                                        type=common.positive_int)
     alpha: float = common.option(0.01, "logit squeeze: w = logit(alpha + (1 - 2 alpha) v / 17), alpha in (0, 0.5)",
                                  type=common.positive_float)
     weight_decay: float = common.option(0.0, "AdamW weight decay", type=common.nonnegative_float)
@@ -197,8 +311,10 @@ class RealNVPConfig:
 
 @dataclasses.dataclass(frozen=True)
 class RealNVPSampling:
-    nll_draws: int = common.option(10, "dequantization draws averaged in the test NLL bound",
+    nll_draws: int = common.option(50, "dequantization draws in the test NLL bound",
                                    type=common.positive_int)
+    nll_estimate: str = common.option("importance", "test NLL bound from the draws: the importance-weighted "
+                                      "bound, or the mean of the one-draw bounds", choices=("importance", "mean"))
     temperature: float = common.option(1.0, "sampling temperature T, z ~ N(0, T^2 I); 1 samples the model "
                                        "itself, < 1 gives cleaner, less diverse digits", type=common.positive_float)
 
@@ -211,10 +327,13 @@ class RealNVP(common.DigitsModel):
 
     def __init__(self, config=None, sampling=None, dim=common.NUM_PIXELS):
         super().__init__(config, sampling)
+        c = self.config
         self.dim = dim
-        self.logit = LogitTransform(self.config.alpha)
-        self.flow = CouplingStack(make_masks(self.config.masks, self.config.num_couplings, dim),
-                                  self.config.hidden, self.config.layers, self.config.dropout)
+        self.logit = LogitTransform(c.alpha)
+        self.flow = CouplingStack(make_masks(c.masks, c.num_couplings, dim), c.hidden, c.blocks, c.dropout,
+                                  mixing=c.mixing)
+        self.dequantizer = (VariationalDequantizer(dim, c.dequant_couplings, c.dequant_hidden, 1, c.dropout,
+                                                   "random") if c.dequantization == "variational" else None)
 
     def forward(self, v):
         """Dequantized pixels (B, D) in [0, 17) -> (z, log|det dz/dv| (B,)): logit, then couplings."""
@@ -230,13 +349,31 @@ class RealNVP(common.DigitsModel):
         z, log_det = self(v)
         return standard_normal_log_prob(z) + log_det
 
+    def dequantize(self, x):
+        """(B, D) pixels -> (v = x + u, log q(u | x) (B,)): u uniform (log q = 0) or from the dequantizer."""
+        if self.dequantizer is None:
+            return common.dequantize(x), x.new_zeros(len(x))
+        u, log_q = self.dequantizer(torch.randn_like(x), x)
+        return x + u, log_q
+
+    def bound(self, x):
+        """(B,) one-draw estimate of E_q[-log p(x + u) + log q(u | x)] >= -log P(x), nats."""
+        v, log_q = self.dequantize(x)
+        return log_q - self.log_prob(v)
+
     def loss(self, x):
-        """Mean of -log p(x + u) over the batch, one fresh dequantization u per image."""
-        return -self.log_prob(common.dequantize(x)).mean()
+        """The bound's mean over the batch, one fresh dequantization draw per image."""
+        return self.bound(x).mean()
 
     def test_nll(self, x):
-        """(B,) E_u[-log p(x + u)] over nll_draws draws: an upper bound on -log P(x), nats."""
-        return torch.stack([-self.log_prob(common.dequantize(x)) for _ in range(self.sampling.nll_draws)]).mean(0)
+        """(B,) an upper bound on -log P(x), nats, from K = nll_draws draws u_k ~ q(u | x) with
+        weights w_k = p(x + u_k) / q(u_k | x): "mean" is the average of -log w_k; "importance" is
+        -log (1/K sum_k w_k) (Burda et al. 2016), which is also >= -log P(x) in expectation, since
+        E[(1/K) sum_k w_k] = P(x) and -log is convex, and tighter as K grows."""
+        log_w = -torch.stack([self.bound(x) for _ in range(self.sampling.nll_draws)])  # (K, B)
+        if self.sampling.nll_estimate == "mean":
+            return -log_w.mean(0)
+        return math.log(len(log_w)) - torch.logsumexp(log_w, 0)
 
     def sample(self, n):
         """z ~ N(0, T^2 I) -> v = f^-1(z) -> floor(v), the bin v falls in, clamped to 0..16."""
@@ -247,8 +384,7 @@ class RealNVP(common.DigitsModel):
         """The NLL bound on train and validation with one dequantization draw each (the
         train-validation gap shows the overfitting)."""
         with common.seeded(0, self.device), torch.no_grad():
-            bounds = {f"{k}_nll_bound_1draw": float(-self.log_prob(common.dequantize(splits[k])).mean())
-                      for k in ("train", "val")}
+            bounds = {f"{k}_nll_bound_1draw": float(self.bound(splits[k]).mean()) for k in ("train", "val")}
         return bounds
 
     def configure_optimizer(self, lr):
@@ -260,7 +396,9 @@ class RealNVP(common.DigitsModel):
 
 
 def main(argv=None):
-    parser = common.make_parser(__file__, __doc__, epochs=300, batch_size=64, lr=1e-3, patience=20, gif_every=5)
+    # lr 3e-4 (1e-3: mean val Frechet 27.1 over 5 sample seeds against 20.9); no EMA (0.999, random
+    # masks: mean val Frechet 24.4 against 22.7, and it never stops early: 300 epochs, 156 CPU s)
+    parser = common.make_parser(__file__, __doc__, epochs=300, batch_size=64, lr=3e-4, patience=20, gif_every=5)
     common.add_options(parser, "RealNVP", RealNVPConfig)
     common.add_options(parser, "RealNVP evaluation and sampling (free to change with --sample-only)",
                        RealNVPSampling)
