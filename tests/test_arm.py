@@ -14,7 +14,7 @@ from conftest import check_outputs, run_main
 
 def tiny_arm():
     torch.manual_seed(0)
-    return ARM.build(channels=8, layers=3, kernel_size=9, dropout=0.0).eval()
+    return ARM.build(channels=8, layers=3, width=2, dropout=0.0).eval()
 
 
 def test_conditional_of_pixel_i_ignores_pixels_at_and_after_i():
@@ -31,6 +31,33 @@ def test_conditional_of_pixel_i_ignores_pixels_at_and_after_i():
             past = x.clone()
             past[:, i - 1] = (past[:, i - 1] + 5) % 17
             assert not torch.allclose(torch.log_softmax(model.logits(past), -1)[:, i], base[:, i])
+
+
+def test_every_pixel_sees_every_earlier_pixel_at_the_defaults():
+    """No blind spot: with the default layers and widths, the conditional of pixel i depends on
+    each of the pixels 0..i-1 (a non-zero gradient through its embedding), none after."""
+    torch.manual_seed(0)
+    model = ARM.build().eval()
+    x = torch.randint(0, 17, (1, 64))
+    net = model.nets[0]
+    embedded = net.embed(x).detach().requires_grad_()
+    net.embed.register_forward_hook(lambda module, inputs, output: embedded)  # a leaf to differentiate by
+    logits = net.logits(x)  # (1, 64, 17)
+    for i in (1, 8, 15, 16, 40, 56, 63):
+        (grad,) = torch.autograd.grad(logits[0, i].sum(), embedded, retain_graph=True)
+        seen = grad[0].abs().sum(1) > 0  # (64,)
+        assert seen[:i].all(), f"pixel {i} misses {(~seen[:i]).nonzero().flatten().tolist()}"
+        assert not seen[i:].any()
+
+
+def test_context_dropout_only_acts_while_training():
+    torch.manual_seed(0)
+    model = ARM.build(channels=8, layers=2, dropout=0.0, context_dropout=0.5)
+    x = torch.randint(0, 17, (4, 64))
+    model.eval()
+    assert torch.equal(model.logits(x), model.logits(x))
+    model.train()
+    assert not torch.allclose(model.logits(x), model.logits(x))
 
 
 def test_probabilities_of_all_sequences_sum_to_one_on_a_short_prefix():
@@ -67,9 +94,10 @@ def test_smoke_every_output(tmp_path):
     assert metrics["test_nll_nats"] < 64 * math.log(17) * 1.2
 
 
-def test_cached_logits_equal_the_full_pass_at_every_step():
+@pytest.mark.parametrize("members, position", [(1, False), (2, True)])
+def test_cached_logits_equal_the_full_pass_at_every_step(members, position):
     """The incremental sampler's conditionals are the full network's, position by position."""
-    model = ARM.build(channels=8, layers=3, kernel_size=5, dropout=0.0)
+    model = ARM.build(channels=8, layers=3, width=2, dropout=0.0, members=members, position=position)
     torch.manual_seed(2)
     with torch.no_grad():
         for parameter in model.parameters():  # no zero-initialised parts: every path matters
@@ -95,3 +123,15 @@ def test_cached_sampler_draws_the_same_pixels_as_full_passes():
             x[:, i] = torch.multinomial(F.softmax(model.logits(x)[:, i], dim=-1), 1).squeeze(1)
     torch.manual_seed(3)
     assert torch.equal(model.sample(20), x.float())
+
+
+def test_members_conditionals_are_the_mean_of_their_probabilities():
+    torch.manual_seed(0)
+    model = ARM.build(channels=8, layers=2, members=3, position=True).eval()
+    x = torch.randint(0, 17, (4, 64))
+    mean = torch.stack([F.softmax(net.logits(x), -1) for net in model.nets]).mean(0)
+    assert torch.allclose(model.logits(x).exp(), mean, atol=1e-6)
+    assert torch.allclose(model.logits(x).exp().sum(-1), torch.ones(4, 64), atol=1e-5)
+    # training: each member on its own NLL
+    own = torch.stack([-F.log_softmax(net.logits(x), -1).gather(2, x.unsqueeze(2)).sum((1, 2)) for net in model.nets])
+    assert model.loss(x.float()).item() == pytest.approx(own.mean().item(), rel=1e-5)
