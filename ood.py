@@ -219,8 +219,9 @@ def pixel_markov_nll(train, smoothing=0.5):
 
 
 def test_nll(model, x):
-    """The family's own test_nll: -log P(x) (ARM, exact), E_u[-log p(x + u)] over its dequantization
-    draws (RealNVP), or -log p(x + u) by the probability-flow ODE, one draw (SBGM, FM)."""
+    """The family's own test_nll: -log P(x) (ARM, exact), the importance-weighted dequantization
+    bound over its draws u ~ q(u | x) (RealNVP), or -log p(x + u) by the probability-flow ODE, one
+    draw (SBGM, FM)."""
     return model.test_nll(x)
 
 

@@ -203,7 +203,7 @@ def test_bad_checkpoints_exit_2_with_one_line(damage, words, tmp_path, capsys, m
         elif damage == "wrong_type":
             checkpoint["best_val"] = "0.5"
         else:
-            checkpoint["weights"]["head.bias"][3] *= 1.5  # bytes altered inside the tensor data
+            checkpoint["weights"]["nets.0.head.bias"][3] *= 1.5  # bytes altered inside the tensor data
         torch.save(checkpoint, path)
     capsys.readouterr()
     assert run_main(arm_script.main, argv) == 2

@@ -14,7 +14,7 @@ import common
 FAMILIES = {
     "ARM": ("autoregressive_model", dict(channels=8, layers=2)),
     "RealNVP": ("flow_based_model_realnvp", dict(num_couplings=2, hidden=16)),
-    "EBM": ("energy_based_model", dict(hidden=16, layers=1, buffer_size=32, sgld_steps=2, sample_steps=2)),
+    "EBM": ("energy_based_model", dict(hidden=16, layers=1, sgld_steps=2, sample_steps=2)),
     "ScM": ("score_matching", dict(hidden=16, blocks=1, langevin_steps=2)),
     "SBGM": ("score_based_generative_model", dict(hidden=16, blocks=1, ode_steps=2, sample_steps=10)),
     "DDPM": ("ddpm", dict(num_steps=10, hidden=16, blocks=1, ddim_steps=2)),
@@ -74,7 +74,7 @@ def test_damaged_weights_are_refused_by_their_checksum(tmp_path):
     path = tmp_path / "ARM.pt"
     common.save_weights(path, "ARM", common.dataclasses.asdict(model.config), state)
     shipped = torch.load(path, weights_only=True)
-    shipped["weights"]["head.bias"][0] += 1.0  # one number changed inside the tensor data
+    shipped["weights"]["nets.0.head.bias"][0] += 1.0  # one number changed inside the tensor data
     torch.save(shipped, path)
     with pytest.raises(common.UsageError, match="checksum"):
         common.load_trained(cls, tmp_path)
