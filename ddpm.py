@@ -143,7 +143,9 @@ class DDPMConfig:
     num_steps: int = common.option(1000, "diffusion steps T", type=common.positive_int, flag=("--num-steps", "-T"))
     schedule: str = common.option("linear", "noise schedule beta_t (linear: the better bound on validation)",
                                   choices=("linear", "cosine"))
-    hidden: int = common.option(256, "width of the noise predictor's residual MLP", type=common.positive_int)
+    # 384 over 256 (seed 0, 1 thread): val bound 98.14 vs 98.45 nats (0.3 lower under 3 draws of the
+    # bound's x_t), val Frechet 19.8 vs 22.5; train CPU 72-76 vs 56-63 s at 1 thread
+    hidden: int = common.option(384, "width of the noise predictor's residual MLP", type=common.positive_int)
     blocks: int = common.option(3, "residual blocks of the noise predictor", type=common.positive_int)
     variance: str = common.option("learned", "reverse variances: learned interpolation between beta~_t and "
                                   "beta_t (hybrid loss), or fixed beta~_t (simple loss only)",
