@@ -315,7 +315,7 @@ def test_resume_needs_the_training_checkpoint_and_the_same_training_flags(tmp_pa
     --resume with another learning rate or batch size is refused instead of recorded."""
     assert run_main(arm_script.main, TINY + ["--epochs", "1", "--out", str(tmp_path)]) == 0
     capsys.readouterr()
-    for flags, words in ((["--lr", "0.5"], "--lr 0.002 (checkpoint) vs 0.5 (now)"),
+    for flags, words in ((["--lr", "0.5"], "--lr 0.007 (checkpoint) vs 0.5 (now)"),
                          (["--batch-size", "7"], "--batch-size 64 (checkpoint) vs 7 (now)")):
         assert run_main(arm_script.main, TINY + ["--epochs", "2", "--resume", *flags, "--out", str(tmp_path)]) == 2
         err = capsys.readouterr().err.strip()
