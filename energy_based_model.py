@@ -145,11 +145,14 @@ class EBM(common.DigitsModel):
             raise ValueError("labels_of: the batch holds images that are not in load_digits()")
         return self.table_y[index]
 
+    def langevin(self, energy, x, steps):
+        """`steps` SGLD steps of the configured size and noise on `energy`, inside [-1, 1]."""
+        return sgld(energy, x, steps, self.config.step_size, self.config.noise, bounds=(-1.0, 1.0))
+
     def chains(self, labels, steps):
         """(B,) labels -> (B, 64) in [-1, 1]: SGLD on E(., label) from uniform noise."""
         start = uniform_noise(len(labels), common.NUM_PIXELS, labels.device)
-        return sgld(lambda v: self.joint_energy(v, labels), start, steps, self.config.step_size,
-                    self.config.noise, bounds=(-1.0, 1.0))
+        return self.langevin(lambda v: self.joint_energy(v, labels), start, steps)
 
     def loss(self, x):
         y = common.pixels_to_pm1(x) + self.config.data_noise * torch.randn_like(x)  # (B, 64)
@@ -178,8 +181,7 @@ class EBM(common.DigitsModel):
     def sample_marginal(self, n):
         """Short-run SGLD on the marginal E(x) from uniform noise: (n, 64) on the 0..16 scale."""
         start = uniform_noise(n, common.NUM_PIXELS, self.device)
-        return common.pm1_to_pixels(sgld(self.energy, start, self.steps(), self.config.step_size,
-                                         self.config.noise, bounds=(-1.0, 1.0)))
+        return common.pm1_to_pixels(self.langevin(self.energy, start, self.steps()))
 
     def samplers(self):
         return {"marginal": self.sample_marginal}
@@ -208,8 +210,7 @@ class EBM(common.DigitsModel):
         total, rows = self.steps(), [x]
         marks = [round(total * i / 7) for i in range(8)]
         for a, b in zip(marks[:-1], marks[1:]):
-            x = sgld(lambda v: self.joint_energy(v, labels), x, b - a, self.config.step_size,
-                     self.config.noise, bounds=(-1.0, 1.0))
+            x = self.langevin(lambda v: self.joint_energy(v, labels), x, b - a)
             rows.append(x)
         return dict(chains=(common.pm1_to_pixels(torch.cat(rows)), NUM_CLASSES))
 

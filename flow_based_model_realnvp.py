@@ -168,10 +168,15 @@ class InvertibleLinear(nn.Module):
         self.upper = nn.Parameter(torch.triu(upper, 1))
         self.log_diagonal = nn.Parameter(torch.log(diagonal.abs()))
 
-    def weight(self):
+    def factors(self):
+        """(L, U): unit lower triangular, and upper triangular with diagonal sign * exp(d)."""
         eye = torch.eye(len(self.sign), dtype=self.lower.dtype, device=self.lower.device)
         lower = torch.tril(self.lower, -1) + eye
         upper = torch.triu(self.upper, 1) + torch.diag(self.sign * torch.exp(self.log_diagonal))
+        return lower, upper
+
+    def weight(self):
+        lower, upper = self.factors()
         return self.permutation @ lower @ upper
 
     def forward(self, h):
@@ -181,9 +186,7 @@ class InvertibleLinear(nn.Module):
     def inverse(self, h_out):
         """h = W^-1 h_out by two triangular solves with the factors themselves (no new
         factorisation of W): U' h = L^-1 P^T h_out."""
-        eye = torch.eye(len(self.sign), dtype=self.lower.dtype, device=self.lower.device)
-        lower = torch.tril(self.lower, -1) + eye
-        upper = torch.triu(self.upper, 1) + torch.diag(self.sign * torch.exp(self.log_diagonal))
+        lower, upper = self.factors()
         y = torch.linalg.solve_triangular(lower, self.permutation.T @ h_out.T, upper=False, unitriangular=True)
         return torch.linalg.solve_triangular(upper, y, upper=True).T
 
@@ -263,13 +266,9 @@ class VariationalDequantizer(nn.Module):
         self.couplings = nn.ModuleList(AffineCoupling(mask, hidden, blocks, dropout, cond_dim=dim)
                                        for mask in make_masks(masks, num_couplings, dim, seed=seed))
 
-    @staticmethod
-    def condition(x):
-        return x / common.PIXEL_MAX * 2 - 1  # (B, D) pixels to [-1, 1]
-
     def forward(self, e, x):
         """(noise e (B, D), pixels x (B, D)) -> (u in (0, 1)^D, log q(u | x) (B,))."""
-        c, h, log_det = self.condition(x), e, e.new_zeros(len(e))
+        c, h, log_det = common.pixels_to_pm1(x), e, e.new_zeros(len(e))
         for coupling in self.couplings:
             h, step_log_det = coupling(h, c)
             log_det = log_det + step_log_det
@@ -278,7 +277,7 @@ class VariationalDequantizer(nn.Module):
 
     def inverse(self, u, x):
         """(u, x) -> e with forward(e, x)[0] == u."""
-        c, h = self.condition(x), torch.log(u) - torch.log1p(-u)
+        c, h = common.pixels_to_pm1(x), torch.log(u) - torch.log1p(-u)
         for coupling in reversed(self.couplings):
             h = coupling.inverse(h, c)
         return h

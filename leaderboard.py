@@ -260,11 +260,11 @@ def seed_table(out, seeds, train, threads):
             if seed and (out / "_digit_classifier.pt").is_file() and not (folder / "_digit_classifier.pt").is_file():
                 folder.mkdir(parents=True, exist_ok=True)
                 shutil.copy(out / "_digit_classifier.pt", folder)
-            metrics = current_metrics(name, script, folder, train, threads, ("--seed", str(seed)) if seed else ())
+            flags = ("--seed", str(seed)) if seed else ()
+            metrics = current_metrics(name, script, folder, train, threads, flags)
             if metrics is None:
                 print(f"leaderboard: no seed {seed} run of {name}; skipped", file=sys.stderr)
                 continue
-            flags = ("--seed", str(seed)) if seed else ()
             runs.append(dict(seed=seed, test_nll_nats=metrics["test_nll_nats"], current=is_current(metrics, script, flags),
                              frechet_distance=metrics["frechet_distance"], train_seconds=metrics["train_seconds"],
                              epochs=metrics["epochs_run"]))
