@@ -77,25 +77,23 @@ class Stacks(nn.Module):
 
 @dataclass(frozen=True)
 class ARMConfig:
-    # several small networks beat one large one (val NLL, lr 2e-3 unless noted): one of 32 channels
-    # 85.78, 2 x 24 83.85 (without position), 2 x 20 83.62, 2 x 16 83.28 (lr 4e-3, 85 epochs: 83.15),
-    # 3 x 12 82.24 after 219 epochs (206 CPU s); 3 x 12 at lr 7e-3 reaches 82.64 in 85 epochs
-    # (82 CPU s, 1 thread)
+    # the network's size: K members of C channels each; several small networks averaged beat fewer,
+    # wider ones on the validation NLL (README, the ARM's choices)
     channels: int = common.option(12, "channels of both stacks of each member", type=common.positive_int)
     layers: int = common.option(4, "gated residual layers after the first (masked) one",
                                 type=common.positive_int)
     width: int = common.option(2, "kernel half-width: each layer sees width columns either side in "
                                "the row above and width columns to the left", type=common.positive_int)
-    # one 32-channel network, val NLL: dropout 0.3 85.67 vs 0.2 85.78 (noise); context dropout 0.4
-    # 86.32 vs 0.25 85.78; EMA 0.995 85.77 vs 0.99; lr 1e-3 86.50; 48 channels 86.33
+    # three regularisers, because the network overfits the 1000 training digits
     dropout: float = common.option(0.2, "dropout on each residual branch", type=common.unit_interval)
     context_dropout: float = common.option(0.25, "while training, the probability that a pixel is hidden "
                                            "from the conditionals of later pixels (its embedding zeroed); "
                                            "its own term of the NLL is kept", type=common.unit_interval)
     weight_decay: float = common.option(0.05, "AdamW weight decay", type=common.nonnegative_float)
-    # one 32-channel network, val NLL 85.54 with it vs 85.78 without (cheap: 2 x 64 x C numbers)
-    position: bool = common.option(True, "a learned embedding of each pixel's position added to the "
-                                   "first layer's stacks")
+    # convolutions are translation invariant; the embedding (2 x 64 x C numbers per member) lets a
+    # layer know where in the 8x8 image it is
+    position: bool = common.option(True, "no learned position embedding: the first layer's stacks see "
+                                   "the pixel values alone, not where in the image each pixel is")
     members: int = common.option(3, "PixelCNNs trained side by side, each on its own NLL; each "
                                  "conditional is the mean of theirs", type=common.positive_int)
 
@@ -205,12 +203,13 @@ class ARM(common.DigitsModel):
         target = x.round().long()
         return summed_cross_entropy(self.logits(target), target)
 
-    def loss(self, x):
+    def loss(self, x, y):
         """Each member is trained on its own NLL (the mean over members), so that they differ."""
         target = x.round().long()
         return torch.stack([summed_cross_entropy(net.logits(target), target) for net in self.nets]).mean()
 
-    def eval_loss(self, x):
+    def eval_loss(self, x, y):
+        """The ensemble's exact NLL (mean over the batch): what early stopping watches."""
         return self.nll(x).mean()
 
     def test_nll(self, x):
@@ -234,6 +233,59 @@ class ARM(common.DigitsModel):
             x[:, i] = previous = torch.multinomial(probs, 1).squeeze(1)
         return x.float()
 
+    # --- inpainting (inpaint.py)
+
+    @torch.no_grad()
+    def ancestral_with_observed(self, x, missing, particles):
+        """One ancestral pass per particle with the observed pixels fed in as they come: missing
+        pixel i drawn from p(x_i | x_<i), observed pixel i kept, and its log p(x_i | x_<i) summed
+        into the particle's log-weight. x (B, 64) pixels, missing (B, 64) bool -> completions
+        (B, K, 64) and log-weights (B, K), K = particles. The proposal is q(x_m) = prod_{i in m}
+        p(x_i | x_<i), so the weight p(x_o, x_m) / q(x_m) = prod_{i in o} p(x_i | x_<i): importance
+        weights of p(x_m | x_o) (all equal when every missing pixel follows every observed one)."""
+        target = x.round().long().repeat_interleave(particles, 0)  # (B K, 64)
+        hidden = missing.repeat_interleave(particles, 0)
+        log_w = target.new_zeros(len(target), dtype=x.dtype)
+        caches, previous = self.empty_caches(len(target)), None
+        for i in range(common.NUM_PIXELS):
+            log_p = F.log_softmax(self.next_logits(previous, i, caches), dim=-1)  # (B K, 17)
+            drawn = torch.multinomial(log_p.exp(), 1).squeeze(1)
+            target[:, i] = previous = torch.where(hidden[:, i], drawn, target[:, i])
+            log_w += torch.where(hidden[:, i], 0.0, log_p.gather(1, target[:, i:i + 1]).squeeze(1))
+        return target.view(len(x), particles, common.NUM_PIXELS).to(x.dtype), log_w.view(len(x), particles)
+
+    @staticmethod
+    def follows_observed(missing):
+        """(B, 64) bool -> (B,) True where every missing pixel comes after every observed one in
+        raster order (a "suffix" mask, e.g. the bottom half): there ancestral sampling is exact."""
+        return (missing.long().cummax(1).values == missing.long()).all(1)
+
+    @torch.no_grad()
+    def complete(self, x, missing, particles=8, chunk=4096):
+        """Exact ancestral sampling of the missing pixels for suffix masks; for any other mask
+        sampling-importance-resampling: `particles` ancestral passes with the observed pixels fed
+        in, one kept with probability proportional to its weight prod_{i observed} p(x_i | x_<i)
+        (consistent as particles grow; cheaper than Gibbs, whose every update needs 17 full passes
+        per missing pixel). chunk: rows (digits x particles) per pass, for memory."""
+        out = x.clone()
+        suffix = self.follows_observed(missing)
+        for rows, k in ((suffix.nonzero().squeeze(1), 1), ((~suffix).nonzero().squeeze(1), particles)):
+            for part in rows.split(max(1, chunk // k)) if len(rows) else ():
+                completions, log_w = self.ancestral_with_observed(x[part], missing[part], k)
+                pick = torch.distributions.Categorical(logits=log_w).sample()  # (b,)
+                out[part] = torch.where(missing[part], completions[torch.arange(len(part)), pick], x[part])
+        return out
+
+    def missing_nll(self, x, missing):
+        """Exact -log p(x_m | x_o) = -sum_{i missing} log p(x_i | x_<i) when every missing pixel
+        follows every observed one; NotImplementedError for other masks."""
+        if not self.follows_observed(missing).all():
+            raise NotImplementedError("the ARM gives the missing pixels' likelihood only when they follow "
+                                      "every observed pixel in raster order")
+        target = x.round().long()
+        log_p = F.log_softmax(self.logits(target), -1).gather(2, target[..., None]).squeeze(2)  # (B, 64)
+        return -(log_p * missing).sum(1)
+
     def configure_optimizer(self, lr):
         return torch.optim.AdamW(self.parameters(), lr=lr, weight_decay=self.config.weight_decay)
 
@@ -243,9 +295,8 @@ class ARM(common.DigitsModel):
 
 
 def main(argv=None):
-    # the small members learn slowly: at lr 2e-3 3 x 12 still gained after 200 epochs; at 7e-3 (5e-3
-    # gave the same val NLL, 82.64, in 90 epochs) it is still improving at 85, the cap that keeps
-    # training within ~90 CPU seconds; batch 128 with lr 3e-3 did not take fewer epochs (2 x 24)
+    # the small members learn slowly: a high learning rate, and a cap of 85 epochs for the time budget
+    # (the ensemble is still improving there: README, the ARM's choices); EMA 0.99 for evaluation
     parser = common.make_parser(__file__, __doc__, epochs=85, batch_size=64, lr=7e-3, patience=8,
                                 ema=0.99, gif_every=5)
     common.add_options(parser, "ARM", ARMConfig)

@@ -17,8 +17,6 @@ machine, after the default runs (python leaderboard.py).
 """
 
 import argparse
-import importlib
-import json
 import math
 import os
 import shutil
@@ -33,20 +31,17 @@ from torch.utils._python_dispatch import TorchDispatchMode
 from torch.utils.flop_counter import flop_registry
 
 import common
+import leaderboard
 from leaderboard import SCRIPTS, is_current
 
-ROOT = Path(__file__).resolve().parent
+ROOT = common.ROOT
 BUSY_FAMILIES = ("ARM", "DDPM")
+# one CPU-bound process that also ends when benchmark.py is gone, however it ended (even SIGKILL)
+BUSY_LOOP = ("import os, sys\nwhile os.getppid() == int(sys.argv[1]):\n"
+             "    for _ in range(10**6):\n        pass")  # argv: the parent's pid
 
 # -----------------------------------------------------------------------------
 # measurements
-
-
-def model_class(name, script):
-    """The common.DigitsModel subclass called `name` in `script`."""
-    module = importlib.import_module(Path(script).stem)
-    return next(c for c in vars(module).values() if isinstance(c, type) and issubclass(c, common.DigitsModel)
-                and c.name == name)
 
 
 class MatmulFlops(TorchDispatchMode):
@@ -80,35 +75,37 @@ def matmul_flops_per_second(device, n=1024, min_seconds=1.0):
     return 2 * n**3 * reps / seconds["wall"]
 
 
-def step_speed(model, optimizer, train, batch_size, device, min_seconds=2.0):
-    """(matmul FLOPs of one training step, wall seconds per step) on full batches of train."""
-    batches = [train[i:i + batch_size] for i in range(0, len(train) - batch_size + 1, batch_size)]
+def step_speed(model, optimizer, train, labels, batch_size, device, min_seconds=2.0):
+    """(matmul FLOPs of one training step, wall seconds per step) on full batches of the train
+    pixels and their labels."""
+    batches = [(train[i:i + batch_size], labels[i:i + batch_size])
+               for i in range(0, len(train) - batch_size + 1, batch_size)]
     model.train()
     for batch in batches[:2]:  # warm-up: allocator, optimizer state
-        model.train_step(batch, optimizer)
+        model.train_step(*batch, optimizer)
     with MatmulFlops() as counter:
-        model.train_step(batches[0], optimizer)
+        model.train_step(*batches[0], optimizer)
     steps = 0
     with common.timed(device) as seconds:
         start = time.perf_counter()
         while steps < 5 or time.perf_counter() - start < min_seconds:
-            model.train_step(batches[steps % len(batches)], optimizer)
+            model.train_step(*batches[steps % len(batches)], optimizer)
             steps += 1
     return counter.flops, seconds["wall"] / steps
 
 
-def speed_row(name, script, out, splits, device, peaks):
+def speed_row(name, script, out, splits, labels, device, peaks):
     """One family: what its default run recorded, and its training step timed here at each thread
     count of `peaks` (thread count -> matmul FLOP/s)."""
-    metrics = json.loads((out / f"{name}_metrics.json").read_text())
+    metrics, _ = leaderboard.read_metrics(out / f"{name}_metrics.json", SPEED_KEYS)  # checked in main
     flags = metrics["train_flags"]
     steps = {}
     for threads, peak in peaks.items():
         torch.set_num_threads(threads)
         common.set_seed(0)
-        model = model_class(name, script).build().to(device)  # the defaults: the run's config if current
+        model = common.model_class(name).build().to(device)  # the defaults: the run's config if current
         flops, step_seconds = step_speed(model, model.configure_optimizer(flags["lr"]), splits["train"],
-                                         flags["batch_size"], device)
+                                         labels["train"], flags["batch_size"], device)
         steps[threads] = dict(step_ms=1000 * step_seconds, achieved_gflops=flops / step_seconds / 1e9,
                               matmul_fraction=flops / step_seconds / peak)
     run_threads = metrics["threads"]
@@ -129,11 +126,11 @@ def speed_table(out, device, thread_counts):
     for threads in thread_counts:
         torch.set_num_threads(threads)
         peaks[threads] = matmul_flops_per_second(device)
-    splits = common.load_splits(device)
+    splits, labels = common.load_splits(device), common.load_label_splits(device)
     rows = []
     for name, script in SCRIPTS.items():
         print(f"benchmark: {name} training step", flush=True)
-        rows.append(speed_row(name, script, out, splits, device, peaks))
+        rows.append(speed_row(name, script, out, splits, labels, device, peaks))
     one, most = min(thread_counts), max(thread_counts)
     lines = [f"Machine: {os.cpu_count()} CPU cores, device {device}, torch {torch.__version__}; fp32 matmul "
              f"throughput (1024 x 1024 products) " + ", ".join(f"{peaks[t] / 1e9:.0f} GFLOP/s on {t} thread(s)"
@@ -170,15 +167,23 @@ def speed_table(out, device, thread_counts):
 # default runs in fresh processes: thread counts, and a busy machine
 
 
+class RunFailed(Exception):
+    """A default run beside the busy core did not finish: one line, exit 1."""
+
+
 def default_run(name, script, out, flags=()):
     """The family's default run with extra flags in a scratch folder (the out folder's cached
-    digit classifier copied in); returns its metrics."""
+    digit classifiers copied in), signals forwarded to it; returns its metrics."""
     with tempfile.TemporaryDirectory() as scratch:
-        if (out / "_digit_classifier.pt").is_file():
-            shutil.copy(out / "_digit_classifier.pt", scratch)
+        for cache in out.glob("_digit_*.pt"):
+            shutil.copy(cache, scratch)
         command = [sys.executable, str(ROOT / script), "--no-progress", "--out", scratch, *flags]
-        subprocess.run(command, cwd=ROOT, check=True, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-        return json.loads((Path(scratch) / f"{name}_metrics.json").read_text())
+        code = leaderboard.run_child(command, cwd=ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+        metrics, problem = leaderboard.read_metrics(Path(scratch) / f"{name}_metrics.json", BUSY_KEYS)
+        if code != 0 or problem:
+            raise RunFailed(f"{script} {' '.join(flags)} beside the busy core "
+                            + (f"exited with status {code}" if code else f"wrote a metrics file that {problem}"))
+        return metrics
 
 
 def busy_table(out, families=BUSY_FAMILIES):
@@ -186,16 +191,16 @@ def busy_table(out, families=BUSY_FAMILIES):
     thread count and with 2 threads forced, against the idle default run in OUT."""
     rows = []
     for name in families:
-        idle = json.loads((out / f"{name}_metrics.json").read_text())
+        idle, _ = leaderboard.read_metrics(out / f"{name}_metrics.json", BUSY_KEYS)  # checked in main
         for threads in ("auto", "2"):
-            hog = subprocess.Popen([sys.executable, "-c", "while True: pass"])
+            hog = leaderboard.spawn([sys.executable, "-c", BUSY_LOOP, str(os.getpid())], how="kill")
             try:
                 time.sleep(1.0)  # let it show in the idle-core measurement
                 print(f"benchmark: {name} beside a busy core, --threads {threads}", flush=True)
                 busy = default_run(name, SCRIPTS[name], out, ["--threads", threads])
             finally:
                 hog.kill()
-                hog.wait()
+                leaderboard.finish(hog)
             rows.append(dict(model=name, threads_flag=threads, threads=busy["threads"],
                              idle_train_seconds=idle["train_seconds"], idle_threads=idle["threads"],
                              idle_epochs=idle["epochs_run"], busy_train_seconds=busy["train_seconds"],
@@ -213,15 +218,45 @@ def busy_table(out, families=BUSY_FAMILIES):
 
 
 def write(out, stem, table, data):
-    common.atomic_write(out / f"{stem}.md", lambda tmp: tmp.write_text(table))
-    common.save_json(out / f"{stem}.json", data)
+    with leaderboard.signals_deferred():  # both files complete, then a signal's exit 130
+        common.publish_table(out / f"{stem}.md", table)
+        common.save_json(out / f"{stem}.json", data)
     print(table)
 
 
+SPEED_KEYS = dict(train_flags="dict", threads="int", epochs_run="int", train_seconds="number",
+                  train_seconds_to_best="number", sample_seconds="number", num_samples="int",
+                  peak_memory_mb="number")
+BUSY_KEYS = dict(threads="int", epochs_run="int", train_seconds="number")
+
+
+def usable_runs(out, families, keys):
+    """The families whose OUT/NAME_metrics.json has `keys` with sane values; a damaged file is one
+    line naming it (and the family counts as missing)."""
+    usable = []
+    for name in families:
+        path = out / f"{name}_metrics.json"
+        metrics, problem = leaderboard.read_metrics(path, keys)
+        if metrics is not None and keys is SPEED_KEYS:
+            flags = metrics["train_flags"]
+            if not (leaderboard._kind_ok(flags.get("lr"), "number") and leaderboard._kind_ok(flags.get("batch_size"), "int")
+                    and flags["batch_size"] > 0 and flags["lr"] > 0):
+                problem = "has wrong values: train_flags needs lr and batch_size"
+        if metrics is not None and not problem and (metrics["epochs_run"] < 1 or metrics["train_seconds"] <= 0
+                                                    or metrics.get("num_samples", 1) < 1):
+            problem = "has wrong values: no epoch, no training time or no samples"
+        if problem and problem != "is missing":
+            print(f"benchmark: {path} {problem}; treated as missing", file=sys.stderr)
+        if not problem:
+            usable.append(name)
+    return usable
+
+
 def main(argv=None):
-    parser = common.Parser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--out", type=Path, default=Path("results"),
-                        help="folder of the default runs and of the tables (default %(default)s)")
+    parser = common.Parser(prog="benchmark.py", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--out", type=Path, default=None,
+                        help="folder of the default runs and of the tables (default: the project's results/; "
+                             "a relative path is taken from the current directory)")
     parser.add_argument("--device", default="cpu", choices=("cpu", "cuda", "mps"),
                         help="device of the timed training steps (default %(default)s)")
     parser.add_argument("--threads", type=common.thread_count, nargs="+", default=[1, common.MAX_AUTO_THREADS],
@@ -229,14 +264,28 @@ def main(argv=None):
     parser.add_argument("--busy", action="store_true",
                         help=f"only time {' and '.join(BUSY_FAMILIES)}'s default runs beside one CPU-bound process")
     args = parser.parse_args(argv)
-    out = args.out if args.out.is_absolute() else ROOT / args.out
-    missing = [n for n in SCRIPTS if not (out / f"{n}_metrics.json").is_file()]
+    out = leaderboard.out_folder(args.out)
+    leaderboard.tool("benchmark.py", lambda: benchmark(args, out),
+                     "its child runs were stopped and their scratch folders removed; the files in --out are whole")
+
+
+def benchmark(args, out):
+    device = common.choose_device(args.device)  # a refused device: one line, before anything runs
+    families = list(BUSY_FAMILIES) if args.busy else list(SCRIPTS)
+    usable = usable_runs(out, families, BUSY_KEYS if args.busy else SPEED_KEYS)
+    missing = [n for n in families if n not in usable]
     if missing:
-        parser.error(f"no default runs of {', '.join(missing)} in {out}; make them with: python leaderboard.py")
+        raise common.UsageError(f"no usable default runs of {', '.join(missing)} in {out}; make them with: "
+                                f"python leaderboard.py --out {out}")
+    common.check_out(out)
     if args.busy:
-        busy_table(out)
+        try:
+            busy_table(out, families)
+        except RunFailed as error:
+            print(f"benchmark.py: error: {error}; no table written", file=sys.stderr)
+            raise SystemExit(common.EXIT_NONFINITE) from None
     else:
-        speed_table(out, common.choose_device(args.device), sorted(set(args.threads)))
+        speed_table(out, device, sorted(set(args.threads)))
 
 
 if __name__ == "__main__":

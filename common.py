@@ -108,7 +108,7 @@ def log_normal_mass(lower, upper, log_cdf=torch.special.log_ndtr):
     """log(Phi(upper) - Phi(lower)) for lower < upper (either may be infinite), elementwise and
     accurate in both tails: an interval above 0 is reflected, Phi(u) - Phi(l) = Phi(-l) - Phi(-u),
     so the difference is never that of two numbers near 1. The mass of a normal in a pixel's box
-    (DDPM's decoder, SBGM's and FM's box posteriors). log_cdf: log Phi (log_ndtr under vmap)."""
+    (DDPM's decoder, box_posterior). log_cdf: log Phi (log_ndtr under vmap)."""
     flip = (lower + upper) > 0  # nan-free: inf + finite; -inf + inf only for the full line
     a = torch.where(flip, -upper, lower)
     b = torch.where(flip, -lower, upper)
@@ -137,6 +137,80 @@ def value_and_divergence(fn, z, t, method="exact"):
         probe = torch.randint_like(z, 2) * 2 - 1
         (vjp,) = torch.autograd.grad((value * probe).sum(), z)
     return value.detach(), (vjp * probe).sum(1)
+
+
+class BoxPosterior:
+    """What box_posterior returns: probs p(k | z) over the 17 levels (B, 64, 17), mean_noise
+    E[eps | z] (B, 64), and mean_data E[x | z] (B, 64), x the clean pixel on the [-1, 1] scale,
+    computed when asked for (SBGM and DDPM need only E[eps | z])."""
+
+    def __init__(self, probs, mean_noise, centers, sigma_tilde, offset):
+        self.probs, self.mean_noise = probs, mean_noise
+        self._centers, self._sigma_tilde, self._offset = centers, sigma_tilde, offset  # c_k, sigma~, mu - m
+
+    @property
+    def mean_data(self):  # sum_k p(k | z) (c_k + sigma~ (mu - m))
+        return (self.probs * (self._centers + self._sigma_tilde * self._offset)).sum(-1)
+
+
+def box_posterior(logits, z, alpha, sigma, half_width=PM1_BIN_HALF_WIDTH):
+    """The exact posterior of a pixel x observed through z = alpha x + sigma eps, eps ~ N(0, 1),
+    when its level k in 0..16 has prior probabilities softmax(logits) and, given k, x is uniform in
+    the box c_k +- h, c_k = k / 8 - 1 (h = PM1_BIN_HALF_WIDTH: uniformly dequantized pixels, SBGM
+    and FM; h = 0: point masses at the levels, DDPM). The same as x~ = z / alpha = x + sigma~ eps,
+    sigma~ = sigma / alpha. The "score interpolation" of Dieleman et al. 2022, with boxes.
+
+    logits (B, 64, 17) or (64, 17), z (B, 64), alpha and sigma (B,) -> BoxPosterior.
+    Given k, u = -eps = (alpha x - z) / sigma is a standard normal truncated to [m - w, m + w],
+    m = (alpha c_k - z) / sigma, w = alpha h / sigma, so p(z | k) is proportional to
+    Phi(m + w) - Phi(m - w) (to exp(-m^2 / 2) when h = 0), and the truncated mean is
+    mu = (phi(m - w) - phi(m + w)) / mass = 2 phi(m) exp(-w^2 / 2) sinh(m w) / mass, computed as
+    sign(m) phi(|m| - w) (1 - exp(-2 |m| w)) / mass, no difference of near-equal numbers for a narrow
+    box (w -> 0: large sigma~), and clamped to [m - w, m + w] so that far boxes (posterior 0) stay
+    finite. Then E[eps | z, k] = -mu and E[x | z, k] = c_k + sigma~ (mu - m), free of cancellation
+    (|mu - m| <= w). The vmap-safe log_ndtr lets jacfwd under vmap differentiate it
+    (value_and_divergence, exact). Precision: float64 matches quadrature to 1e-7 (tests); in float32
+    the mass of a box narrower than ~1e-3 in units of sigma~ loses digits, so for sigma~ >= 100
+    E[x | z] may be off by up to ~h (E[eps | z] by ~1e-3), and for boxes thousands of sigma~ away
+    the clamp may pick the wrong edge of the box."""
+    centers = pixels_to_pm1(torch.arange(NUM_LEVELS, device=z.device, dtype=z.dtype))  # c_k, (17,)
+    alpha, sigma = alpha[:, None, None], sigma[:, None, None]
+    m = (alpha * centers - z[..., None]) / sigma  # (B, 64, 17): the box's midpoint in units of -eps
+    if half_width == 0:
+        log_likelihood, mu = -0.5 * m**2, m
+    else:
+        w = alpha * half_width / sigma  # the box's half-width in those units, the same for every k
+        log_likelihood = log_normal_mass(m - w, m + w, log_cdf=log_ndtr)  # log p(z | k) + const
+        # mean of N(0, 1) on [m - w, m + w]: sign(m) phi(|m| - w) (1 - e^(-2 |m| w)) / mass
+        log_ratio = (-0.5 * (m.abs() - w) ** 2 - 0.5 * math.log(2 * math.pi)
+                     + torch.log(-torch.expm1(-2 * (m.abs() * w).clamp_min(1e-20))) - log_likelihood)
+        mu = torch.minimum(torch.maximum(torch.sign(m) * torch.exp(log_ratio), m - w), m + w)
+    probs = torch.softmax(logits + log_likelihood, dim=-1)  # p(k | z)
+    return BoxPosterior(probs, -(probs * mu).sum(-1), centers, sigma / alpha, mu - m)
+
+
+def rk4_with_divergence(field, x, nodes):
+    """Classical RK4 for dx/ds = f(x, s) along the nodes s_0, s_1, ..., s_n (floats, increasing or
+    decreasing; each step from s_i to s_i+1 with its midpoint), integrating with the same stages
+    I = int_{s_0}^{s_n} div f ds. field(x (B, D), s) -> (f (B, D), div f (B,)); returns (x(s_n), I (B,)).
+    For a density carried by the flow, d log p(x(s)) / ds = -div f, so
+    log p(x(s_0)) = log p(x(s_n)) + I: the likelihood of FM's ODE and SBGM's probability-flow ODE,
+    each in its own variable s and grid of nodes."""
+    integral = x.new_zeros(len(x))
+    for s, s_next in zip(nodes[:-1], nodes[1:]):
+        h, middle = s_next - s, 0.5 * (s + s_next)
+        k1, d1 = field(x, s)
+        k2, d2 = field(x + 0.5 * h * k1, middle)
+        k3, d3 = field(x + 0.5 * h * k2, middle)
+        k4, d4 = field(x + h * k3, s_next)
+        x = x + h / 6 * (k1 + 2 * k2 + 2 * k3 + k4)
+        integral = integral + h / 6 * (d1 + 2 * d2 + 2 * d3 + d4)
+    return x, integral
+
+
+def standard_normal_log_prob(z):
+    """(B, D) -> (B,) sum_i log N(z_i; 0, 1)."""
+    return -0.5 * (z**2).sum(1) - 0.5 * z.shape[1] * math.log(2 * math.pi)
 
 
 def dequantize(x):
@@ -258,10 +332,24 @@ def parse_args(parser, argv=None):
         args.gif_every = 1  # several frames even in a 2-epoch run
     if args.resume and args.sample_only:
         parser.error("--resume and --sample-only exclude each other")
+    if args.num_samples > MAX_SAMPLES:  # refused up front: the quality measures compare every pair
+        parser.error(f"--num-samples {args.num_samples} is too many "
+                     f"(at most {MAX_SAMPLES}: the sample-quality measures compare every pair of samples)")
+    defaults = vars(parser.parse_args([]))
+    defaults.update(epochs=args._full_epochs, num_samples=args._full_samples)
     del args._full_epochs, args._full_samples
     args.prog = parser.prog
     args.argv = list(sys.argv[1:] if argv is None else argv)  # recorded in the metrics
+    # what makes this run other than the script's default run: the leaderboard judges a run by
+    # its settings, not its argv (a resumed default run is a default run)
+    args.changed_settings = {key: value for key, value in vars(args).items()
+                             if key in defaults and not key.startswith("_") and key not in RESULT_NEUTRAL
+                             and value != defaults[key]}
     return args
+
+
+MAX_SAMPLES = 10_000  # --num-samples at most: the sample-quality measures hold an N x N distance matrix
+RESULT_NEUTRAL = ("out", "threads", "no_progress", "checkpoint_seconds", "resume", "device")  # not settings
 
 
 def option(default, help, *, type=None, choices=None, quick=None, flag=None):
@@ -366,8 +454,9 @@ class DigitsModel(nn.Module):
 
     # --- required
 
-    def loss(self, x):
-        """(B, 64) pixels -> scalar training objective, mean over the batch."""
+    def loss(self, x, y):
+        """(B, 64) pixels and (B,) class labels -> scalar training objective, mean over the batch.
+        Families that model p(x) alone ignore y."""
         raise NotImplementedError
 
     def sample(self, n):
@@ -376,29 +465,53 @@ class DigitsModel(nn.Module):
 
     # --- optional, with defaults
 
+    ood_kind = "nll"  # what ood_score gives: "nll" (nats), "energy" (-log p(x) + const), "score-norm"
+
     def test_nll(self, x):
         """(B, 64) -> (B,) -log P(x) (or an upper bound) in nats on the discrete pixels."""
         raise NotImplementedError(f"{self.name} has no likelihood (nll_kind None)")
 
-    def eval_loss(self, x):
-        """Validation objective (mean over the batch); lower is better."""
-        return self.loss(x)
+    def ood_score(self, x):
+        """(B, 64) -> (B,) a statistic that is higher for inputs less like the data (ood.py), of
+        the kind ood_kind names; by default the test NLL."""
+        return self.test_nll(x)
 
-    def train_step(self, x, optimizer):
+    def complete(self, x, missing):
+        """Inpainting: x (B, 64) pixels, missing (B, 64) bool (True = missing) -> (B, 64) with
+        the observed pixels of x kept exactly and the missing ones drawn from the family's own
+        p(x_missing | x_observed), by the method that suits the family (inpaint.py)."""
+        raise NotImplementedError(f"{self.name} does not complete digits yet")
+
+    def missing_nll(self, x, missing):
+        """(B,) -log p(x_missing | x_observed) in nats (or an upper bound), where the family gives
+        it for this mask; NotImplementedError where it does not."""
+        raise NotImplementedError(f"{self.name} gives no likelihood of the missing pixels")
+
+    def eval_loss(self, x, y):
+        """Validation objective (mean over the batch); lower is better."""
+        return self.loss(x, y)
+
+    def training_objective(self, x, y):
+        """The hook of train_step: (what the step minimises, {name: value} to log), the logged
+        "loss" being the curve's "train" series. By default both are loss(x, y); a family whose
+        optimised objective differs from the one it reports (a KL warm-up) overrides this."""
+        loss = self.loss(x, y)
+        return loss, {"loss": loss.detach()}
+
+    def train_step(self, x, y, optimizer):
         """One optimisation step on a batch; returns {"loss": value, other named terms...}, the
         terms drawn on the curve beside the training loss."""
-        loss = self.loss(x)
-        values = check_finite({"loss": loss.item()})
-        optimizer.zero_grad(set_to_none=True)
-        loss.backward()
-        optimizer.step()
+        objective, logged = self.training_objective(x, y)
+        values = check_finite({key: float(value) for key, value in logged.items()})
+        optimizer_step(objective, optimizer)
         return values
 
     def configure_optimizer(self, lr):
         return torch.optim.Adam(self.parameters(), lr=lr)
 
-    def extra_metrics(self, splits):
-        """Family-specific numbers for the metrics JSON (splits: dict of (N, 64) pixel tensors)."""
+    def extra_metrics(self, splits, labels):
+        """Family-specific numbers for the metrics JSON (splits: dict of (N, 64) pixel tensors,
+        labels: dict of (N,) class labels, both keyed train, val, test)."""
         return {}
 
     def samplers(self):
@@ -410,50 +523,129 @@ class DigitsModel(nn.Module):
         return {}
 
 
+def optimizer_step(objective, optimizer, frozen=(), clip=None):
+    """zero_grad, backward, step: the one optimisation step of every family. frozen: parameters
+    whose gradients are dropped (Adam skips a parameter whose grad is None), e.g. the
+    discriminator in a generator update; clip: a maximum gradient norm, or None."""
+    optimizer.zero_grad(set_to_none=True)
+    objective.backward()
+    for parameter in frozen:
+        parameter.grad = None
+    if clip is not None:
+        params = [p for group in optimizer.param_groups for p in group["params"] if p.grad is not None]
+        torch.nn.utils.clip_grad_norm_(params, clip)
+    optimizer.step()
+
+
+# -----------------------------------------------------------------------------
+# the registry: every family once, in the order of the tables; every tool reads it
+
+
+@dataclasses.dataclass(frozen=True)
+class Family:
+    name: str  # the model's name: OUT/NAME.pt, NAME_metrics.json, ...
+    script: str  # the script that defines it, beside this file
+    model_class: str  # its DigitsModel subclass in that script
+
+
+FAMILIES = (
+    Family("ARM", "autoregressive_model.py", "ARM"),
+    Family("RealNVP", "flow_based_model_realnvp.py", "RealNVP"),
+    Family("EBM", "energy_based_model.py", "EBM"),
+    Family("ScM", "score_matching.py", "ScoreMatching"),
+    Family("SBGM", "score_based_generative_model.py", "SBGM"),
+    Family("DDPM", "ddpm.py", "DDPM"),
+    Family("VAE", "variational_autoencoder.py", "VAE"),
+    Family("GAN", "generative_adversarial_network.py", "GAN"),
+    Family("FM", "flow_matching.py", "FM"),
+)
+ROOT = Path(__file__).resolve().parent
+
+
+def family(name):
+    """The registered Family called `name`; an unknown name is a UsageError naming the valid ones."""
+    for entry in FAMILIES:
+        if entry.name == name:
+            return entry
+    raise UsageError(f"unknown family {name!r}; choose from {', '.join(f.name for f in FAMILIES)}")
+
+
+def model_class(name):
+    """The DigitsModel subclass of the family `name`, imported from its script."""
+    import importlib
+
+    entry = family(name)
+    module = importlib.import_module(Path(entry.script).stem)
+    cls = getattr(module, entry.model_class)
+    assert issubclass(cls, DigitsModel) and cls.name == name, f"{entry.script} registers {name} wrongly"
+    return cls
+
 
 # -----------------------------------------------------------------------------
 # a network more than one family uses
 
 
-class TimeResidualBlock(nn.Module):
-    """h <- h + W2 dropout(silu(W1 silu(LayerNorm(h)) + W_t e)), e the time embedding."""
+class ResidualBlock(nn.Module):
+    """h <- h + W2 dropout(silu(W1 silu(LayerNorm(h)) + W_e e)): a pre-activation residual block
+    (He et al. 2016) on vectors. e (B, embed) conditions it (a time or noise-level embedding, added
+    between the two layers); embed = 0: no conditioning. Dropout acts before the second layer."""
 
-    def __init__(self, hidden, embed, dropout):
+    def __init__(self, hidden, embed=0, dropout=0.0):
         super().__init__()
         self.norm = nn.LayerNorm(hidden)
         self.fc1 = nn.Linear(hidden, hidden)
-        self.time = nn.Linear(embed, hidden)
+        self.cond = nn.Linear(embed, hidden) if embed else None
         self.dropout = nn.Dropout(dropout)
         self.fc2 = nn.Linear(hidden, hidden)
 
-    def forward(self, h, e):  # h (B, H), e (B, E)
-        a = F.silu(self.fc1(F.silu(self.norm(h))) + self.time(e))
-        return h + self.fc2(self.dropout(a))
+    def forward(self, h, e=None):  # h (B, H), e (B, E) or None
+        a = self.fc1(F.silu(self.norm(h)))
+        if self.cond is not None:
+            a = a + self.cond(e)
+        return h + self.fc2(self.dropout(F.silu(a)))
 
 
-class TimeResidualMLP(nn.Module):
-    """(x (B, 64), u (B,) a time in [0, 1]) -> (B, out): residual MLP blocks, time through Gaussian
-    Fourier features of u (Song et al. 2021) and an MLP. The output layer starts at zero. SBGM's
-    noise predictor and flow matching's velocity network."""
+class ResidualMLP(nn.Module):
+    """(x (B, inputs), c) -> (B, outputs): h = W_in x, `blocks` ResidualBlocks conditioned on
+    e = embedding(c), then W_out dropout(silu(LayerNorm(h))). W_out starts at zero, so every network
+    starts at output 0: a uniform prior over the levels (FM, SBGM), eps = 0 beside DDPM's grid
+    denoiser, a coupling at the identity (RealNVP), a zero score (ScM). embedding: a module mapping
+    c to (B, embed) (FourierTimeEmbedding, DDPM's step embedding, ScM's level embedding), or None
+    for an unconditional MLP (then c is not given)."""
 
-    def __init__(self, hidden, blocks, out, dropout=0.0, embed=128, fourier_scale=16.0):
+    def __init__(self, inputs, outputs, hidden, blocks, dropout=0.0, embedding=None, embed=0):
         super().__init__()
-        self.register_buffer("frequencies", torch.randn(embed // 2) * fourier_scale)
-        self.embed = nn.Sequential(nn.Linear(embed, embed), nn.SiLU(), nn.Linear(embed, embed), nn.SiLU())
-        self.inp = nn.Linear(NUM_PIXELS, hidden)
-        self.blocks = nn.ModuleList(TimeResidualBlock(hidden, embed, dropout) for _ in range(blocks))
+        self.embedding = embedding
+        self.inp = nn.Linear(inputs, hidden)
+        self.blocks = nn.ModuleList(ResidualBlock(hidden, embed if embedding is not None else 0, dropout)
+                                    for _ in range(blocks))
         self.norm = nn.LayerNorm(hidden)
-        self.out = nn.Linear(hidden, out)
+        self.dropout = nn.Dropout(dropout)
+        self.out = nn.Linear(hidden, outputs)
         nn.init.zeros_(self.out.weight)
         nn.init.zeros_(self.out.bias)
 
-    def forward(self, x, u):
-        angles = 2 * math.pi * u[:, None] * self.frequencies  # (B, E / 2)
-        e = self.embed(torch.cat([angles.sin(), angles.cos()], 1))  # (B, E)
+    def forward(self, x, c=None):
+        e = self.embedding(c) if self.embedding is not None else None
         h = self.inp(x)
         for block in self.blocks:
             h = block(h, e)
-        return self.out(F.silu(self.norm(h)))
+        return self.out(self.dropout(F.silu(self.norm(h))))
+
+
+class FourierTimeEmbedding(nn.Module):
+    """u (B,) a time in [0, 1] -> (B, embed): Gaussian Fourier features [sin, cos](2 pi u f) with
+    fixed f ~ N(0, scale^2) (Tancik et al. 2020, the time embedding of Song et al. 2021), then two
+    SiLU layers. The time input of SBGM's noise predictor and FM's velocity network."""
+
+    def __init__(self, embed=128, scale=16.0):
+        super().__init__()
+        self.register_buffer("frequencies", torch.randn(embed // 2) * scale)
+        self.mlp = nn.Sequential(nn.Linear(embed, embed), nn.SiLU(), nn.Linear(embed, embed), nn.SiLU())
+
+    def forward(self, u):
+        angles = 2 * math.pi * u[:, None] * self.frequencies  # (B, embed / 2)
+        return self.mlp(torch.cat([angles.sin(), angles.cos()], 1))
 
 
 # -----------------------------------------------------------------------------
@@ -571,7 +763,7 @@ def timed(device):
 def atomic_write(path, write):
     """Call write(tmp_path), then rename over path: a killed run never leaves a truncated file."""
     path = Path(path)
-    tmp = path.with_name(f".{path.stem}.tmp{os.getpid()}{path.suffix}")
+    tmp = path.with_name(temporary_name(path.name))
     try:
         write(tmp)
         os.replace(tmp, path)
@@ -582,30 +774,71 @@ def atomic_write(path, write):
             tmp.unlink()
 
 
-def remove_stale_temporaries(folder):
-    """Delete the temporary files atomic_write left behind in `folder` when a process was killed
-    (SIGKILL) mid-write: names .STEM.tmpPID.SUFFIX whose process no longer runs."""
+TEMP_MARKER = ".tmp-digits-"  # in every temporary name: .TARGET.tmp-digits-PID.SUFFIX, a name no user writes
+
+
+def temporary_name(target, pid=None):
+    """The hidden name atomic_write gives the file that becomes `target` (a file name)."""
+    return f".{target}{TEMP_MARKER}{os.getpid() if pid is None else pid}{Path(target).suffix}"
+
+
+def _temporary_pid(name):
+    """The pid in `name` when it is a temporary of this project: the new form (TEMP_MARKER, any
+    target), or the older .STEM.tmpPID.SUFFIX whose target is a family's own output
+    (NAME.pt, NAME_*.png ...); None for any other name."""
     import re
 
-    for path in Path(folder).glob(".*.tmp*"):
-        match = re.search(r"\.tmp(\d+)", path.name)
-        if not match or int(match.group(1)) == os.getpid():
+    match = re.fullmatch(r"\.(.+)" + re.escape(TEMP_MARKER) + r"(\d{1,9})(\.[^.]*)?", name)
+    if match and Path(match.group(1)).suffix == (match.group(3) or ""):
+        return int(match.group(2))
+    match = re.fullmatch(r"\.(.+)\.tmp(\d{1,9})(\.[a-z]+)", name)
+    names = "|".join(re.escape(f.name) for f in FAMILIES)
+    if match and re.fullmatch(rf"(?:{names})(?:_[a-z_]+)?", match.group(1)) and match.group(3) in (
+            ".pt", ".png", ".gif", ".npy", ".json"):
+        return int(match.group(2))
+    return None
+
+
+def remove_stale_temporaries(folder):
+    """Delete the temporary files atomic_write left behind in `folder` when a process was killed
+    (SIGKILL) mid-write: plain files named by temporary_name (or the older form, for a family's
+    own outputs) whose process no longer runs. Nothing else in `folder` is touched: not a user's
+    .notes.tmp1.md, not a folder or a link with such a name."""
+    import stat
+
+    for path in Path(folder).glob(".*tmp*"):
+        pid = _temporary_pid(path.name)
+        if pid is None or pid == os.getpid():
             continue
         try:
-            os.kill(int(match.group(1)), 0)  # raises if no such process
+            if not stat.S_ISREG(path.lstat().st_mode):
+                continue
+            os.kill(pid, 0)  # raises if no such process
         except ProcessLookupError:
-            path.unlink(missing_ok=True)
-        except (PermissionError, OverflowError):  # another user's process is alive; a bogus pid is not
+            try:
+                path.unlink()
+            except OSError:  # gone already, or not ours to remove: leave it
+                pass
+        except (OSError, OverflowError):  # another user's process is alive; a bogus pid is not
             pass
 
 
 def code_fingerprint(script):
-    """sha256 of a script and common.py: tells whether results come from the current code."""
+    """sha256 of the parsed code of a script and of common.py, docstrings and comments left out:
+    tells whether results come from the current code, and mending a comment does not change it."""
+    import ast
     import hashlib
 
     digest = hashlib.sha256()
     for path in (Path(script), Path(__file__)):
-        digest.update(path.read_bytes())
+        tree = ast.parse(path.read_text())
+        for node in ast.walk(tree):
+            body = getattr(node, "body", None)
+            if (isinstance(node, (ast.Module, ast.ClassDef, ast.FunctionDef, ast.AsyncFunctionDef)) and body
+                    and isinstance(body[0], ast.Expr) and isinstance(body[0].value, ast.Constant)
+                    and isinstance(body[0].value.value, str)):
+                node.body = body[1:] or [ast.Pass()]
+        digest.update(ast.dump(tree).encode())
     return digest.hexdigest()
 
 
@@ -622,6 +855,28 @@ def _finite_or_none(value):
 def save_json(path, data):
     text = json.dumps(_finite_or_none(data), indent=2, allow_nan=False) + "\n"
     atomic_write(path, lambda tmp: tmp.write_text(text))
+
+
+def readme_block(name):
+    """The markers around README's copy of results/NAME (e.g. "leaderboard.md")."""
+    return f"<!-- results/{name}: written by the script that writes the file -->\n", f"<!-- end results/{name} -->\n"
+
+
+def publish_table(path, text):
+    """Write the markdown table `text` to path; when path is in this repository's results/, also
+    replace README's copy of it between the readme_block markers, so README never drifts from
+    results/ (tests/test_leaderboard.py checks every block against its file)."""
+    path = Path(path)
+    atomic_write(path, lambda tmp: tmp.write_text(text))
+    readme = ROOT / "README.md"
+    if path.resolve().parent != ROOT / "results" or not readme.is_file():
+        return
+    begin, end = readme_block(path.name)
+    current = readme.read_text()
+    if begin in current and end in current:
+        head, rest = current.split(begin, 1)
+        updated = head + begin + text.rstrip("\n") + "\n" + end + rest.split(end, 1)[1]
+        atomic_write(readme, lambda tmp: tmp.write_text(updated))
 
 
 def save_npy(path, array):
@@ -733,6 +988,22 @@ class TrainState:
 
     SUMMARY = ("epoch", "best_epoch", "best_val", "history", "train_seconds", "train_cpu_seconds", "epoch_seconds")
 
+    def record_epoch(self, epoch, means, val, best_weights, frame, seconds):
+        """Add a finished epoch: its mean training terms, validation objective, the weights when
+        they are the best so far (else None), a GIF frame (or None) and its timed seconds."""
+        if best_weights is not None:
+            self.best_val, self.best_epoch, self.best_weights = val, epoch, best_weights
+        if frame is not None:
+            self.frames.append(frame)
+            self.frame_epochs.append(epoch)
+        for key, value in {**means, "val": val}.items():
+            self.history.setdefault(key, []).append(value)
+        self.train_seconds += seconds["wall"]
+        self.epoch_seconds.append(seconds["wall"])
+        self.train_cpu_seconds += seconds["cpu"]
+        self.epoch = epoch
+        self.rng = rng_state()
+
     def to_dict(self):
         return {field.name: getattr(self, field.name) for field in dataclasses.fields(self)}
 
@@ -776,10 +1047,11 @@ def save_checkpoint(path, checkpoint):
     atomic_write(path, lambda tmp: tmp.write_bytes(buffer.getvalue()))
 
 
-def save_weights(path, name, config, state):
-    """OUT/NAME.pt: the best weights with their checksum, config and the run's summary."""
+def save_weights(path, name, config, state, stopped=None):
+    """OUT/NAME.pt: the best weights with their checksum, config and the run's summary; stopped:
+    why training ended ("interrupted" marks weights that are not a finished run)."""
     save_checkpoint(path, dict(
-        format=CHECKPOINT_FORMAT, kind="weights", model_name=name, config=config,
+        format=CHECKPOINT_FORMAT, kind="weights", model_name=name, config=config, stopped=stopped,
         weights=state.best_weights, weights_sha256=weights_checksum(state.best_weights),
         torch_version=str(torch.__version__), **{key: getattr(state, key) for key in TrainState.SUMMARY}))
 
@@ -848,9 +1120,32 @@ def load_trained(model_class, out=Path("results"), sampling=None, device="cpu"):
         config = model_class.Config(**checkpoint["config"])
     except TypeError as error:
         raise UsageError(f"{path} has a config this code does not know ({error})") from None
-    model = model_class(config, sampling)
+    check_config_types(config, path)
+    check_model_size(model_class, config, sampling, f"the config in {path}")
+    try:
+        model = model_class(config, sampling)
+    except (TypeError, ValueError, RuntimeError, OverflowError) as error:
+        raise UsageError(f"{path} has a config this code can't build ({type(error).__name__}: "
+                         f"{str(error).splitlines()[0] if str(error) else ''})") from None
     load_weights_into(model, checkpoint["weights"], path)
     return model.to(device).eval()
+
+
+def check_config_types(config, path):
+    """Each field of a stored config has the type of its default (an int is not 12.0, a flag is a
+    bool): a one-line UsageError otherwise."""
+    for field in dataclasses.fields(config):
+        value, default = getattr(config, field.name), field.default
+        if default is None or default is dataclasses.MISSING or value is None:
+            continue
+        kind = type(default)
+        ok = (isinstance(value, bool) if kind is bool else
+              isinstance(value, (int, float)) and not isinstance(value, bool) if kind is float else
+              isinstance(value, int) and not isinstance(value, bool) if kind is int else
+              isinstance(value, kind))
+        if not ok:
+            raise UsageError(f"{path} is damaged: its config has {field.name}={value!r}, "
+                             f"not {'an' if kind is int else 'a'} {kind.__name__}")
 
 
 # -----------------------------------------------------------------------------
@@ -902,35 +1197,61 @@ class DigitClassifier(nn.Module):
         return self.head(self.features(x))
 
 
-CLASSIFIER_VERSION = 2  # bump when DigitClassifier or its training changes: invalidates caches
+class DigitCNN(nn.Module):
+    """A second, independent feature space: a small convolutional classifier (two 3x3 layers, a
+    2x2 pooling), another architecture and seed than DigitClassifier, so that a verdict on sample
+    quality does not hinge on one network's features."""
+
+    def __init__(self, features=64):
+        super().__init__()
+        self.body = nn.Sequential(
+            nn.Conv2d(1, 16, 3, padding=1), nn.ReLU(), nn.Conv2d(16, 32, 3, padding=1), nn.ReLU(),
+            nn.MaxPool2d(2), nn.Flatten(), nn.Linear(32 * 4 * 4, features))
+        self.head = nn.Sequential(nn.ReLU(), nn.Dropout(0.2), nn.Linear(features, 10))
+
+    def features(self, x):  # (N, 64) pixels 0..16 -> (N, 64)
+        return self.body((x / PIXEL_MAX).view(-1, 1, 8, 8))
+
+    def forward(self, x):
+        return self.head(self.features(x))
 
 
-def digit_classifier(cache_dir):
-    """The classifier trained on the train split only (fixed seed, CPU, full batch, so the same
-    weights every time), cached as cache_dir/_digit_classifier.pt. Returns (model, test accuracy)."""
-    path = Path(cache_dir) / "_digit_classifier.pt"
-    model = DigitClassifier()
-    if path.is_file():
-        try:
-            cached = torch.load(path, map_location="cpu", weights_only=True)
-            if cached.get("version") == CLASSIFIER_VERSION:
-                model.load_state_dict(cached["model"])
-                return model.eval(), cached["test_accuracy"]
-        except Exception:  # a damaged cache is rebuilt, never trusted
-            pass
+# kind -> class, file name, version (bump when the class or its training changes), seed, lr, steps
+CLASSIFIERS = dict(mlp=(DigitClassifier, "_digit_classifier.pt", 2, 0, 1e-2, 200),
+                   cnn=(DigitCNN, "_digit_cnn.pt", 1, 1, 3e-3, 300))
+SHIPPED_CLASSIFIER = Path(__file__).resolve().parent / "results" / "_digit_classifier.pt"
+
+
+def digit_classifier(cache_dir, kind="mlp"):
+    """The digit classifier `kind` ("mlp": DigitClassifier, whose features every Frechet distance
+    uses; "cnn": DigitCNN, the second feature space), trained on the train split only (fixed seed,
+    CPU, full batch). Returns (model, test accuracy). The weights ship in results/ (the mlp's as
+    SHIPPED_CLASSIFIER, the cnn's beside it), so the same samples get the same numbers on every
+    machine; when a file is missing or damaged (unreadable, another version, non-finite), the
+    classifier is trained and cached in cache_dir (loaded with weights_only=True)."""
+    cls, filename, version, seed, lr, steps = CLASSIFIERS[kind]
+    for path in (SHIPPED_CLASSIFIER.with_name(filename), Path(cache_dir) / filename):
+        model = cls()
+        if path.is_file():
+            try:
+                cached = torch.load(path, map_location="cpu", weights_only=True)
+                if (cached.get("version") == version and math.isfinite(cached["test_accuracy"])
+                        and all(torch.isfinite(v).all() for v in cached["model"].values())):
+                    model.load_state_dict(cached["model"])
+                    return model.eval(), cached["test_accuracy"]
+            except Exception:  # a damaged file is retrained, never trusted
+                pass
     pixels, labels = load_digits_arrays()
     x, y = (split_arrays(torch.from_numpy(a)) for a in (pixels, labels))
-    with seeded(0, torch.device("cpu")):
-        model = DigitClassifier()
-        optimizer = torch.optim.Adam(model.parameters(), lr=1e-2, weight_decay=1e-4)
-        for _ in range(200):
-            optimizer.zero_grad()
-            nn.functional.cross_entropy(model(x["train"]), y["train"]).backward()
-            optimizer.step()
+    with seeded(seed, torch.device("cpu")):
+        model = cls()
+        optimizer = torch.optim.Adam(model.parameters(), lr=lr, weight_decay=1e-4)
+        for _ in range(steps):
+            optimizer_step(nn.functional.cross_entropy(model(x["train"]), y["train"]), optimizer)
     model.eval()
     with torch.no_grad():
         accuracy = (model(x["test"]).argmax(1) == y["test"]).float().mean().item()
-    save_checkpoint(path, dict(version=CLASSIFIER_VERSION, model=model.state_dict(), test_accuracy=accuracy))
+    save_checkpoint(path, dict(version=version, model=model.state_dict(), test_accuracy=accuracy))
     return model, accuracy
 
 
@@ -959,25 +1280,97 @@ def _nearest_distance(x, reference):
     return torch.cdist(x.double(), reference.double()).min(1).values  # (N,) L2 in pixels
 
 
-def sample_quality(samples, cache_dir):
-    """Frechet distance to the test split in the classifier's features, classifier confidence,
+def bootstrap_std(statistic, samples, reference, draws=20, seed=0):
+    """Standard deviation of statistic(samples, reference) over `draws` bootstrap resamples of the
+    samples (rows drawn with replacement), the reference held fixed: the noise that another draw
+    of samples would bring, against the reference that every model shares."""
+    rng = np.random.default_rng(seed)
+    values = [statistic(samples[rng.integers(0, len(samples), len(samples))], reference) for _ in range(draws)]
+    return float(np.std(values, ddof=1))
+
+
+def precision_recall_density_coverage(real, fake, k=5):
+    """Fidelity and diversity read apart, from k-nearest-neighbour balls in a feature space:
+    precision (the fraction of samples inside some real digit's ball) and recall (of real digits
+    inside some sample's ball), Kynkaanniemi et al. 2019; density (mean count of real balls around
+    a sample, / k) and coverage (the fraction of real digits whose ball holds a sample), Naeem et
+    al. 2020. real (R, F), fake (N, F) arrays."""
+    real, fake = torch.as_tensor(real, dtype=torch.float64), torch.as_tensor(fake, dtype=torch.float64)
+
+    def radii(points):  # distance to the k-th nearest other point
+        return torch.cdist(points, points).kthvalue(k + 1, dim=1).values
+
+    real_radii, fake_radii = radii(real), radii(fake)
+    distance = torch.cdist(real, fake)  # (R, N)
+    inside_real = distance <= real_radii[:, None]  # sample j in real i's ball
+    return dict(precision=inside_real.any(0).double().mean().item(),
+                recall=(distance <= fake_radii[None, :]).any(1).double().mean().item(),
+                density=inside_real.sum(0).double().mean().item() / k,
+                coverage=(distance.min(1).values <= real_radii).double().mean().item())
+
+
+def classifier_two_sample_test(samples, real, seed=0, hidden=128, steps=300):
+    """C2ST (Lopez-Paz & Oquab 2017): an MLP on pixels / 16 trained (full batch, Adam, seeded) to
+    tell samples from real digits on one half of each (as many samples as real digits), its
+    accuracy on the other half (0.5: the two cannot be told apart) and the accuracy's standard
+    error. samples (N, 64), real (R, 64) pixel arrays."""
+    rng = np.random.default_rng(seed)
+    n = min(len(samples), len(real))
+    x = np.concatenate([samples[rng.permutation(len(samples))[:n]], real[rng.permutation(len(real))[:n]]])
+    x = torch.as_tensor(x / PIXEL_MAX, dtype=torch.float32)
+    labels = torch.cat([torch.zeros(n), torch.ones(n)]).long()
+    order = torch.as_tensor(rng.permutation(2 * n))
+    fit, held = order[:n], order[n:]
+    with seeded(seed, torch.device("cpu")), torch.enable_grad():
+        classifier = nn.Sequential(nn.Linear(NUM_PIXELS, hidden), nn.ReLU(), nn.Linear(hidden, 2))
+        optimizer = torch.optim.Adam(classifier.parameters(), lr=3e-3, weight_decay=1e-3)
+        for _ in range(steps):
+            optimizer_step(F.cross_entropy(classifier(x[fit]), labels[fit]), optimizer)
+    with torch.no_grad():
+        accuracy = (classifier(x[held]).argmax(1) == labels[held]).double().mean().item()
+    return accuracy, math.sqrt(accuracy * (1 - accuracy) / len(held))
+
+
+def sample_quality(samples, cache_dir, extended=True):
+    """Sample quality against the test split, the same for every family and baseline.
+
+    Always: the Frechet distance in the digit classifier's features, the classifier's confidence,
     class coverage (entropy of predicted classes, nats; log 10 = uniform) and copy rate (the
-    fraction of samples closer to a training image than 99% of test images are)."""
+    fraction of samples closer to a training image than 99% of test images are). extended adds
+    measures that do not hinge on one network's features: the Frechet distance's bootstrap
+    standard deviation; the Frechet distance in a second, convolutional classifier's features,
+    with its own; a classifier two-sample test on the pixels (accuracy and standard error); and
+    precision, recall, density and coverage (k = 5) in the first classifier's features."""
     pixels, _ = load_digits_arrays()
     split = {k: torch.from_numpy(v) for k, v in split_arrays(pixels).items()}
     samples = torch.as_tensor(np.asarray(samples, np.float32)).clamp(0, PIXEL_MAX)
     classifier, accuracy = digit_classifier(cache_dir)
+    enough = len(samples) >= 2  # a covariance needs two samples at least: with fewer, None
     with torch.no_grad():
         probs = classifier(samples).softmax(1)
-        # a covariance needs two samples at least: with fewer the distance is left out (None)
-        distance = (frechet_distance(classifier.features(samples), classifier.features(split["test"]))
-                    if len(samples) >= 2 else None)
+        features, reference = classifier.features(samples).numpy(), classifier.features(split["test"]).numpy()
+    distance = frechet_distance(features, reference) if enough else None
     histogram = torch.bincount(probs.argmax(1), minlength=10).double() / len(samples)
     coverage = -(histogram[histogram > 0] * histogram[histogram > 0].log()).sum().item()
     threshold = torch.quantile(_nearest_distance(split["test"], split["train"]), 0.01)
     copy_rate = (_nearest_distance(samples, split["train"]) < threshold).double().mean().item()
-    return dict(frechet_distance=distance, classifier_confidence=probs.max(1).values.mean().item(),
-                class_coverage=coverage, copy_rate=copy_rate, classifier_test_accuracy=accuracy)
+    quality = dict(frechet_distance=distance, classifier_confidence=probs.max(1).values.mean().item(),
+                   class_coverage=coverage, copy_rate=copy_rate, classifier_test_accuracy=accuracy)
+    if not extended:
+        return quality
+    quality.update(frechet_distance_std=None, frechet_distance_cnn=None, frechet_distance_cnn_std=None,
+                   c2st_accuracy=None, c2st_stderr=None, precision=None, recall=None, density=None, coverage=None)
+    if len(samples) > 10:  # k-nearest-neighbour balls and a two-sample split need a few samples
+        cnn, cnn_accuracy = digit_classifier(cache_dir, "cnn")
+        with torch.no_grad():
+            cnn_features, cnn_reference = cnn.features(samples).numpy(), cnn.features(split["test"]).numpy()
+        c2st, c2st_stderr = classifier_two_sample_test(samples.numpy(), split["test"].numpy())
+        quality.update(frechet_distance_std=bootstrap_std(frechet_distance, features, reference),
+                       frechet_distance_cnn=frechet_distance(cnn_features, cnn_reference),
+                       frechet_distance_cnn_std=bootstrap_std(frechet_distance, cnn_features, cnn_reference),
+                       cnn_test_accuracy=cnn_accuracy, c2st_accuracy=c2st, c2st_stderr=c2st_stderr,
+                       **precision_recall_density_coverage(reference, features))
+    return quality
 
 
 # -----------------------------------------------------------------------------
@@ -993,9 +1386,10 @@ def batched(fn, x, batch_size=512):
     return torch.cat([fn(x[i:i + batch_size]) for i in range(0, len(x), batch_size)])
 
 
-def batched_mean(fn, x, batch_size=512):
-    """Mean over x of a batch-mean fn (a scalar per chunk), weighted by chunk size, as a float."""
-    return sum(float(fn(x[i:i + batch_size])) * len(x[i:i + batch_size])
+def batched_mean(fn, x, *aligned, batch_size=512):
+    """Mean over x of a batch-mean fn(x_chunk, *aligned_chunks) (a scalar per chunk), weighted by
+    chunk size, as a float; aligned: tensors indexed like x (e.g. its labels)."""
+    return sum(float(fn(x[i:i + batch_size], *(a[i:i + batch_size] for a in aligned))) * len(x[i:i + batch_size])
                for i in range(0, len(x), batch_size)) / len(x)
 
 
@@ -1007,14 +1401,17 @@ def draw_samples(model, n, seed, device, batch_size=1000, sampler=None):
     return torch.cat(chunks).float().clamp(0, PIXEL_MAX)
 
 
-def validate(model, splits, seed, device, cache_dir):
+def validate(model, data, seed, device, cache_dir):
     """The validation objective: mean eval_loss over val with a fixed noise stream every epoch, or
     (val_objective VAL_FRECHET) the Frechet distance of 1000 seeded samples to the val split."""
+    x, y = data["val"]
     if model.val_objective == VAL_FRECHET:
         samples = draw_samples(model, 1000, seed, device).cpu()
-        return frechet_to(samples, splits["val"].cpu(), cache_dir)
+        if not torch.isfinite(samples).all():  # a NaN sample has no distance: training stops on it
+            return math.nan
+        return frechet_to(samples, x.cpu(), cache_dir)
     with seeded(seed, device), torch.no_grad():
-        return batched_mean(model.eval_loss, splits["val"])
+        return batched_mean(model.eval_loss, x, y)
 
 
 class StopNow(BaseException):
@@ -1074,87 +1471,96 @@ def threading_is_main():
     return threading.current_thread() is threading.main_thread()
 
 
-def train(model, splits, optimizer, ema, state, *, epochs, batch_size, patience, gif_every, seed,
+def train(model, data, optimizer, ema, state, *, epochs, batch_size, patience, gif_every, seed,
           signals, checkpoint, cache_dir, progress=True, checkpoint_seconds=CHECKPOINT_SECONDS):
     """Train in place until `epochs`, early stopping, a non-finite loss or an interrupt.
 
-    `state` (a TrainState) is updated after every epoch; checkpoint() is called when
-    `checkpoint_seconds` have passed since the last call and when training ends, however it ends,
-    so an interrupted or failed run keeps its best state, and a killed one loses at most
-    `checkpoint_seconds` of training. Returns the reason training stopped: "max_epochs",
-    "early_stopping", "interrupted" or "non_finite".
+    data: dict train/val -> (pixels (N, 64), labels (N,)). `state` (a TrainState) is updated
+    after every epoch; checkpoint() is called when `checkpoint_seconds` have passed since the last
+    call and when training ends, however it ends, so an interrupted or failed run keeps its best
+    state, and a killed one loses at most `checkpoint_seconds` of training. Returns the reason
+    training stopped: "max_epochs", "early_stopping", "interrupted" or "non_finite".
     """
     from tqdm import tqdm
 
     device = model.device
-    train_x = splits["train"]
     bar = tqdm(total=epochs, initial=state.epoch, disable=not progress, desc=model.name, unit="epoch")
+    saver = _Throttled(checkpoint, checkpoint_seconds, state.epoch)
     reason = "max_epochs"
-    checkpointed_epoch, checkpointed_at = state.epoch, time.perf_counter()
     try:
         signals.raising()
         while state.epoch < epochs:
-            if state.epoch - state.best_epoch >= patience and state.best_epoch > 0:
+            if state.best_epoch > 0 and state.epoch - state.best_epoch >= patience:
                 reason = "early_stopping"
                 break
             epoch = state.epoch + 1
             with timed(device) as seconds:
-                model.train()
-                permutation = torch.randperm(len(train_x), device=device)
-                sums, count = {}, 0
-                for step, i in enumerate(range(0, len(train_x), batch_size), start=1):
-                    batch = train_x[permutation[i:i + batch_size]]
-                    try:
-                        values = model.train_step(batch, optimizer)
-                    except NonFiniteLoss as error:
-                        raise NonFiniteLoss(f"{error} at epoch {epoch}, step {step}") from None
-                    if ema:
-                        ema.update(model)
-                    for key, value in values.items():
-                        sums[key] = sums.get(key, 0.0) + value * len(batch)
-                    count += len(batch)
+                means = train_epoch(model, data["train"], optimizer, ema, batch_size, epoch)
                 model.eval()
-                best, frame = None, None
                 with ema.applied(model) if ema else contextlib.nullcontext():
-                    val = validate(model, splits, seed + 1, device, cache_dir)
+                    val = validate(model, data, seed + 1, device, cache_dir)
                     if not math.isfinite(val):
                         raise NonFiniteLoss(f"non-finite validation objective ({val}) at epoch {epoch}")
-                    if val < state.best_val:
-                        best = dict(best_val=val, best_epoch=epoch, best_weights=_cpu_state(model))
-                    if epoch % gif_every == 0 or epoch == epochs:
-                        frame = draw_samples(model, 64, seed + 2, device).cpu()
-            means = {"train" if key == "loss" else key: total / count for key, total in sums.items()}
+                    best = _cpu_state(model) if val < state.best_val else None
+                    frame = (draw_samples(model, 64, seed + 2, device).cpu()
+                             if epoch % gif_every == 0 or epoch == epochs else None)
             with signals.held():  # commit the whole epoch or none of it
-                for key, value in (best or {}).items():
-                    setattr(state, key, value)
-                if frame is not None:
-                    state.frames.append(frame)
-                    state.frame_epochs.append(epoch)
-                for key, value in {**means, "val": val}.items():
-                    state.history.setdefault(key, []).append(value)
-                state.train_seconds += seconds["wall"]
-                state.epoch_seconds.append(seconds["wall"])
-                state.train_cpu_seconds += seconds["cpu"]
-                state.epoch = epoch
-                state.rng = rng_state()
-                if time.perf_counter() - checkpointed_at >= checkpoint_seconds:
-                    checkpoint()
-                    checkpointed_epoch, checkpointed_at = epoch, time.perf_counter()
+                state.record_epoch(epoch, means, val, best, frame, seconds)
+                saver.maybe(epoch)
             bar.set_postfix(train=f"{means['train']:.3f}", val=f"{val:.3f}",
                             best=f"{state.best_val:.3f}@{state.best_epoch}")
             bar.update(1)
     except KeyboardInterrupt:
         reason = "interrupted"
     except NonFiniteLoss as error:
-        print(f"{model.name}: error: {error}; keeping the best state "
-              f"(epoch {state.best_epoch}) and writing the outputs", file=sys.stderr)
+        print(f"{model.name}: error: {error}; " + (
+            f"keeping the best state (epoch {state.best_epoch}) and writing the outputs" if state.history["train"]
+            else "no epoch completed, so nothing is written"), file=sys.stderr)
         reason = "non_finite"
     finally:
         signals.deferred()
         bar.close()
-    if state.epoch > checkpointed_epoch:
-        checkpoint()
+    saver.finish(state.epoch)
     return reason
+
+
+def train_epoch(model, train_data, optimizer, ema, batch_size, epoch):
+    """One pass over the shuffled training set; the batch-size-weighted mean of each logged term,
+    the training loss as "train"."""
+    x, y = train_data
+    model.train()
+    permutation = torch.randperm(len(x), device=x.device)
+    sums, count = {}, 0
+    for step, i in enumerate(range(0, len(x), batch_size), start=1):
+        index = permutation[i:i + batch_size]
+        try:
+            values = model.train_step(x[index], y[index], optimizer)
+        except NonFiniteLoss as error:
+            raise NonFiniteLoss(f"{error} at epoch {epoch}, step {step}") from None
+        if ema:
+            ema.update(model)
+        for key, value in values.items():
+            sums[key] = sums.get(key, 0.0) + value * len(index)
+        count += len(index)
+    return {"train" if key == "loss" else key: total / count for key, total in sums.items()}
+
+
+class _Throttled:
+    """checkpoint() at most every `seconds` while training (maybe), and once more at the end if
+    an epoch came after the last call (finish)."""
+
+    def __init__(self, checkpoint, seconds, epoch):
+        self.checkpoint, self.seconds = checkpoint, seconds
+        self.epoch, self.at = epoch, time.perf_counter()
+
+    def maybe(self, epoch):
+        if time.perf_counter() - self.at >= self.seconds:
+            self.checkpoint()
+            self.epoch, self.at = epoch, time.perf_counter()
+
+    def finish(self, epoch):
+        if epoch > self.epoch:
+            self.checkpoint()
 
 
 # -----------------------------------------------------------------------------
@@ -1175,6 +1581,10 @@ def run(args, model_class, config, sampling=None):
         print(f"{args.prog}: error: could not write {error.filename or args.out} "
               f"({error.strerror or error}); files already written are whole", file=sys.stderr)
         code = EXIT_USAGE
+    except NonFiniteSamples as error:
+        print(f"{args.prog}: error: {error}; no output written, the files already in {args.out} are untouched",
+              file=sys.stderr)
+        code = EXIT_NONFINITE
     except (KeyboardInterrupt, StopNow):
         print(f"{args.prog}: interrupted; files already written are whole", file=sys.stderr)
         code = EXIT_INTERRUPTED
@@ -1195,6 +1605,77 @@ def check_out(out):
         probe.unlink()
     except OSError as error:
         raise UsageError(f"--out {out} can't be written ({error.strerror or error})") from None
+
+
+LOCK_SUFFIX = ".lock-digits"  # OUT/.NAME.lock-digits: held (flock) while a run writes NAME's outputs
+
+
+@contextlib.contextmanager
+def family_lock(out, name):
+    """Hold the lock of family `name`'s outputs in `out` for the block: a second run (or tool)
+    into the same folder is refused in one line (UsageError) instead of mixing its files with
+    this run's. The lock file is removed on the way out; one a SIGKILL left is taken over."""
+    try:
+        import fcntl
+    except ImportError:  # no flock (Windows): unlocked
+        yield
+        return
+    path = Path(out) / f".{name}{LOCK_SUFFIX}"
+    while True:
+        try:
+            fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
+        except OSError as error:
+            raise UsageError(f"--out {out}: can't make the lock file {path.name} ({error.strerror or error})") from None
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except OSError:
+            holder = os.read(fd, 32).decode(errors="replace").strip()
+            os.close(fd)
+            raise UsageError(f"another run{f' (pid {holder})' if holder.isdigit() else ''} is writing {name}'s "
+                             f"outputs in {out}; wait for it to end, or choose another --out") from None
+        try:
+            if os.fstat(fd).st_ino == os.stat(path).st_ino:  # not a file its last holder removed meanwhile
+                break
+        except FileNotFoundError:
+            pass
+        os.close(fd)
+    try:
+        os.ftruncate(fd, 0)
+        os.write(fd, str(os.getpid()).encode())
+        yield
+    finally:
+        try:
+            path.unlink()  # while still holding it: a waiting process then retries on a new file
+        except OSError:
+            pass
+        os.close(fd)
+
+
+class NonFiniteSamples(Exception):
+    """A sampler gave NaN or infinite pixels: found before anything is written (exit 1)."""
+
+
+def check_samples(samples, what):
+    if not torch.isfinite(samples).all():
+        bad = int((~torch.isfinite(samples)).any(1).sum())
+        raise NonFiniteSamples(f"{bad} of {len(samples)} samples of {what} hold NaN or infinite values "
+                               f"(try other sampling settings)")
+
+
+MAX_PARAMETERS = 100_000_000  # a model larger than this (400 MB of fp32 weights, more to train) is refused
+
+
+def check_model_size(model_class, config, sampling, source):
+    """Refuse (UsageError) a configuration whose model has more than MAX_PARAMETERS parameters,
+    counted on the meta device (no memory), before anything is allocated."""
+    try:
+        with torch.device("meta"):
+            count = sum(p.numel() for p in model_class(config, sampling).parameters())
+    except Exception:  # a model that can't be built on the meta device is checked when it is built
+        return
+    if count > MAX_PARAMETERS:
+        raise UsageError(f"{source} would build a {model_class.name} of {count:,} parameters; "
+                         f"at most {MAX_PARAMETERS:,} fit here")
 
 
 def shows_progress(args):
@@ -1239,9 +1720,15 @@ def output_paths(out, name):
 
 def _run(args, model_class, config, sampling, signals):
     out = Path(args.out)
+    device = choose_device(args.device)  # before --out is made: a refused device leaves nothing behind
+    check_model_size(model_class, config, sampling, "the flags")
     check_out(out)
+    with family_lock(out, model_class.name):  # a second run into the same folder is refused
+        return _run_locked(args, model_class, config, sampling, signals, out, device)
+
+
+def _run_locked(args, model_class, config, sampling, signals, out, device):
     remove_stale_temporaries(out)
-    device = choose_device(args.device)
     torch.set_num_threads(args.threads or auto_threads())
     set_seed(args.seed)
     model = model_class(config, sampling).to(device)
@@ -1249,11 +1736,11 @@ def _run(args, model_class, config, sampling, signals):
     paths = output_paths(out, name)
     make_command = f"python {args.prog} --out {out}" + (" --quick" if args.quick else "")
 
-    splits = load_splits(device, args.quick)
+    splits, labels = load_splits(device, args.quick), load_label_splits(device, args.quick)
     optimizer = model.configure_optimizer(args.lr)
     ema = EMA(model, args.ema) if args.ema > 0 else None
     state = TrainState(best_weights=_cpu_state(model))
-    train_flags = dict(batch_size=args.batch_size, lr=args.lr, ema=args.ema, seed=args.seed)
+    train_flags = dict(batch_size=args.batch_size, lr=args.lr, ema=args.ema, seed=args.seed, quick=args.quick)
 
     if args.sample_only:
         shipped = load_checkpoint(paths["weights"], name, config, "weights", f"make it with: {make_command}")
@@ -1280,23 +1767,32 @@ def _run(args, model_class, config, sampling, signals):
 
     reason = "sample_only"
     if not args.sample_only:
-        reason = train(model, splits, optimizer, ema, state, epochs=args.epochs, batch_size=args.batch_size,
+        data = {split: (splits[split], labels[split]) for split in ("train", "val")}
+        reason = train(model, data, optimizer, ema, state, epochs=args.epochs, batch_size=args.batch_size,
                        patience=args.patience, gif_every=args.gif_every, seed=args.seed, signals=signals,
                        cache_dir=out, progress=shows_progress(args), checkpoint_seconds=args.checkpoint_seconds,
                        checkpoint=lambda: save_resume(paths["resume"], name, config, train_flags, state,
                                                       model, optimizer, ema))
         if not state.history["train"]:
-            print(f"{name}: no epoch completed; nothing to write", file=sys.stderr)
+            if reason == "interrupted":  # (a non-finite first epoch has said so already)
+                print(f"{name}: no epoch completed; nothing to write", file=sys.stderr)
             return EXIT_INTERRUPTED if reason == "interrupted" else EXIT_NONFINITE
-        save_weights(paths["weights"], name, config, state)
+
+    def write_training():  # called once the samples are known to be finite, before any other output
+        if args.sample_only:
+            return
+        save_weights(paths["weights"], name, config, state, stopped=reason)
         save_curve(paths["curve"], state.history, state.best_epoch, name, model.objective, model.val_objective)
         if state.frames:
             save_gif(paths["gif"], [labelled(image_grid(s), f"{name}  epoch {e}")
                                     for s, e in zip(state.frames, state.frame_epochs)])
+        else:  # no frame drawn in this run: the previous run's GIF must not stand beside its weights
+            paths["gif"].unlink(missing_ok=True)
+
     load_weights_into(model, state.best_weights, paths["weights"])
     model.eval()
     signals.deferred()
-    metrics = _final_outputs(model, splits, args, device, paths, state, reason, signals)
+    metrics = _final_outputs(model, splits, labels, args, device, paths, state, reason, signals, write_training)
     print(json.dumps(_finite_or_none({k: metrics[k] for k in (
         "model", "test_nll_nats", "test_bpd", "nll_kind", "epochs_run", "best_epoch",
         "train_seconds", "sample_seconds")})))
@@ -1306,8 +1802,9 @@ def _run(args, model_class, config, sampling, signals):
     return EXIT_NONFINITE if reason == "non_finite" else 0
 
 
-def _final_outputs(model, splits, args, device, paths, state, reason, signals):
-    """Evaluate the best state on the test split and write samples, images and metrics."""
+def _final_outputs(model, splits, labels, args, device, paths, state, reason, signals, write_training=lambda: None):
+    """Evaluate the best state on the test split and write samples, images and metrics; the
+    samples are checked before anything is written (write_training first: weights, curve, GIF)."""
     out, name, show = Path(args.out), model.name, shows_progress(args)
     test_nll, nll_seconds = None, dict(wall=None, cpu=None)
     if model.nll_kind:
@@ -1315,20 +1812,23 @@ def _final_outputs(model, splits, args, device, paths, state, reason, signals):
                 seeded(args.seed + 3, device), torch.no_grad():
             test_nll = float(batched(model.test_nll, splits["test"]).mean())
     with announced(f"{name}: other metrics", show), seeded(args.seed + 5, device):
-        extra = model.extra_metrics(splits)
+        extra = model.extra_metrics(splits, labels)
         images = model.extra_images(splits)
 
     with announced(f"{name}: {args.num_samples} samples", show), timed(device) as sample_seconds:
         samples = draw_samples(model, args.num_samples, args.seed + 4, device).cpu()
+    check_samples(samples, "the sampler")
     other_samplers = {}
     # each other sampler timed and scored like the main one; skipped after an interrupt, to be quick
     for sampler_name, sampler in ({} if reason == "interrupted" else model.samplers()).items():
         with announced(f"{name}: {args.num_samples} samples, sampler {sampler_name}", show), \
                 timed(device) as seconds:
             other = draw_samples(model, args.num_samples, args.seed + 5, device, sampler=sampler).cpu()
+        check_samples(other, f"sampler {sampler_name}")
         other_samplers[sampler_name] = dict(seconds=round(seconds["wall"], 3), cpu_seconds=round(seconds["cpu"], 3),
-                                            frechet_distance=sample_quality(other.numpy(), out)["frechet_distance"])
+                                            frechet_distance=sample_quality(other.numpy(), out, extended=False)["frechet_distance"])
 
+    write_training()
     save_image(out / "_Digit_real_image.png", image_grid(splits["test"][:64]))
     save_image(paths["grid"], image_grid(samples[:64]))
     for suffix, (pixels, nrow) in images.items():
@@ -1352,6 +1852,7 @@ def _final_outputs(model, splits, args, device, paths, state, reason, signals):
         seed=args.seed, num_params=sum(p.numel() for p in model.parameters()),
         torch_version=str(torch.__version__), quick=args.quick, config=dataclasses.asdict(model.config),
         sampling=dataclasses.asdict(model.sampling), argv=args.argv,
+        changed_settings=getattr(args, "changed_settings", None),
         code_sha256=code_fingerprint(sys.modules[type(model).__module__].__file__),
         train_flags=dict(epochs=args.epochs, batch_size=args.batch_size, lr=args.lr,
                          patience=args.patience, ema=args.ema),

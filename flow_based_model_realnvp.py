@@ -11,9 +11,10 @@ stack of ActNorm layers (Glow's per-pixel affine map), optionally an LU-parametr
 linear mixing (Glow's 1x1 convolution; --mixing), and affine coupling layers: with a binary mask m
 (by default the checkerboard on the 8x8 grid, or random halves), h' = m * h + (1 - m) * (h *
 exp(s(m * h)) + t(m * h)), whose log|det| is the sum of s over the free pixels; s is a tanh-bounded
-log-scale from a residual MLP with LayerNorm and dropout (8 couplings, 256 hidden units, dropout
-0.5 by default). Masks alternate so that every pixel is transformed. Sampling runs the inverse
-from z ~ N(0, T^2 I) (T = 1 by default: true samples of the model) and floors v to the pixel values.
+log-scale from a residual MLP with LayerNorm and dropout (common.ResidualMLP; 8 couplings, one
+block of 256 hidden units, dropout 0.5 by default). Masks alternate so that every pixel is
+transformed. Sampling runs the inverse from z ~ N(0, T^2 I) (T = 1 by default: true samples of the
+model) and floors v to the pixel values.
 
 Dequantization (Theis et al. 2016; Ho et al. 2019, Flow++): u ~ q(u | x), uniform or (the
 default) a learned conditional flow, u = sigmoid(g(e; x)), e ~ N(0, I). Since each pixel's bin
@@ -74,27 +75,6 @@ def make_masks(kind, num_couplings, dim=common.NUM_PIXELS, seed=0):
 # model
 
 
-class ResidualMLP(nn.Module):
-    """(B, inputs) -> (B, outputs): h = W_in x, then blocks h <- h + W dropout(silu(LayerNorm(h))),
-    and a head W_out dropout(silu(LayerNorm(h))) that starts at zero (so a coupling starts as the identity)."""
-
-    def __init__(self, inputs, outputs, hidden, blocks, dropout):
-        super().__init__()
-        self.inp = nn.Linear(inputs, hidden)
-        self.blocks = nn.ModuleList(
-            nn.Sequential(nn.LayerNorm(hidden), nn.SiLU(), nn.Dropout(dropout), nn.Linear(hidden, hidden))
-            for _ in range(blocks))
-        self.head = nn.Sequential(nn.LayerNorm(hidden), nn.SiLU(), nn.Dropout(dropout), nn.Linear(hidden, outputs))
-        nn.init.zeros_(self.head[-1].weight)
-        nn.init.zeros_(self.head[-1].bias)
-
-    def forward(self, x):
-        h = self.inp(x)
-        for block in self.blocks:
-            h = h + block(h)
-        return self.head(h)
-
-
 class AffineCoupling(nn.Module):
     """h -> h' with h'_fixed = h_fixed and h'_free = h_free * exp(s) + t, (s, t) = net(h_fixed, c),
     where the binary mask marks the fixed coordinates and c is an optional conditioning input
@@ -108,7 +88,7 @@ class AffineCoupling(nn.Module):
         self.register_buffer("mask", mask)
         self.register_buffer("fixed", mask.nonzero()[:, 0])
         self.register_buffer("free", (mask == 0).nonzero()[:, 0])
-        self.net = ResidualMLP(len(self.fixed) + cond_dim, 2 * len(self.free), hidden, blocks, dropout)
+        self.net = common.ResidualMLP(len(self.fixed) + cond_dim, 2 * len(self.free), hidden, blocks, dropout)
         self.scale = nn.Parameter(torch.ones(len(self.free)))
 
     def shift_and_log_scale(self, h, cond):
@@ -187,8 +167,9 @@ class InvertibleLinear(nn.Module):
         """h = W^-1 h_out by two triangular solves with the factors themselves (no new
         factorisation of W): U' h = L^-1 P^T h_out."""
         lower, upper = self.factors()
-        y = torch.linalg.solve_triangular(lower, self.permutation.T @ h_out.T, upper=False, unitriangular=True)
-        return torch.linalg.solve_triangular(upper, y, upper=True).T
+        lower_solved = torch.linalg.solve_triangular(lower, self.permutation.T @ h_out.T, upper=False,
+                                                     unitriangular=True)
+        return torch.linalg.solve_triangular(upper, lower_solved, upper=True).T
 
 
 class CouplingStack(nn.Module):
@@ -222,12 +203,7 @@ class CouplingStack(nn.Module):
     def log_prob(self, h):
         """(B, D) -> (B,) log density: log N(z; 0, I) + log|det dz/dh|."""
         z, log_det = self(h)
-        return standard_normal_log_prob(z) + log_det
-
-
-def standard_normal_log_prob(z):
-    """(B, D) -> (B,) sum_i log N(z_i; 0, 1)."""
-    return -0.5 * (z ** 2).sum(1) - 0.5 * z.shape[1] * math.log(2 * math.pi)
+        return common.standard_normal_log_prob(z) + log_det
 
 
 class LogitTransform(nn.Module):
@@ -273,7 +249,7 @@ class VariationalDequantizer(nn.Module):
             h, step_log_det = coupling(h, c)
             log_det = log_det + step_log_det
         log_sigmoid_slope = (nn.functional.logsigmoid(h) + nn.functional.logsigmoid(-h)).sum(1)
-        return torch.sigmoid(h), standard_normal_log_prob(e) - log_det - log_sigmoid_slope
+        return torch.sigmoid(h), common.standard_normal_log_prob(e) - log_det - log_sigmoid_slope
 
     def inverse(self, u, x):
         """(u, x) -> e with forward(e, x)[0] == u."""
@@ -287,15 +263,12 @@ class VariationalDequantizer(nn.Module):
 class RealNVPConfig:
     num_couplings: int = common.option(8, "number of affine coupling layers", type=common.positive_int)
     hidden: int = common.option(256, "hidden units of each coupling's residual MLP", type=common.positive_int)
-    blocks: int = common.option(2, "residual blocks of each coupling's MLP", type=common.nonnegative_int)
+    blocks: int = common.option(1, "residual blocks (two layers each) of each coupling's MLP",
+                                type=common.nonnegative_int)
     dropout: float = common.option(0.5, "dropout in the coupling MLPs, against overfitting 1000 images",
                                    type=common.unit_interval)
-    # checkerboard: mean val Frechet over 5 sample seeds 20.9 against 22.7 with random halves (val
-    # bound 93.3 against 93.1, one draw)
     masks: str = common.option("checkerboard", "coupling masks: the 8x8 checkerboard or random halves, each "
                                "followed by its complement", choices=("checkerboard", "random"))
-    # mixing off: with random masks it gave val bound 96.9 against 93.1 (one draw) and mean val
-    # Frechet 23.4 against 22.7 over 5 sample seeds
     mixing: bool = common.option(False, "an invertible linear map (LU-parametrised) before each coupling")
     dequantization: str = common.option("variational", "dequantization noise u: uniform, or a learned "
                                         "flow q(u | x)", choices=("variational", "uniform"))
@@ -346,7 +319,7 @@ class RealNVP(common.DigitsModel):
     def log_prob(self, v):
         """(B, D) -> (B,) log p(v), a density on the continuous pixel scale (bins of volume 1)."""
         z, log_det = self(v)
-        return standard_normal_log_prob(z) + log_det
+        return common.standard_normal_log_prob(z) + log_det
 
     def dequantize(self, x):
         """(B, D) pixels -> (v = x + u, log q(u | x) (B,)): u uniform (log q = 0) or from the dequantizer."""
@@ -360,7 +333,7 @@ class RealNVP(common.DigitsModel):
         v, log_q = self.dequantize(x)
         return log_q - self.log_prob(v)
 
-    def loss(self, x):
+    def loss(self, x, y):
         """The bound's mean over the batch, one fresh dequantization draw per image."""
         return self.bound(x).mean()
 
@@ -379,7 +352,7 @@ class RealNVP(common.DigitsModel):
         z = self.sampling.temperature * torch.randn(n, self.dim, device=self.device)
         return self.inverse(z).floor().clamp(0, common.PIXEL_MAX)
 
-    def extra_metrics(self, splits):
+    def extra_metrics(self, splits, labels):
         """The NLL bound on train and validation with one dequantization draw each (the
         train-validation gap shows the overfitting)."""
         with common.seeded(0, self.device), torch.no_grad():
@@ -395,8 +368,6 @@ class RealNVP(common.DigitsModel):
 
 
 def main(argv=None):
-    # lr 3e-4 (1e-3: mean val Frechet 27.1 over 5 sample seeds against 20.9); no EMA (0.999, random
-    # masks: mean val Frechet 24.4 against 22.7, and it never stops early: 300 epochs, 156 CPU s)
     parser = common.make_parser(__file__, __doc__, epochs=300, batch_size=64, lr=3e-4, patience=20, gif_every=5)
     common.add_options(parser, "RealNVP", RealNVPConfig)
     common.add_options(parser, "RealNVP evaluation and sampling (free to change with --sample-only)",

@@ -18,16 +18,11 @@ images a GAN can memorise or collapse onto a few digits: the metrics report the 
 class coverage of the samples. --augment translation shifts real and fake images alike by up to
 one pixel before D sees them (DiffAugment, Zhao et al. 2020).
 
-The defaults were chosen by the best validation Frechet distance (seed 0 unless said; lower is
-better; the 1000 training digits themselves score 15.3). Hinge loss with spectral norm, D's
-learning rate 4x G's (two time-scale rule, Heusel et al. 2017), Adam betas (0, 0.9), hidden 256:
-13.5 (19.5 with seed 1). The same with equal rates and betas (0.5, 0.9), without spectral norm,
-or non-saturating: mode collapse (about 400). wgan-gp, 5 critic steps: 17.3, twice the cost per
-epoch. 2 D steps per G step: 16.8 (22.0 with seed 1). EMA decay 0.99: 16.8, 0.995: 17.1, 0.999:
-17.5. Hidden 512: 14.6, but steadier than 256 (mean of the last 20 epochs 16.5 against 17.1).
-Translation augmentation: 21.9. Continuous samples were nearer the val split than samples rounded
-to the pixel levels (--round) in 10 of 12 checks (4 checkpoints x 3 sample seeds; by up to 0.3,
-the other two 0.02 and 0.19 farther). No run copied: copy rates 0.000-0.001.
+The defaults, each chosen by the validation Frechet distance (README, the GAN's choices): the hinge
+loss with spectral norm on D (Miyato et al. 2018), D's learning rate 4x G's (the two time-scale
+update rule, Heusel et al. 2017) and Adam betas (0, 0.9), without which training collapsed onto a
+few digits; one D step per G step; two hidden layers of 512, whose curve is steadier than 256's;
+an EMA of the weights with decay 0.99; no augmentation; continuous samples (--round rounds them).
 
 The training curve shows D's loss (the "train" series) and G's loss (dashed, "generator") per
 epoch, and the validation Frechet distance that picks the best epoch on its own axis.
@@ -90,16 +85,16 @@ def gradient_penalty(critic, real, fake):
     return ((grad.norm(dim=1) - 1) ** 2).mean()
 
 
-def translate(y, max_shift=1):
-    """DiffAugment's translation on [-1, 1] images (B, 64): each image moves by its own random
-    (dy, dx) in [-max_shift, max_shift]^2, the background (-1) filling what comes in. Differentiable
-    in y, so G learns through it."""
-    side, batch = 8, len(y)
-    padded = F.pad(y.view(batch, side, side), (max_shift,) * 4, value=-1.0)  # (B, 8 + 2s, 8 + 2s)
-    offset = torch.randint(0, 2 * max_shift + 1, (2, batch, 1), device=y.device)
-    rows = torch.arange(side, device=y.device) + offset[0]  # (B, 8): padded rows of the crop
-    cols = torch.arange(side, device=y.device) + offset[1]
-    index = torch.arange(batch, device=y.device)[:, None, None]
+def translate(v, max_shift=1):
+    """DiffAugment's translation (Zhao et al. 2020) on [-1, 1] images v (B, 64): each image moves
+    by its own random (row, column) shift in [-max_shift, max_shift]^2, the background (-1) filling
+    what comes in. Differentiable in v, so G learns through it."""
+    side, batch = 8, len(v)
+    padded = F.pad(v.view(batch, side, side), (max_shift,) * 4, value=-1.0)  # (B, 8 + 2s, 8 + 2s)
+    offset = torch.randint(0, 2 * max_shift + 1, (2, batch, 1), device=v.device)
+    rows = torch.arange(side, device=v.device) + offset[0]  # (B, 8): padded rows of the crop
+    cols = torch.arange(side, device=v.device) + offset[1]
+    index = torch.arange(batch, device=v.device)[:, None, None]
     return padded[index, rows[:, :, None], cols[:, None, :]].reshape(batch, side * side)
 
 
@@ -113,8 +108,8 @@ class GANConfig:
     hidden: int = common.option(512, "width of both MLPs' hidden layers", type=common.positive_int)
     layers: int = common.option(2, "hidden layers of each MLP", type=common.positive_int)
     loss: str = common.option("hinge", "adversarial loss", choices=LOSSES)
-    spectral_norm: bool = common.option(True, "no spectral normalisation of D's linear layers "
-                                              "(it is on by default; wgan-gp needs it off)")
+    spectral_norm: bool = common.option(True, "no spectral normalisation of D's linear layers (required "
+                                              "by --loss wgan-gp, whose gradient penalty constrains D instead)")
     gp_weight: float = common.option(10.0, "lambda of the wgan-gp gradient penalty",
                                      type=common.nonnegative_float)
     d_lr_scale: float = common.option(4.0, "D's learning rate is --lr times this (two time-scale rule)",
@@ -126,13 +121,15 @@ class GANConfig:
 
 @dataclass(frozen=True)
 class GANSampling:
-    round: bool = common.option(False, "round samples to the integer pixel levels 0..16 (by default they "
-                                       "stay continuous: nearer the val split by Frechet distance)")
+    round: bool = common.option(False, "round samples to the integer pixel levels 0..16 (without it they "
+                                       "stay continuous, which scored nearer the val split by Frechet "
+                                       "distance)")
 
 
 class GAN(common.DigitsModel):
     name = "GAN"
     nll_kind = None
+    ood_kind = None  # no likelihood, energy or score to flag inputs by
     objective = "loss: discriminator (train), generator (dashed)"
     val_objective = common.VAL_FRECHET
     Config = GANConfig
@@ -152,11 +149,11 @@ class GAN(common.DigitsModel):
         """z (B, latent) -> images on [-1, 1] (B, 64)."""
         return torch.tanh(self.generator(z))
 
-    def critic(self, y):
-        """[-1, 1] images (B, 64) -> scores (B,); augmented first when --augment asks."""
+    def critic(self, v):
+        """[-1, 1] images v (B, 64) -> scores D(v) (B,); augmented first when --augment asks."""
         if self.config.augment == "translation":
-            y = translate(y)
-        return self.discriminator(y).squeeze(1)
+            v = translate(v)
+        return self.discriminator(v).squeeze(1)
 
     def noise(self, n):
         return torch.randn(n, self.config.latent, device=self.device)
@@ -174,35 +171,30 @@ class GAN(common.DigitsModel):
     def g_loss(self, z):
         return generator_loss(self.config.loss, self.critic(self.generate(z)))
 
-    def loss(self, x):
+    def loss(self, x, y):
         """The discriminator's loss on a batch of pixels 0..16 against as many fresh fakes."""
         return self.d_loss(common.pixels_to_pm1(x), self.generate(self.noise(len(x))))
 
     # --- training: alternate updates of D and G
 
     def discriminator_step(self, real, z, optimizer):
-        """One update of D on real [-1, 1] images and G(z); G's weights do not move."""
+        """One update of D on real [-1, 1] images and G(z); G's weights do not move (the fake is
+        detached, so G's grads stay None and Adam skips them)."""
         value = self.d_loss(real, self.generate(z))
         checked = common.check_finite({"discriminator": value.item()})
-        optimizer.zero_grad(set_to_none=True)
-        value.backward()
-        optimizer.step()  # G's grads are None (fake was detached): Adam skips them
+        common.optimizer_step(value, optimizer)
         return checked["discriminator"]
 
     def generator_step(self, z, optimizer):
         """One update of G to raise D's score of G(z); D's weights do not move."""
         value = self.g_loss(z)
         checked = common.check_finite({"generator": value.item()})
-        optimizer.zero_grad(set_to_none=True)
-        value.backward()
-        for p in self.discriminator.parameters():
-            p.grad = None  # D's grads from L_G: Adam skips a parameter whose grad is None
-        optimizer.step()
+        common.optimizer_step(value, optimizer, frozen=self.discriminator.parameters())
         return checked["generator"]
 
-    def train_step(self, x, optimizer):
-        """d_steps updates of D, then one of G. Returns {"loss": L_D (the curve's "train" series),
-        "generator": L_G}, both averaged over the step."""
+    def train_step(self, x, y, optimizer):
+        """Overrides the base class's single step: d_steps updates of D, then one of G. Returns
+        {"loss": L_D (the curve's "train" series), "generator": L_G}, both averaged over the step."""
         real = common.pixels_to_pm1(x)
         d_values = [self.discriminator_step(real, self.noise(len(x)), optimizer)
                     for _ in range(self.config.d_steps)]
@@ -224,6 +216,23 @@ class GAN(common.DigitsModel):
         """x = G(z), z ~ N(0, I), mapped to the 0..16 pixels (rounded to levels with --round)."""
         pixels = common.pm1_to_pixels(self.generate(self.noise(n)))
         return pixels.round() if self.sampling.round else pixels
+
+    def complete(self, x, missing, steps=150, lr=0.05, pixel_noise=0.1):
+        """Inpainting (Yeh et al. 2017): the latent z, from z ~ N(0, I), optimised by Adam to
+        minimise ||observed * (G(z) - v)||^2 / (2 pixel_noise^2) + ||z||^2 / 2, the MAP z under the
+        prior of an image that matches the observed pixels v (on [-1, 1]) up to Gaussian noise;
+        the missing pixels are then G(z)'s. Each start gives its own completion. The weights get no
+        gradient."""
+        v, observed = common.pixels_to_pm1(x), (~missing).to(x.dtype)
+        z = self.noise(len(x)).requires_grad_(True)
+        optimizer = torch.optim.Adam([z], lr=lr)
+        with torch.enable_grad():
+            for _ in range(steps):
+                mismatch = ((observed * (self.generate(z) - v)) ** 2).sum(1) / (2 * pixel_noise**2)
+                (z.grad,) = torch.autograd.grad((mismatch + 0.5 * (z**2).sum(1)).sum(), z)
+                optimizer.step()
+        pixels = common.pm1_to_pixels(self.generate(z.detach()))
+        return torch.where(missing, pixels.round() if self.sampling.round else pixels, x)
 
 
 # -----------------------------------------------------------------------------

@@ -8,7 +8,11 @@ confidence, class coverage (entropy of the predicted classes; log 10 = 2.303 is 
 copy rate (fraction of samples closer to a training image than 99% of test images are).
 
 Each model script runs with its default flags, unless OUT/NAME_metrics.json already comes from a
-default run of the current code (same sha256 of the script and common.py), which is reused.
+default run of the current code (same sha256 of the script and common.py, and no setting changed:
+a resumed default run counts), which is reused. A run trains in a scratch folder in OUT and
+replaces the family's files only when it finishes; a damaged metrics or samples file is one line
+naming it and counts as missing. Ctrl-C or SIGTERM reaches the running model script, which
+finishes its outputs (discarded); then leaderboard.py exits 130 in one line.
 The baselines are fitted on the train split with scikit-learn, their hyper-parameters chosen on
 the validation split:
 - per-pixel independent categorical (add-0.5 smoothing): exact NLL;
@@ -23,11 +27,16 @@ idle machine; the speed of every family is benchmark.py's.
 """
 
 import argparse
+import contextlib
 import json
-import shutil
 import math
+import os
+import re
+import shutil
+import signal
 import subprocess
 import sys
+import tempfile
 import time
 from pathlib import Path
 
@@ -36,18 +45,8 @@ import torch
 
 import common
 
-SCRIPTS = {  # family -> script, in the order of the table
-    "ARM": "autoregressive_model.py",
-    "RealNVP": "flow_based_model_realnvp.py",
-    "EBM": "energy_based_model.py",
-    "ScM": "score_matching.py",
-    "SBGM": "score_based_generative_model.py",
-    "DDPM": "ddpm.py",
-    "VAE": "variational_autoencoder.py",
-    "GAN": "generative_adversarial_network.py",
-    "FM": "flow_matching.py",
-}
-ROOT = Path(__file__).resolve().parent
+SCRIPTS = {family.name: family.script for family in common.FAMILIES}  # in the order of the table
+ROOT = common.ROOT
 UNIFORM_NLL = common.NUM_PIXELS * math.log(common.NUM_LEVELS)  # 181.3 nats
 
 # -----------------------------------------------------------------------------
@@ -121,60 +120,336 @@ def kernel_density(splits, num_samples, seed, bandwidths=(1.0, 1.5, 2.0, 2.5, 3.
 
 
 # -----------------------------------------------------------------------------
+# the tools' children: signals forwarded, runs trained in a scratch folder and moved in whole
+#
+# leaderboard.py, ood.py and benchmark.py share these. A SIGINT or SIGTERM to the tool is passed
+# on to its running child (in a process group of its own, so a Ctrl-C reaches it once), the tool
+# waits for the child to finish its outputs, removes its scratch folder, and exits 130 with one
+# line. A model run trains in OUT/.NAME.run-digits-PID-XXXX and only a finished run (exit 0, not
+# interrupted) replaces the files in OUT, under the family's lock: shipped weights are never
+# replaced by a partial run.
+
+_CHILDREN = []  # (Popen, how: "forward" the signal, or "kill")
+_SIGNALS = dict(received=None, deferred=False)
+
+
+def _on_signal(signum, frame):
+    first = _SIGNALS["received"] is None
+    _SIGNALS["received"] = _SIGNALS["received"] or signum
+    for child, how in list(_CHILDREN):
+        if child.returncode is None:  # not reaped yet (no poll here: the main thread may be in wait)
+            with contextlib.suppress(OSError):
+                os.killpg(child.pid, signum if how == "forward" else signal.SIGKILL)
+    if first and not _SIGNALS["deferred"]:
+        raise KeyboardInterrupt
+
+
+def spawn(command, how="forward", **kwargs):
+    """Popen in a process group of its own, registered so that a signal to the tool reaches it
+    (forwarded, or SIGKILL for helpers such as benchmark's busy loop)."""
+    child = subprocess.Popen(command, start_new_session=True, **kwargs)  # (no preexec_fn: torch has threads)
+    _CHILDREN.append((child, how))
+    if _SIGNALS["received"] is not None:  # a signal came while it started
+        os.killpg(child.pid, _SIGNALS["received"] if how == "forward" else signal.SIGKILL)
+    return child
+
+
+def finish(child):
+    """Wait for a spawned child however long it takes (a forwarded signal makes a model run
+    finish its outputs, a second one stops it at once) and unregister it; its exit status."""
+    try:
+        while True:
+            try:
+                return child.wait()
+            except KeyboardInterrupt:  # already forwarded by _on_signal: keep waiting, then re-raise
+                _SIGNALS["pending"] = True
+    finally:
+        _CHILDREN[:] = [(c, h) for c, h in _CHILDREN if c is not child]
+        if _SIGNALS.pop("pending", False):
+            raise KeyboardInterrupt
+
+
+def run_child(command, **kwargs):
+    """subprocess.run(command).returncode, with signals forwarded and the child waited for."""
+    return finish(spawn(command, **kwargs))
+
+
+@contextlib.contextmanager
+def signals_deferred():
+    """Signals that arrive inside the block (writing the tables) take effect at its end."""
+    _SIGNALS["deferred"] = True
+    try:
+        yield
+    finally:
+        _SIGNALS["deferred"] = False
+    if _SIGNALS["received"] is not None:
+        raise KeyboardInterrupt
+
+
+def tool(prog, body, interrupted="no table was written; the files in --out are whole"):
+    """Run body() with the tools' signal handling: exit 130 with one line when interrupted, 2 with
+    one line for a common.UsageError or a failed write."""
+    _SIGNALS.update(received=None, deferred=False)
+    previous = {}
+    if threading_is_main():
+        previous = {sig: signal.signal(sig, _on_signal) for sig in (signal.SIGINT, signal.SIGTERM)}
+    try:
+        body()
+    except KeyboardInterrupt:
+        for child, _ in list(_CHILDREN):  # one the signal caught between its start and its wait
+            with contextlib.suppress(Exception):
+                child.wait(timeout=600)
+        print(f"{prog}: interrupted; {interrupted}", file=sys.stderr)
+        raise SystemExit(common.EXIT_INTERRUPTED) from None
+    except common.UsageError as error:
+        print(f"{prog}: error: {error}", file=sys.stderr)
+        raise SystemExit(common.EXIT_USAGE) from None
+    except OSError as error:
+        print(f"{prog}: error: could not write {error.filename or ''} ({error.strerror or error}); "
+              f"files already written are whole", file=sys.stderr)
+        raise SystemExit(common.EXIT_USAGE) from None
+    finally:
+        for sig, handler in previous.items():
+            signal.signal(sig, handler)
+
+
+def threading_is_main():
+    import threading
+
+    return threading.current_thread() is threading.main_thread()
+
+
+def out_folder(value):
+    """--out: a relative path is taken from the current directory; None: the project's results/."""
+    return ROOT / "results" if value is None else Path(value).absolute()
+
+
+SCRATCH = ".run-digits-"  # OUT/.NAME.run-digits-PID-XXXX: a tool's model run in progress
+
+
+def remove_stale_scratch(out):
+    """Remove the scratch folders of tools that were killed (SIGKILL) while a model trained: only
+    folders named .NAME.run-digits-PID-XXXX whose process no longer runs."""
+    for path in Path(out).glob(f".*{SCRATCH}*"):
+        match = re.fullmatch(rf"\.[A-Za-z0-9]+{re.escape(SCRATCH)}(\d{{1,9}})-[A-Za-z0-9_]+", path.name)
+        if not match or not path.is_dir() or path.is_symlink() or int(match.group(1)) == os.getpid():
+            continue
+        try:
+            os.kill(int(match.group(1)), 0)
+        except ProcessLookupError:
+            shutil.rmtree(path, ignore_errors=True)
+        except (OSError, OverflowError):
+            pass
+
+
+def train_into(out, name, script, threads, flags=(), extra=(), prog="leaderboard", stdout=None):
+    """Run `script` with its defaults (and `flags`) in a scratch folder in `out`; a finished run
+    (exit 0, metrics not interrupted) replaces the family's files in `out`, moved in under its
+    lock with the metrics last. Returns None, or a one-line reason why `out` is unchanged."""
+    out.mkdir(parents=True, exist_ok=True)
+    remove_stale_scratch(out)
+    scratch = Path(tempfile.mkdtemp(prefix=f".{name}{SCRATCH}{os.getpid()}-", dir=out))
+    try:
+        for cache in out.glob("_digit_*.pt"):  # the cached digit classifiers: no retraining
+            if cache.is_file():
+                shutil.copy2(cache, scratch)
+        command = [sys.executable, str(ROOT / script), "--no-progress", "--threads", str(threads),
+                   "--out", str(scratch), *extra, *flags]
+        code = run_child(command, cwd=ROOT, stdout=stdout)
+        if code != 0:
+            return f"{script} exited with status {code}; {out} is unchanged"
+        metrics, problem = read_metrics(scratch / f"{name}_metrics.json", RUN_KEYS)
+        if problem or metrics.get("interrupted"):
+            return (f"{script} did not finish (" + (f"its metrics file {problem}" if problem else "interrupted")
+                    + f"); {out} is unchanged")
+        with signals_deferred(), common.family_lock(out, name):
+            moved = [p for p in scratch.iterdir() if p.is_file() and not p.name.startswith(".")]
+            metrics_file = scratch / f"{name}_metrics.json"
+            (out / metrics_file.name).unlink(missing_ok=True)  # an interrupted move leaves no metrics
+            for kind, path in common.output_paths(out, name).items():
+                if not (scratch / path.name).exists():
+                    path.unlink(missing_ok=True)  # e.g. a GIF this run did not draw: no stale one
+            for path in sorted(moved, key=lambda p: p == metrics_file):
+                if path.name.startswith("_digit_") and (out / path.name).exists():
+                    continue  # a cache already there
+                os.replace(path, out / path.name)
+        return None
+    finally:
+        shutil.rmtree(scratch, ignore_errors=True)
+
+
+# -----------------------------------------------------------------------------
+# results files, checked: a damaged one is one line and counts as missing
+
+MAX_METRICS_BYTES = 10 * 2**20
+RUN_KEYS = dict(model="str", epochs_run="int", interrupted="bool")
+ROW_KEYS = dict(test_nll_nats="number?", nll_kind="str?", train_seconds="number", sample_seconds="number",
+                train_cpu_seconds="number?", epochs_run="int", best_epoch="int", device="str",
+                frechet_distance="number", classifier_confidence="number", class_coverage="number",
+                copy_rate="number")
+SEED_KEYS = dict(test_nll_nats="number?", nll_kind="str?", train_seconds="number", epochs_run="int",
+                 frechet_distance="number")
+
+
+def _kind_ok(value, kind):
+    if kind.endswith("?"):
+        if value is None:
+            return True
+        kind = kind[:-1]
+    if kind == "number":
+        return isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
+    if kind == "int":
+        return isinstance(value, int) and not isinstance(value, bool)
+    if kind == "bool":
+        return isinstance(value, bool)
+    if kind == "str":
+        return isinstance(value, str)
+    if kind == "dict":
+        return isinstance(value, dict)
+    raise ValueError(kind)
+
+
+def read_metrics(path, keys=ROW_KEYS):
+    """(metrics, None) when `path` is a metrics file with `keys` of the right types (dict key ->
+    "number", "int", "str", "bool", "dict", a "?" allows null); else (None, what is wrong)."""
+    path = Path(path)
+    if not path.is_file():
+        return None, "is missing"
+    try:
+        if path.stat().st_size > MAX_METRICS_BYTES:
+            return None, f"is {path.stat().st_size} bytes, more than a metrics file holds"
+        metrics = json.loads(path.read_text())
+    except (OSError, UnicodeDecodeError, ValueError) as error:
+        return None, f"is unreadable ({str(error).splitlines()[0] if str(error) else type(error).__name__})"
+    if not isinstance(metrics, dict):
+        return None, f"is a JSON {type(metrics).__name__}, not an object"
+    missing = [k for k in keys if k not in metrics]
+    if missing:
+        return None, f"lacks {', '.join(missing)}"
+    wrong = [f"{k}={metrics[k]!r:.40}" for k, kind in keys.items() if not _kind_ok(metrics[k], kind)]
+    if wrong:
+        extra = " (a run of fewer than 2 samples has none)" if "frechet_distance" in str(wrong) else ""
+        return None, f"has wrong values: {', '.join(wrong)}{extra}"
+    return metrics, None
+
+
+def read_samples(path, max_rows=common.MAX_SAMPLES):
+    """(samples (N, 64) float32, None) from a NAME_samples.npy; (None, what is wrong) for a missing,
+    truncated, mis-shaped, oversized or non-finite file. The header is checked before any data
+    is read, so a header claiming 10^12 rows costs nothing."""
+    path = Path(path)
+    if not path.is_file():
+        return None, "is missing"
+    try:
+        with open(path, "rb") as f:
+            version = np.lib.format.read_magic(f)
+            read_header = {(1, 0): np.lib.format.read_array_header_1_0,
+                           (2, 0): np.lib.format.read_array_header_2_0}.get(version)
+            if read_header is None:
+                return None, f"is an .npy file of format {version}"
+            shape, _, dtype = read_header(f)
+            offset = f.tell()
+        if dtype.hasobject or dtype.kind not in "biuf":
+            return None, f"holds {dtype}, not numbers"
+        if len(shape) != 2 or shape[1] != common.NUM_PIXELS or not 1 <= shape[0] <= max_rows:
+            return None, f"has shape {shape}; expected (N, 64) with 1 <= N <= {max_rows}"
+        if path.stat().st_size < offset + shape[0] * shape[1] * dtype.itemsize:
+            return None, "is truncated"
+        samples = np.load(path, allow_pickle=False)
+    except (OSError, ValueError, EOFError) as error:
+        return None, f"is unreadable ({str(error).splitlines()[0] if str(error) else type(error).__name__})"
+    samples = samples.astype(np.float32)
+    if not np.isfinite(samples).all() or samples.min() < 0 or samples.max() > common.PIXEL_MAX:
+        return None, "holds values that are not pixels on 0..16 (NaN, infinite or out of range)"
+    return samples, None
+
+
+# -----------------------------------------------------------------------------
 # model runs
 
 
 def is_current(metrics, script, flags=()):
     """A metrics file counts when it comes from a finished default run of the current code (with
-    `flags`, e.g. ("--seed", "1"), and nothing else that changes results)."""
-    return (metrics.get("code_sha256") == common.code_fingerprint(ROOT / script)
-            and not metrics.get("quick") and not metrics.get("interrupted")
-            and metrics.get("stopped") != "non_finite"
-            and _result_flags(metrics.get("argv", ["?"])) == list(flags))
+    `flags`, e.g. ("--seed", "1"), and no other setting changed). The settings are judged, not
+    the command line: a resumed default run is a default run."""
+    if not (metrics.get("code_sha256") == common.code_fingerprint(ROOT / script)
+            and metrics.get("quick") is False and metrics.get("interrupted") is False
+            and metrics.get("stopped") != "non_finite"):
+        return False
+    changed = metrics.get("changed_settings")
+    if isinstance(changed, dict):
+        wanted = {flags[i].lstrip("-").replace("-", "_"): flags[i + 1] for i in range(0, len(flags), 2)}
+        return set(changed) == set(wanted) and all(str(changed[k]) == v for k, v in wanted.items())
+    return _result_flags(metrics.get("argv", ["?"])) == list(flags)  # metrics of older code: by argv
 
 
 def _result_flags(argv):
     """argv without the flags that don't change results (--no-progress, --out DIR, --threads N,
-    --checkpoint-seconds S)."""
+    --checkpoint-seconds S); for metrics written before changed_settings."""
+    if not isinstance(argv, list):
+        return ["?"]
     kept, skip = [], False
     for arg in argv:
         if skip:
             skip = False
         elif arg in ("--out", "--threads", "--checkpoint-seconds"):
             skip = True
-        elif arg != "--no-progress" and not arg.startswith(("--out=", "--threads=", "--checkpoint-seconds=")):
+        elif arg != "--no-progress" and not str(arg).startswith(("--out=", "--threads=", "--checkpoint-seconds=")):
             kept.append(arg)
     return kept
 
 
-def current_metrics(name, script, out, train, threads, flags=()):
-    """OUT/NAME_metrics.json of the default run (plus `flags`), made first when it is missing or
-    stale and train is set; None when there is none."""
-    path = out / f"{name}_metrics.json"
-    metrics = json.loads(path.read_text()) if path.is_file() else None
+def current_run(name, script, out, train, threads, flags=(), keys=ROW_KEYS, samples=True):
+    """(metrics, samples or None) of OUT/NAME's default run (plus `flags`), made first when it is
+    missing, damaged or stale and train is set; None when there is none. A damaged metrics or
+    samples file is one line naming it and counts as missing."""
+    def usable():
+        metrics, problem = read_metrics(out / f"{name}_metrics.json", keys)
+        pixels = None
+        if metrics is not None and samples:
+            pixels, problem = read_samples(out / f"{name}_samples.npy")
+            problem = problem and f"{out / f'{name}_samples.npy'} {problem}"
+        elif problem:
+            problem = f"{out / f'{name}_metrics.json'} {problem}" if problem != "is missing" else None
+        return (None if problem else metrics), pixels, problem
+
+    metrics, pixels, problem = usable()
+    if problem:
+        print(f"leaderboard: {problem}; treated as missing", file=sys.stderr)
     if (metrics is None or not is_current(metrics, script, flags)) and train and (ROOT / script).is_file():
         print(f"leaderboard: training {name} with its defaults {' '.join(flags)} ({script})", flush=True)
-        out.mkdir(parents=True, exist_ok=True)
-        command = [sys.executable, str(ROOT / script), "--no-progress", "--threads", str(threads),
-                   "--out", str(out), *flags]
-        if subprocess.run(command, cwd=ROOT).returncode == 0:
-            metrics = json.loads(path.read_text())
-    return metrics
+        failed = train_into(out, name, script, threads, flags)
+        if failed:
+            print(f"leaderboard: {failed}", file=sys.stderr)
+        else:
+            metrics, pixels, problem = usable()
+            if problem:
+                print(f"leaderboard: {problem}", file=sys.stderr)
+    return None if metrics is None else (metrics, pixels)
+
+
+def current_metrics(name, script, out, train, threads, flags=()):
+    """OUT/NAME_metrics.json of the default run (plus `flags`), checked for the seed table's
+    keys; None when there is none (see current_run)."""
+    found = current_run(name, script, out, train, threads, flags, keys=SEED_KEYS, samples=False)
+    return None if found is None else found[0]
 
 
 def model_row(name, script, out, train, threads):
-    metrics = current_metrics(name, script, out, train, threads)
-    if metrics is None:
+    found = current_run(name, script, out, train, threads)
+    if found is None:
         return None
-    samples = np.load(out / f"{name}_samples.npy")
+    metrics, samples = found
     return dict(model=name, test_nll_nats=metrics["test_nll_nats"], nll_kind=metrics["nll_kind"],
                 train_seconds=metrics["train_seconds"], sample_seconds=metrics["sample_seconds"],
-                train_cpu_seconds=metrics.get("train_cpu_seconds"),
-                device=metrics["device"], current=is_current(metrics, script),
-                **{k: metrics[k] for k in QUALITY_KEYS}), samples
+                train_cpu_seconds=metrics.get("train_cpu_seconds"), epochs=metrics["epochs_run"],
+                best_epoch=metrics["best_epoch"], device=metrics["device"], current=is_current(metrics, script),
+                **{k: metrics[k] for k in QUALITY_KEYS}, **{k: metrics.get(k) for k in EXTENDED_KEYS}), samples
 
 
 QUALITY_KEYS = ("frechet_distance", "classifier_confidence", "class_coverage", "copy_rate")
+EXTENDED_KEYS = ("frechet_distance_std", "frechet_distance_cnn", "frechet_distance_cnn_std", "c2st_accuracy",
+                 "c2st_stderr", "precision", "recall", "density", "coverage")
 
 # -----------------------------------------------------------------------------
 # the table and the picture
@@ -184,27 +459,80 @@ def fmt(value, digits=2):
     return "-" if value is None else f"{value:.{digits}f}"
 
 
+def measures(row, num_real=447):
+    """name -> (value, standard error, +1 if higher is better else -1) of every measure a row
+    has: its test NLL and the sample-quality measures, with their sampling noise (the bootstrap
+    sd of a Frechet distance, the C2ST's standard error, binomial errors of the fractions)."""
+    def binomial(p, n):
+        return None if p is None else math.sqrt(p * (1 - p) / n)
+
+    n = 1000
+    found = {
+        "NLL": (row["test_nll_nats"], 0.0, -1),
+        "Frechet (MLP)": (row["frechet_distance"], row.get("frechet_distance_std"), -1),
+        "Frechet (CNN)": (row.get("frechet_distance_cnn"), row.get("frechet_distance_cnn_std"), -1),
+        "C2ST": (row.get("c2st_accuracy"), row.get("c2st_stderr"), -1),
+        "precision": (row.get("precision"), binomial(row.get("precision"), n), +1),
+        "recall": (row.get("recall"), binomial(row.get("recall"), num_real), +1),
+        "coverage": (row.get("coverage"), binomial(row.get("coverage"), num_real), +1),
+    }
+    return {k: v for k, v in found.items() if v[0] is not None and v[1] is not None}
+
+
+def verdict(row, baseline):
+    """measure -> "better", "worse" or "within noise" than the baseline: a difference counts when
+    it exceeds twice the standard error of the difference."""
+    mine, theirs = measures(row), measures(baseline)
+    result = {}
+    for name in mine.keys() & theirs.keys():
+        (a, sa, sign), (b, sb, _) = mine[name], theirs[name]
+        gain = sign * (a - b)
+        noise = 2 * math.sqrt(sa**2 + sb**2)
+        result[name] = "better" if gain > noise else "worse" if gain < -noise else "within noise"
+    return result
+
+
 def markdown(rows, accuracy):
-    lines = ["| model | test NLL (nats/image) | bits/dim | NLL kind | Frechet distance | confidence "
-             "| coverage | copy rate | train s (CPU s) | s / 1000 samples | device |",
-             "|---|---|---|---|---|---|---|---|---|---|---|"]
+    lines = ["| model | test NLL (nats/image) | bits/dim | NLL kind | Frechet distance | copy rate "
+             "| class coverage | confidence | epochs (best) | train s (CPU s) | s / 1000 samples | device |",
+             "|---|---|---|---|---|---|---|---|---|---|---|---|"]
     for r in rows:
         nll, cpu = r["test_nll_nats"], r.get("train_cpu_seconds")
         train = fmt(r["train_seconds"], 0) + ("" if cpu is None else f" ({cpu:.0f})")
+        epochs = f"{r['epochs']} ({r['best_epoch']})" if r.get("epochs") else "-"
         lines.append(
-            f"| {r['model']}{'' if r.get('current', True) else ' (stale)'} | {fmt(nll, 1)} "
+            f"| {r['model']}{'' if r.get('current', True) else ' (stale)'} | {fmt(nll, 2)} "
             f"| {fmt(common.nats_to_bpd(nll) if nll is not None else None, 3)} | {r['nll_kind'] or '-'} "
-            f"| {fmt(r['frechet_distance'])} | {fmt(r['classifier_confidence'], 3)} "
-            f"| {fmt(r['class_coverage'], 3)} | {fmt(r['copy_rate'], 3)} | {train} "
+            f"| {fmt(r['frechet_distance'])} | {fmt(r['copy_rate'], 3)} | {fmt(r['class_coverage'], 3)} "
+            f"| {fmt(r['classifier_confidence'], 3)} | {epochs} | {train} "
             f"| {fmt(r['sample_seconds'], 2)} | {r['device']} |")
+
+    def pm(value, error, digits=2):
+        return "-" if value is None else fmt(value, digits) + ("" if error is None else f" +- {error:.{digits}f}")
+
+    lines += ["", "| model | Frechet (MLP) | Frechet (CNN) | C2ST accuracy | precision | recall | density | coverage |",
+              "|---|---|---|---|---|---|---|---|"]
+    for r in rows:
+        lines.append(
+            f"| {r['model']} | {pm(r['frechet_distance'], r.get('frechet_distance_std'))} "
+            f"| {pm(r.get('frechet_distance_cnn'), r.get('frechet_distance_cnn_std'))} "
+            f"| {pm(r.get('c2st_accuracy'), r.get('c2st_stderr'), 3)} | {fmt(r.get('precision'), 3)} "
+            f"| {fmt(r.get('recall'), 3)} | {fmt(r.get('density'), 3)} | {fmt(r.get('coverage'), 3)} |")
     by_name = {r["model"]: r for r in rows}
     gmm, indep = by_name["GaussianMixture"], by_name["Independent pixels"]
     deep = [r for r in rows if r["model"] in SCRIPTS]
     notes = [
         "",
         f"Frechet distance: to the 447 test digits, in the 32 features of a small MLP classifier trained "
-        f"on the train split only (test accuracy {accuracy:.3f}). Confidence: mean max class probability. "
-        f"Coverage: entropy of the predicted-class histogram (log 10 = 2.303 is uniform). Copy rate: "
+        f"on the train split only (test accuracy {accuracy:.3f}); Frechet (CNN): the same in the 64 "
+        f"features of a small convolutional classifier (another architecture and seed); +- the "
+        f"standard deviation over 20 bootstrap resamples of the samples. C2ST: accuracy of an MLP trained "
+        f"to tell 447 samples from the 447 test digits on one half, measured on the other (0.5: "
+        f"indistinguishable; +- its standard error; the digits are stored writer by writer, so real val "
+        f"digits score above 0.5 too). Precision, recall (Kynkaanniemi et al. 2019), density, coverage "
+        f"(Naeem et al. 2020): k = 5 nearest-neighbour balls in the MLP's features; precision and density "
+        f"read fidelity, recall and coverage diversity. Class coverage: entropy of the predicted-class "
+        f"histogram (log 10 = 2.303 is uniform). Confidence: mean max class probability. Copy rate: "
         f"fraction of samples closer (L2) to a training digit than 99% of test digits are (test digits "
         f"score ~0.01 by construction). NLL kinds: exact, or an upper bound on the discrete NLL; "
         f"a uniform distribution over the 17 values scores {UNIFORM_NLL:.1f}.",
@@ -214,15 +542,17 @@ def markdown(rows, accuracy):
     notes.append("Every deep family has a lower Frechet distance than the independent-pixel baseline."
                  if deep and not worse_fd else
                  f"Not better than the independent-pixel baseline in Frechet distance: {', '.join(worse_fd)}.")
+    notes += ["", "Against the GaussianMixture, measure by measure (better or worse: beyond twice the standard "
+                  "error of the difference):", ""]
     no_beat = []
     for r in deep:
-        fd_worse = r["frechet_distance"] >= gmm["frechet_distance"]
-        nll_worse = r["test_nll_nats"] is not None and r["test_nll_nats"] >= gmm["test_nll_nats"]
-        if fd_worse or nll_worse:
-            what = " and ".join(w for w, bad in (("Frechet distance", fd_worse), ("test NLL", nll_worse)) if bad)
-            no_beat.append(f"{r['model']} ({what})")
-    notes.append("Families that do not beat the GaussianMixture baseline: "
-                 + (", ".join(no_beat) if no_beat else "none") + ".")
+        judged = verdict(r, gmm)
+        groups = {word: sorted(m for m, v in judged.items() if v == word) for word in ("better", "within noise", "worse")}
+        notes.append(f"- {r['model']}: " + "; ".join(f"{word} on {', '.join(ms)}" for word, ms in groups.items() if ms))
+        if groups["worse"] or groups["within noise"]:
+            no_beat.append(f"{r['model']} ({', '.join(groups['worse'] + groups['within noise'])})")
+    notes += ["", "Families that do not beat the GaussianMixture baseline on every measure: "
+              + (", ".join(no_beat) if no_beat else "none") + "."]
     return "\n".join(lines + notes) + "\n"
 
 
@@ -265,11 +595,12 @@ def seed_table(out, seeds, train, threads):
             if metrics is None:
                 print(f"leaderboard: no seed {seed} run of {name}; skipped", file=sys.stderr)
                 continue
-            runs.append(dict(seed=seed, test_nll_nats=metrics["test_nll_nats"], current=is_current(metrics, script, flags),
+            runs.append(dict(seed=seed, test_nll_nats=metrics["test_nll_nats"], nll_kind=metrics["nll_kind"],
+                             current=is_current(metrics, script, flags),
                              frechet_distance=metrics["frechet_distance"], train_seconds=metrics["train_seconds"],
                              epochs=metrics["epochs_run"]))
         if runs:
-            rows.append(dict(model=name, nll_kind=metrics["nll_kind"], runs=runs,
+            rows.append(dict(model=name, nll_kind=runs[-1]["nll_kind"], runs=runs,
                              **{f"{key}_{stat}": value for key in ("test_nll_nats", "frechet_distance")
                                 for stat, value in zip(("mean", "std"), mean_std([r[key] for r in runs]))}))
     lines = [f"| model | NLL kind | test NLL, seeds {', '.join(map(str, seeds))} | mean +- std "
@@ -287,8 +618,9 @@ def seed_table(out, seeds, train, threads):
     lines += ["", "Standard deviation over the seeds (n - 1 in the denominator). Each run trains with its "
               "seed and draws its samples with it; the Frechet distance uses the same classifier for all."]
     table = "\n".join(lines) + "\n"
-    common.atomic_write(out / "seeds.md", lambda tmp: tmp.write_text(table))
-    common.save_json(out / "seeds.json", dict(seeds=list(seeds), rows=rows))
+    with signals_deferred():
+        common.publish_table(out / "seeds.md", table)
+        common.save_json(out / "seeds.json", dict(seeds=list(seeds), rows=rows))
     print(table)
 
 
@@ -301,9 +633,11 @@ def mean_std(values):
 
 
 def main(argv=None):
-    parser = common.Parser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--out", type=Path, default=Path("results"),
-                        help="folder of the model runs and of the leaderboard (default %(default)s)")
+    parser = common.Parser(prog="leaderboard.py", description=__doc__,
+                           formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--out", type=Path, default=None,
+                        help="folder of the model runs and of the leaderboard (default: the project's "
+                             "results/; a relative path is taken from the current directory)")
     parser.add_argument("--no-train", action="store_true",
                         help="do not run model scripts; use only the metrics already in --out")
     parser.add_argument("--threads", type=common.positive_int, default=common.DEFAULT_THREADS,
@@ -313,10 +647,13 @@ def main(argv=None):
                         help="only the seed table: every family's default run with each seed (e.g. 0 1 2), "
                              "written to OUT/seeds.md; seeds other than 0 run in OUT/seeds/seedN")
     args = parser.parse_args(argv)
-    out = args.out if args.out.is_absolute() else ROOT / args.out
-    if out.exists() and not out.is_dir():
-        parser.error(f"--out {out} is a file, not a folder")
-    out.mkdir(parents=True, exist_ok=True)
+    out = out_folder(args.out)
+    tool("leaderboard.py", lambda: leaderboard(args, out),
+         "a model run it started was stopped and its files discarded; the files in --out are whole")
+
+
+def leaderboard(args, out):
+    common.check_out(out)
     torch.set_num_threads(args.threads)
     if args.seeds is not None:
         seed_table(out, list(dict.fromkeys(args.seeds)), not args.no_train, args.threads)
@@ -339,18 +676,19 @@ def main(argv=None):
         quality = common.sample_quality(samples, out)
         rows.append(dict(model=name, test_nll_nats=nll, nll_kind=kind, train_seconds=fit_seconds,
                          sample_seconds=sample_seconds, device="cpu", chosen=(chosen or [{}])[0],
-                         **{k: quality[k] for k in QUALITY_KEYS}))
+                         **{k: quality[k] for k in QUALITY_KEYS + EXTENDED_KEYS}))
         panels.append((name, samples))
     real = common.sample_quality(splits["val"], out)
     rows.append(dict(model="Real digits (val split)", test_nll_nats=None, nll_kind=None,
                      train_seconds=None, sample_seconds=None, device="-",
-                     **{k: real[k] for k in QUALITY_KEYS}))
+                     **{k: real[k] for k in QUALITY_KEYS + EXTENDED_KEYS}))
     panels.append(("Real (val)", splits["val"].astype(np.float32)))
 
     table = markdown(rows, real["classifier_test_accuracy"])
-    common.atomic_write(out / "leaderboard.md", lambda tmp: tmp.write_text(table))
-    common.save_json(out / "leaderboard.json", rows)
-    picture(panels, out / "leaderboard.png")
+    with signals_deferred():  # the three files and README's copy complete, then a signal's exit 130
+        common.publish_table(out / "leaderboard.md", table)
+        common.save_json(out / "leaderboard.json", rows)
+        picture(panels, out / "leaderboard.png")
     print(table)
 
 

@@ -28,8 +28,10 @@ false-positive rate at 95% true-positive rate (FPR95: the fraction of the set ac
 by the threshold that accepts 95% of the test digits), both with sklearn.metrics.
 
 Uses the trained weights OUT/NAME.pt of every family (the repository ships them in results/),
-trains a family with its defaults only when its weights are missing (not with --no-train), and
-skips a family whose script or weights are absent, with a one-line note.
+trains a family with its defaults only when its weights are missing or come from an interrupted
+run (not with --no-train; the run trains in a scratch folder and replaces OUT's files only when it
+finishes), and skips a family whose script or weights are absent or damaged, with a one-line note.
+Ctrl-C or SIGTERM reaches a run it started, which finishes; then ood.py exits 130 in one line.
 
 Run:  python ood.py                      # writes results/ood.md, ood.json, ood.png
       python ood.py --extra-ood letters=my_letters.npy --no-train
@@ -38,7 +40,7 @@ Run:  python ood.py                      # writes results/ood.md, ood.json, ood.
 
 import argparse
 import dataclasses
-import importlib
+import math
 import re
 import subprocess
 import sys
@@ -49,6 +51,7 @@ import numpy as np
 import torch
 
 import common
+import leaderboard
 
 ROOT = Path(__file__).resolve().parent
 SET_SIZE = 300  # images per random set
@@ -151,10 +154,11 @@ def load_extra_set(spec, taken=()):
     if name in taken:
         raise common.UsageError(f"--extra-ood name {name!r} is taken; choose another")
     try:
+        _check_npy_header(name, file)
         array = np.load(file, allow_pickle=False)
     except FileNotFoundError:
         raise common.UsageError(f"--extra-ood {name}: no file {file}") from None
-    except (OSError, ValueError) as error:
+    except (OSError, ValueError, EOFError) as error:  # EOFError: an empty file
         raise common.UsageError(f"--extra-ood {name}: {file} is not a readable .npy array "
                                 f"({str(error).splitlines()[0] if str(error) else type(error).__name__})") from None
     if not isinstance(array, np.ndarray) or not (np.issubdtype(array.dtype, np.integer)
@@ -171,6 +175,27 @@ def load_extra_set(spec, taken=()):
         raise common.UsageError(f"--extra-ood {name}: {file} has values in [{array.min():g}, {array.max():g}]; "
                                 f"pixels must lie on 0..16 (the scale of load_digits().data)")
     return name, np.round(array).astype(np.float32)
+
+
+MAX_EXTRA_IMAGES = 100_000  # an --extra-ood set larger than this is refused before it is read
+
+
+def _check_npy_header(name, file):
+    """Refuse (one line) an .npy file whose header promises more images than MAX_EXTRA_IMAGES,
+    before any data is read; an unreadable header is left to np.load's own error."""
+    with open(file, "rb") as f:
+        try:
+            version = np.lib.format.read_magic(f)
+            shape, _, dtype = (np.lib.format.read_array_header_1_0 if version == (1, 0)
+                               else np.lib.format.read_array_header_2_0)(f)
+        except (ValueError, EOFError, OSError):
+            return
+    if shape and shape[0] > MAX_EXTRA_IMAGES:
+        raise common.UsageError(f"--extra-ood {name}: {file} holds {shape[0]:,} images; at most "
+                                f"{MAX_EXTRA_IMAGES:,} are scored (take a subset)")
+    if dtype.itemsize * math.prod(shape) > 2**30:
+        raise common.UsageError(f"--extra-ood {name}: {file} holds {dtype.itemsize * math.prod(shape) / 2**30:.1f} "
+                                f"GiB; at most 1 GiB is read")
 
 
 # -----------------------------------------------------------------------------
@@ -215,91 +240,26 @@ def pixel_markov_nll(train, smoothing=0.5):
 
 
 # -----------------------------------------------------------------------------
-# the statistic of each family: fn(model, x (B, 64) pixels) -> (B,), higher = less like the data
-
-
-def test_nll(model, x):
-    """The family's own test_nll: -log P(x) (ARM, exact), the importance-weighted dequantization
-    bound over its draws u ~ q(u | x) (RealNVP), or -log p(x + u) by the probability-flow ODE, one
-    draw (SBGM, FM)."""
-    return model.test_nll(x)
-
-
-def iwae_bound(samples):
-    def statistic(model, x):
-        return model.iwae_nll(x, samples)
-
-    statistic.__doc__ = f"importance-weighted bound, K = {samples}"
-    return statistic
-
-
-def ddpm_bound(exact, strata):
-    """DDPM's bound with its sum over the T steps estimated per image: the first `exact` steps
-    (the decoder at t = 1 and the large, varied terms of little noise) computed exactly, the rest
-    from one random step in each of `strata` geometrically growing intervals of [exact, T),
-    weighted by the interval's length; the prior term exact. Unbiased, and T / (exact + strata)
-    times cheaper than the full bound (the terms fall by orders of magnitude from t = 10 to 1000,
-    so uniform strata would spend their samples where the bound does not change)."""
-    def statistic(model, x):
-        x0 = common.pixels_to_pm1(x)
-        total = model.prior_kl(x0)
-        n = len(x0)
-        terms = [(torch.full((n,), step, dtype=torch.long, device=x0.device), 1.0) for step in range(exact)]
-        edges = np.geomspace(exact, model.num_steps, strata + 1)
-        for low, high in zip(edges[:-1], edges[1:]):
-            t = (low + (high - low) * torch.rand(n, device=x0.device)).long().clamp(exact, model.num_steps - 1)
-            terms.append((t, float(high - low)))
-        for t, weight in terms:
-            xt = model.q_sample(x0, t, torch.randn_like(x0))
-            mean, log_var = model.p_mean_log_var(xt, t, *model.network(xt, t))
-            total = total + weight * model.bound_terms(x0, xt, t, mean, log_var)
-        return total
-
-    statistic.__doc__ = f"variational bound: steps 1..{exact} exact, {strata} geometric strata of the rest"
-    return statistic
-
-
-def energy(model, x):
-    """E(x) = -logsumexp_c f(x)[c] = -log p(x) + log Z."""
-    return model.energy(common.pixels_to_pm1(x))
-
-
-def score_norm(model, x):
-    """||sigma s(y, sigma)|| at the smallest noise level, y = pixels_to_pm1(x): the predicted noise
-    of the sharpest denoiser (large where the data density changes fast, i.e. off the data)."""
-    y = common.pixels_to_pm1(x)
-    level = torch.full((len(y),), len(model.sigmas) - 1, dtype=torch.long, device=y.device)
-    return (model.score(y, level) * model.sigmas[-1]).norm(dim=1)
+# how each family is scored: its model's ood_score (an NLL or bound, an energy, a score norm)
 
 
 @dataclasses.dataclass(frozen=True)
-class Family:
-    name: str  # the model's name: OUT/NAME.pt
-    script: str  # the model script, which defines `model_class`
-    model_class: str
-    kind: str  # "nll" (a -log p(x) or a bound on it: nats), "energy" (-log p(x) + const), "score-norm"
-    statistic: object  # fn(model, x) -> (B,)
+class Scoring:
+    """ood.py's settings for one family; the defaults score every image and its mirror images."""
     batch_size: int = 512
     mirrors: bool = True  # also score the mirror images (the mirror ratio): 4x the cost
     max_images: int = None  # score only the first max_images of each set (an ODE likelihood is slow)
     sampling: tuple = ()  # (field, value) pairs of the family's Sampling settings
 
 
-FAMILIES = (
-    Family("ARM", "autoregressive_model.py", "ARM", "nll", test_nll),
-    Family("RealNVP", "flow_based_model_realnvp.py", "RealNVP", "nll", test_nll),
-    Family("VAE", "variational_autoencoder.py", "VAE", "nll", iwae_bound(64), batch_size=64),
+SCORING = {  # family name -> its settings where they are not the defaults
+    "VAE": Scoring(batch_size=64),
     # SBGM and FM: their variational bound is useless per image (one draw's sd is ~300 nats for
     # SBGM: 16 draws still left noise at AUROC 0.97), so the ODE likelihood on a subset, 16 RK4 steps
-    Family("SBGM", "score_based_generative_model.py", "SBGM", "nll", test_nll, mirrors=False, max_images=150,
-           sampling=(("ode_steps", 16),)),
-    Family("DDPM", "ddpm.py", "DDPM", "nll", ddpm_bound(8, 24)),
+    "SBGM": Scoring(mirrors=False, max_images=150, sampling=(("ode_steps", 16),)),
     # FM's exact divergence costs 64 forward-mode derivatives per evaluation: fewer images and steps
-    Family("FM", "flow_matching.py", "FM", "nll", test_nll, mirrors=False, max_images=100,
-           sampling=(("ode_steps", 8),)),
-    Family("EBM", "energy_based_model.py", "EBM", "energy", energy),
-    Family("ScM", "score_matching.py", "ScoreMatching", "score-norm", score_norm),
-)
+    "FM": Scoring(mirrors=False, max_images=100, sampling=(("ode_steps", 8),)),
+}
 GROUP = ("identity", "hflip", "vflip", "rot180")  # the mirror images of the mirror ratio
 
 
@@ -384,47 +344,59 @@ def fpr_at_95_tpr(in_scores, out_scores):
 
 
 def load_family(family, out, train, threads, device):
-    """The trained model of `family`, training it with its defaults when its weights are missing;
-    (None, a one-line reason) when it can't be had."""
+    """The trained model of `family` (a common.Family), training it with its defaults when its
+    weights are missing or come from an interrupted run; (None, a one-line reason) when it can't
+    be had. A run trains in a scratch folder and replaces OUT's files only when it finishes."""
     script = ROOT / family.script
     if not script.is_file():
         return None, f"no {family.script}"
-    module = importlib.import_module(script.stem)
-    model_class = getattr(module, family.model_class, None)
-    if not (isinstance(model_class, type) and issubclass(model_class, common.DigitsModel)):
-        return None, f"{family.script} does not define {family.model_class} on the common.DigitsModel contract yet"
-    weights = out / f"{model_class.name}.pt"
-    if not weights.is_file():
+    model_class = common.model_class(family.name)
+    weights = out / f"{family.name}.pt"
+    unfinished = _interrupted(weights)
+    if not weights.is_file() or unfinished:
+        why = f"weights {weights} come from an interrupted run" if unfinished else f"no weights {weights}"
         if not train:
-            return None, f"no weights {weights} (--no-train)"
-        print(f"ood: training {family.name} with its defaults ({family.script})", file=sys.stderr, flush=True)
-        command = [sys.executable, str(script), "--no-progress", "--threads", str(threads), "--out", str(out),
-                   "--device", device.type]
-        if subprocess.run(command, cwd=ROOT, stdout=subprocess.DEVNULL).returncode != 0 or not weights.is_file():
-            return None, f"training {family.script} failed"
+            return None, f"{why} (--no-train)"
+        print(f"ood: {why}; training {family.name} with its defaults ({family.script})", file=sys.stderr, flush=True)
+        failed = leaderboard.train_into(out, family.name, family.script, threads, extra=("--device", device.type),
+                                        stdout=subprocess.DEVNULL)
+        if failed:
+            return None, f"training failed: {failed}"
+    scoring = SCORING.get(family.name, Scoring())
     try:
-        sampling = model_class.Sampling(**dict(family.sampling)) if family.sampling else None
+        sampling = model_class.Sampling(**dict(scoring.sampling)) if scoring.sampling else None
         return common.load_trained(model_class, out, sampling=sampling, device=device), None
     except common.UsageError as error:
         return None, str(error)
 
 
-def evaluate(fn, model, images, seed, device, batch_size):
-    """fn over (N, 64) numpy pixels in batches, with its own seeded noise stream -> (N,) float64."""
+def _interrupted(weights):
+    """Whether the weights file says its run was interrupted (older files say nothing: finished)."""
+    if not weights.is_file():
+        return False
+    try:
+        return torch.load(weights, map_location="cpu", weights_only=True).get("stopped") == "interrupted"
+    except Exception:  # a damaged file: load_trained says what is wrong, in one line
+        return False
+
+
+def evaluate(model, images, seed, device, batch_size):
+    """model.ood_score over (N, 64) numpy pixels in batches, with its own seeded noise stream ->
+    (N,) float64."""
     x = torch.from_numpy(np.ascontiguousarray(images, np.float32)).to(device)
     with common.seeded(seed, device), torch.no_grad():
-        return common.batched(lambda b: fn(model, b).double(), x, batch_size).cpu().numpy()
+        return common.batched(lambda b: model.ood_score(b).double(), x, batch_size).cpu().numpy()
 
 
-def family_statistics(family, model, inputs, seed, device):
+def family_statistics(model, scoring, inputs, seed, device):
     """dict input -> (N,) statistic, and dict input -> (4, N) statistic of the mirror images
     (None for a score-norm)."""
     stat, mirrored = {}, {}
-    with_mirrors = family.mirrors and family.kind != "score-norm"
+    with_mirrors = scoring.mirrors and model.ood_kind != "score-norm"
     for index, (name, images) in enumerate(inputs.items()):
-        images = images[:family.max_images]
+        images = images[:scoring.max_images]
         group = mirror_images(images) if with_mirrors else images[None]
-        values = np.stack([evaluate(family.statistic, model, g, seed + 1000 * index + j, device, family.batch_size)
+        values = np.stack([evaluate(model, g, seed + 1000 * index + j, device, scoring.batch_size)
                            for j, g in enumerate(group)])
         stat[name], mirrored[name] = values[0], values
     return stat, (mirrored if with_mirrors else None)
@@ -550,8 +522,9 @@ def picture(path, panels, sets):
 
 def main(argv=None):
     parser = common.Parser(prog="ood.py", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--out", type=Path, default=Path("results"),
-                        help="folder of the trained weights and of ood.md, .json, .png (default %(default)s)")
+    parser.add_argument("--out", type=Path, default=None,
+                        help="folder of the trained weights and of ood.md, .json, .png (default: the project's "
+                             "results/; a relative path is taken from the current directory)")
     parser.add_argument("--no-train", action="store_true",
                         help="never train: skip a family whose weights OUT/NAME.pt are missing")
     parser.add_argument("--extra-ood", action="append", default=[], metavar="NAME=FILE.npy",
@@ -565,20 +538,22 @@ def main(argv=None):
                         help="auto picks cuda, then mps, then cpu (default %(default)s)")
     parser.add_argument("--no-progress", action="store_true", help="no progress bar")
     args = parser.parse_args(argv)
+    leaderboard.tool("ood.py", lambda: score_everything(args),
+                     "a model run it started was stopped and its files discarded; the files in --out are whole")
+
+
+def score_everything(args):
     start, cpu_start = time.perf_counter(), time.process_time()
-    try:
-        out = args.out if args.out.is_absolute() else ROOT / args.out
-        common.check_out(out)
-        device = common.choose_device(args.device)
-        pixels, labels = common.load_digits_arrays()
-        splits, label_splits = common.split_arrays(pixels), common.split_arrays(labels)
-        sets = built_in_sets(splits["test"], label_splits["test"], args.seed)
-        built_in = list(sets)
-        for spec in args.extra_ood:
-            name, images = load_extra_set(spec, taken=(*sets, "test", "val"))
-            sets[name] = images
-    except common.UsageError as error:
-        parser.exit(common.EXIT_USAGE, f"ood.py: error: {error}\n")
+    device = common.choose_device(args.device)  # before --out is made: a refused device leaves nothing
+    out = leaderboard.out_folder(args.out)
+    pixels, labels = common.load_digits_arrays()
+    splits, label_splits = common.split_arrays(pixels), common.split_arrays(labels)
+    sets = built_in_sets(splits["test"], label_splits["test"], args.seed)
+    built_in = list(sets)
+    for spec in args.extra_ood:
+        name, images = load_extra_set(spec, taken=(*sets, "test", "val"))
+        sets[name] = images
+    common.check_out(out)
     torch.set_num_threads(args.threads)
     inputs = dict(val=splits["val"], test=splits["test"], **sets)  # val: calibration only
 
@@ -590,7 +565,8 @@ def main(argv=None):
     from tqdm import tqdm
 
     rows, all_scores, skipped, seconds = [], {}, {}, {}
-    bar = tqdm(FAMILIES, disable=args.no_progress or not sys.stderr.isatty(), desc="ood", unit="family")
+    families = [f for f in common.FAMILIES if common.model_class(f.name).ood_kind is not None]
+    bar = tqdm(families, disable=args.no_progress or not sys.stderr.isatty(), desc="ood", unit="family")
     for family in bar:
         bar.set_postfix(family=family.name)
         model, reason = load_family(family, out, not args.no_train, args.threads, device)
@@ -598,15 +574,16 @@ def main(argv=None):
             print(f"ood: skipped {family.name}: {reason}", file=sys.stderr)
             skipped[family.name] = reason
             continue
+        scoring = SCORING.get(family.name, Scoring())
         with common.timed(device) as took:
-            stat, mirrored = family_statistics(family, model, inputs, args.seed, device)
+            stat, mirrored = family_statistics(model, scoring, inputs, args.seed, device)
         seconds[family.name] = dict(wall=round(took["wall"], 2), cpu=round(took["cpu"], 2))
-        scores = derived_scores(family.kind, stat, mirrored, background)
+        scores = derived_scores(model.ood_kind, stat, mirrored, background)
         all_scores[family.name] = scores
         family_rows = score_rows(family.name, scores, sets)
-        if family.max_images:
+        if scoring.max_images:
             for row in family_rows:
-                row["images_per_set"] = family.max_images
+                row["images_per_set"] = scoring.max_images
         rows += family_rows
     for name, nll in baselines.items():
         stat = {k: nll(v) for k, v in inputs.items()}
@@ -620,7 +597,17 @@ def main(argv=None):
     set_info = {s: dict(size=len(v), description=SET_DESCRIPTIONS.get(s, "--extra-ood file"),
                         built_in=s in built_in) for s, v in sets.items()}
     table = markdown(rows, set_info, built_in, recommended, skipped, len(splits["test"]))
-    common.atomic_write(out / "ood.md", lambda tmp: tmp.write_text(table))
+    with leaderboard.signals_deferred():  # every file complete, then a signal's exit 130
+        write_outputs(out, table, all_scores, recommended, sets, dict(
+            sets=set_info, in_distribution=f"test split ({len(splits['test'])} digits)", calibration="val split",
+            rows=rows, recommended=recommended, skipped=skipped, seed=args.seed, device=str(device),
+            threads=torch.get_num_threads(), family_seconds=seconds,
+            seconds=round(time.perf_counter() - start, 2), cpu_seconds=round(time.process_time() - cpu_start, 2)))
+    print(table)
+
+
+def write_outputs(out, table, all_scores, recommended, sets, data):
+    common.publish_table(out / "ood.md", table)
     best = all_scores[recommended["model"]]
     raw = next(k for k in best if k in ("NLL", "energy", "score-norm"))
     panels = [(f"{recommended['model']} {recommended['score']}", best[recommended["score"]]),
@@ -628,12 +615,7 @@ def main(argv=None):
     if recommended["model"] != "ARM" and "ARM" in all_scores:  # the exact likelihood and its failure
         panels.append(("ARM NLL", all_scores["ARM"]["NLL"]))
     picture(out / "ood.png", panels, list(sets))
-    common.save_json(out / "ood.json", dict(
-        sets=set_info, in_distribution=f"test split ({len(splits['test'])} digits)", calibration="val split",
-        rows=rows, recommended=recommended, skipped=skipped, seed=args.seed, device=str(device),
-        threads=torch.get_num_threads(), family_seconds=seconds,
-        seconds=round(time.perf_counter() - start, 2), cpu_seconds=round(time.process_time() - cpu_start, 2)))
-    print(table)
+    common.save_json(out / "ood.json", data)
 
 
 if __name__ == "__main__":

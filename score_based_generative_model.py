@@ -4,39 +4,42 @@ trained by likelihood-weighted denoising score matching (Song, Durkan, Murray & 
 "Maximum Likelihood Training of Score-Based Diffusion Models"), with a test NLL bound from the
 probability-flow ODE.
 
-Data: y = pixels_to_pm1(x + u - 0.5) in [-1 - 1/16, 1 + 1/16]^64, u ~ U[0, 1)^64 (uniform
-dequantization): each pixel value k lies in a box of half-width 1/16 around c_k = k / 8 - 1.
-Forward SDE dz = f(t) z dt + g(t) dW, t in [0, 1], with perturbation kernel
-z_t | y ~ N(alpha_t y, sigma_t^2 I):
-  vp: dz = -beta(t)/2 z dt + sqrt(beta(t)) dW, beta linear 0.1..20, alpha_t = exp(-int_0^t beta/2),
+Data: x0 = pixels_to_pm1(x + u - 0.5) in [-1 - 1/16, 1 + 1/16]^64, u ~ U[0, 1)^64 (uniform
+dequantization; x the pixels 0..16 of the model contract): each pixel value k lies in a box of
+half-width 1/16 around c_k = k / 8 - 1.
+Forward SDE dz = f(t) z dt + g(t) dW, t in [0, 1] (Song et al. eq. 5), with perturbation kernel
+z_t | x0 ~ N(alpha_t x0, sigma_t^2 I):
+  vp: dz = -beta(t)/2 z dt + sqrt(beta(t)) dW (eq. 11), beta linear 0.1..20, alpha_t = exp(-int_0^t beta/2),
       sigma_t^2 = 1 - alpha_t^2, prior N(0, I);
-  ve: dz = sqrt(d sigma_t^2 / dt) dW, sigma_t^2 = s_min^2 ((s_max / s_min)^(2t) - 1), alpha_t = 1,
+  ve: dz = sqrt(d sigma_t^2 / dt) dW (eq. 9), sigma_t^2 = s_min^2 ((s_max / s_min)^(2t) - 1), alpha_t = 1,
       prior N(0, (1 + sigma_1^2) I).
 The network predicts the noise, eps(z, t) = -sigma_t * score(z, t). By default (--output levels) it
 predicts, for every pixel, logits over the 17 values, and eps is the exact posterior mean of a
-prior in which the pixel value has those probabilities and sits uniformly in its box: the
-likelihood of z given each box is a difference of normal CDFs, so the sharp 1/8 grid at low noise
-is resolved analytically and the network only has to say which value (the "score interpolation"
-of Dieleman et al. 2022, "Continuous diffusion for categorical data", here with boxes).
+prior in which the pixel value has those probabilities and sits uniformly in its box
+(common.box_posterior): the likelihood of z given each box is a difference of normal CDFs, so the
+sharp 1/8 grid at low noise is resolved analytically and the network only has to say which value
+(the "score interpolation" of Dieleman et al. 2022, "Continuous diffusion for categorical data",
+here with boxes).
 --output eps is a plain noise-predicting MLP.
 
 Training minimises the continuous-time variational bound (Kingma et al. 2021, "Variational
 Diffusion Models"; = Song et al.'s likelihood weighting lambda(t) = g(t)^2), in nats per image
 on the discrete pixels:
-  -log P(x) <= E[ KL(q(z_1 | y) || prior) + 1/2 int_{lam_min}^{lam_max} ||eps - eps(z_lam)||^2 dlam
-                  - log N(y; z_e / alpha_e, (sigma_e / alpha_e)^2 I) ] - PM1_LOGDET,
+  -log P(x) <= E[ KL(q(z_1 | x0) || prior) + 1/2 int_{lam_min}^{lam_max} ||eps - eps(z_lam)||^2 dlam
+                  - log N(x0; z_e / alpha_e, (sigma_e / alpha_e)^2 I) ] - PM1_LOGDET,
 with lam = log(alpha^2 / sigma^2) the log-SNR and t_e = --t-eps. Sampling lam uniformly is the
 importance sampling of t in proportion to g^2 / sigma^2 (Song et al. 2021b); a batch takes evenly
 spaced lam with one random shift. The validation objective is the same bound.
 
-Test NLL: the probability-flow ODE dz/dt = f z - g^2 / 2 score, written in z~ = z / alpha and
-s = log(sigma / alpha) as dz~/ds = exp(s) eps(alpha z~, t(s)), integrated by RK4 from t_e to 1
-with the change of variables d log p / ds = -div, div exact (64 forward-mode derivatives) or
-Hutchinson's estimate; log p(y) = log N(z_1; 0, prior) + int div ds + 64 log(alpha_1 / alpha_e),
-and the bound is E_u[-log p(y)] - PM1_LOGDET (upper bound on the discrete NLL).
+Test NLL: the probability-flow ODE dz/dt = f z - g^2 / 2 score (Song et al. eq. 13), written in
+z~ = z / alpha and s = log(sigma / alpha) as dz~/ds = exp(s) eps(alpha z~, t(s)), integrated by RK4
+on equal steps of s from t_e to 1 (common.rk4_with_divergence) with the change of variables
+d log p / ds = -div, div exact (64 forward-mode derivatives) or Hutchinson's estimate;
+log p(x0) = log N(z_1; 0, prior) + int div ds + 64 log(alpha_1 / alpha_e), and the bound is
+E_u[-log p(x0)] - PM1_LOGDET (upper bound on the discrete NLL).
 Samplers: the reverse-time SDE by Euler-Maruyama on a uniform t grid, with optional Langevin
 corrector steps (predictor-corrector, Song et al. 2021), or the probability-flow ODE by Heun's
-method; both end with the denoiser's E[y | z_e] and return the pixel value whose box holds it.
+method; both end with the denoiser's E[x0 | z_e] and return the pixel value whose box holds it.
 
 Run:  python score_based_generative_model.py                    # defaults, writes results/SBGM_*
       python score_based_generative_model.py --sampler sde      # reverse-time SDE samples
@@ -53,7 +56,7 @@ import torch.nn.functional as F
 import common
 
 # -----------------------------------------------------------------------------
-# forward SDEs: kernel z_t | y ~ N(alpha_t y, sigma_t^2 I), dz = f(t) z dt + g(t) dW
+# forward SDEs: kernel z_t | x0 ~ N(alpha_t x0, sigma_t^2 I), dz = f(t) z dt + g(t) dW
 
 
 class VPSDE:
@@ -114,29 +117,6 @@ SDES = dict(vp=VPSDE, ve=VESDE)
 
 
 # -----------------------------------------------------------------------------
-# the noise predictor
-
-
-def box_posterior_eps(logits, x_tilde, sigma_tilde):
-    """Exact E[eps | z] when each pixel's value k has prior probabilities softmax(logits) and y is
-    uniform in its box [c_k - h, c_k + h]; z / alpha = x~ = y + sigma~ eps.
-
-    logits: (B, 64, 17), x_tilde: (B, 64), sigma_tilde: (B,) -> eps: (B, 64).
-    p(x~ | k) is proportional to Phi(b_k) - Phi(a_k), a_k, b_k = (c_k -+ h - x~) / sigma~; given k, y is
-    a normal truncated to the box, so E[eps | x~, k] = (phi(b_k) - phi(a_k)) / (Phi(b_k) - Phi(a_k)).
-    """
-    centers = common.pixels_to_pm1(torch.arange(common.NUM_LEVELS, device=logits.device, dtype=x_tilde.dtype))
-    sigma_tilde = sigma_tilde[:, None, None]
-    a = (centers - common.PM1_BIN_HALF_WIDTH - x_tilde[..., None]) / sigma_tilde  # (B, 64, 17)
-    b = (centers + common.PM1_BIN_HALF_WIDTH - x_tilde[..., None]) / sigma_tilde
-    log_mass = common.log_normal_mass(a, b)  # log p(x~ | k) up to a constant
-    posterior = torch.softmax(logits + log_mass, dim=-1)  # p(k | z), (B, 64, 17)
-    log_norm = -0.5 * math.log(2 * math.pi) - log_mass
-    ratio = torch.exp(log_norm - 0.5 * b**2) - torch.exp(log_norm - 0.5 * a**2)  # E[eps | z, k]
-    return (posterior * ratio).sum(-1)
-
-
-# -----------------------------------------------------------------------------
 # the probability-flow ODE (likelihood and sampler) and the reverse-time SDE sampler
 # eps_fn(z, t) -> (B, 64) is the noise predictor; t is a (B,) tensor
 
@@ -152,32 +132,23 @@ def time_and_alpha(sde, x, s):
     return t, sde.marginal(t)[0]
 
 
-def ode_log_likelihood(eps_div_fn, sde, y, t_eps, steps):
-    """log p(y) in nats (B,) under the probability-flow ODE's density at t_eps.
+def ode_log_likelihood(eps_div_fn, sde, x0, t_eps, steps):
+    """log p(x0) in nats (B,) under the probability-flow ODE's density at t_eps.
 
     eps_div_fn(z, t) -> (eps, tr(d eps / d z)). In z~ = z / alpha and s = log(sigma / alpha) the
     ODE reads dz~/ds = v = exp(s) eps(alpha z~, t(s)), div_z~ v = exp(s) alpha tr(d eps / d z);
     RK4 on `steps` equal steps of s from t_eps to t = 1 integrates z~ and int div ds, and
     log p(z~_e) = log p(z~_1) + int div ds."""
-    def velocity(x, s):
+    def field(x, s):
         t, alpha = time_and_alpha(sde, x, s)
         eps, div = eps_div_fn(alpha[:, None] * x, t)
         return math.exp(s) * eps, math.exp(s) * alpha * div
 
     s0, s1 = -0.5 * at_time(sde.log_snr, t_eps), -0.5 * at_time(sde.log_snr, 1.0)
     alpha_e, alpha_1 = (at_time(lambda t: sde.marginal(t)[0], time) for time in (t_eps, 1.0))
-    h = (s1 - s0) / steps
-    x = y / alpha_e  # z~ at t_eps
-    integral = torch.zeros(len(y), dtype=y.dtype, device=y.device)
-    for i in range(steps):
-        s = s0 + i * h
-        k1, d1 = velocity(x, s)
-        k2, d2 = velocity(x + 0.5 * h * k1, s + 0.5 * h)
-        k3, d3 = velocity(x + 0.5 * h * k2, s + 0.5 * h)
-        k4, d4 = velocity(x + h * k3, s + h)
-        x = x + h / 6 * (k1 + 2 * k2 + 2 * k3 + k4)
-        integral = integral + h / 6 * (d1 + 2 * d2 + 2 * d3 + d4)
-    d, var = y.shape[1], sde.prior_var()
+    nodes = torch.linspace(s0, s1, steps + 1, dtype=torch.float64).tolist()
+    x, integral = common.rk4_with_divergence(field, x0 / alpha_e, nodes)  # z~ from t_eps to 1
+    d, var = x0.shape[1], sde.prior_var()
     z1 = alpha_1 * x
     log_prior = -0.5 * (z1**2).sum(1) / var - 0.5 * d * math.log(2 * math.pi * var)  # log N(z_1; 0, var I)
     # log p_z(z) = log p_z~(z / alpha) - d log alpha, at both ends
@@ -235,18 +206,19 @@ def sample_reverse_sde(eps_fn, sde, z1, t_eps, steps, corrector_steps=0, snr=0.1
 @dataclasses.dataclass(frozen=True)
 class SBGMConfig:
     sde: str = common.option("ve", "forward SDE, variance exploding or preserving (ve: the better validation "
-                             "bound, 95.6 against 96.3 nats for vp with seed 0)", choices=sorted(SDES))
+                             "bound)", choices=sorted(SDES))
     output: str = common.option("levels", "network output: logits over the 17 values with the exact box "
                                 "posterior, or eps directly", choices=("levels", "eps"))
     hidden: int = common.option(256, "width of the residual MLP", type=common.positive_int)
     blocks: int = common.option(3, "residual blocks of the MLP", type=common.positive_int)
-    dropout: float = common.option(0.0, "dropout in each residual block", type=common.unit_interval)
+    dropout: float = common.option(0.0, "dropout in each residual block and before the output layer",
+                                   type=common.unit_interval)
     t_eps: float = common.option(1e-5, "smallest time of the bound, the likelihood and the samplers, in (0, 1)",
                                  type=common.positive_float)
 
 
-# default sampler steps (10 and 20 with --quick). ODE: 20 Heun steps drew samples about as close to
-# the val split as 50 (mean val Frechet over sample seeds 4-6: 18.83 against 18.38; 10 steps: 41.72)
+# default sampler steps (10 and 20 with --quick): 20 Heun steps of the ODE draw samples about as
+# close to the validation split as 50, 10 do not
 SAMPLE_STEPS = dict(ode=20, sde=250)
 QUICK_SAMPLE_STEPS = dict(ode=10, sde=20)
 
@@ -255,7 +227,7 @@ QUICK_SAMPLE_STEPS = dict(ode=10, sde=20)
 class SBGMSampling:
     ode_steps: int = common.option(32, "RK4 steps of the likelihood ODE", type=common.positive_int, quick=4)
     divergence: str = common.option("hutchinson", "divergence in the likelihood ODE: Hutchinson's unbiased "
-                                    "estimate, or exact (64 derivatives per evaluation, ~15x slower)",
+                                    "estimate, or exact (64 forward-mode derivatives per evaluation: slower)",
                                     choices=("hutchinson", "exact"))
     sampler: str = common.option("ode", "probability-flow ODE (Heun) or reverse-time SDE (Euler-Maruyama)",
                                  choices=("ode", "sde"))
@@ -265,7 +237,7 @@ class SBGMSampling:
     corrector_steps: int = common.option(0, "Langevin corrector steps per reverse-SDE step",
                                          type=common.nonnegative_int)
     snr: float = common.option(0.16, "signal-to-noise ratio of the Langevin corrector", type=common.positive_float)
-    compare_samplers: bool = common.option(True, "also time and score the ODE sampler with 10 and 50 steps "
+    compare_samplers: bool = common.option(True, "do not time and score the ODE sampler with 10 and 50 steps "
                                            "(metrics other_samplers)", flag="--no-compare-samplers")
 
 
@@ -284,7 +256,8 @@ class SBGM(common.DigitsModel):
         # (z scaled to unit variance, normalized log-SNR in [0, 1]) -> 64 x (17 logits or eps); starts
         # at eps = 0 (eps) or a uniform prior over the values (levels)
         per_pixel = common.NUM_LEVELS if config.output == "levels" else 1
-        self.net = common.TimeResidualMLP(config.hidden, config.blocks, common.NUM_PIXELS * per_pixel, config.dropout)
+        self.net = common.ResidualMLP(common.NUM_PIXELS, common.NUM_PIXELS * per_pixel, config.hidden, config.blocks,
+                                      config.dropout, common.FourierTimeEmbedding(), 128)
         ends = self.sde.log_snr(torch.tensor([config.t_eps, 1.0], dtype=torch.float64))
         self.lam_max, self.lam_min = float(ends[0]), float(ends[1])  # log-SNR range of the bound
 
@@ -295,48 +268,48 @@ class SBGM(common.DigitsModel):
         out = self.net(z * (alpha**2 + sigma**2).rsqrt()[:, None], u)  # input of unit scale
         if self.config.output == "eps":
             return out
-        return box_posterior_eps(out.view(len(z), common.NUM_PIXELS, common.NUM_LEVELS),
-                                 z / alpha[:, None], sigma / alpha)
+        logits = out.view(len(z), common.NUM_PIXELS, common.NUM_LEVELS)
+        return common.box_posterior(logits, z, alpha, sigma).mean_noise  # E[eps | z]
 
     def to_pm1(self, x):
-        """Dequantize and scale: y = pixels_to_pm1(x + u - 0.5), in the boxes c_k +- 1/16."""
+        """Dequantize and scale: x0 = pixels_to_pm1(x + u - 0.5), in the boxes c_k +- 1/16."""
         return common.pixels_to_pm1(common.dequantize(x) - 0.5)
 
     def bound(self, x):
         """(B,) continuous-time variational bound on -log P(x), nats on the discrete pixels."""
-        y = self.to_pm1(x)
-        n, d = y.shape
-        shift = torch.rand(1, device=y.device)
-        u = ((shift + torch.arange(n, device=y.device) / n) % 1)[torch.randperm(n, device=y.device)]
+        x0 = self.to_pm1(x)
+        n, d = x0.shape
+        shift = torch.rand(1, device=x0.device)
+        u = ((shift + torch.arange(n, device=x0.device) / n) % 1)[torch.randperm(n, device=x0.device)]
         lam = self.lam_min + (self.lam_max - self.lam_min) * u  # evenly spaced log-SNR, shuffled
         t = self.sde.time_of_log_snr(lam)
         alpha, sigma = self.sde.marginal(t)
-        noise = torch.randn_like(y)
-        z = alpha[:, None] * y + sigma[:, None] * noise  # (B, 64)
+        noise = torch.randn_like(x0)
+        z = alpha[:, None] * x0 + sigma[:, None] * noise  # (B, 64)
         diffusion = 0.5 * (self.lam_max - self.lam_min) * ((noise - self.eps(z, t)) ** 2).sum(1)
-        # prior term KL(N(alpha_1 y, sigma_1^2) || N(0, var)) per pixel, summed
+        # prior term KL(N(alpha_1 x0, sigma_1^2) || N(0, var)) per pixel, summed
         alpha1, sigma1 = (float(v) for v in self.sde.marginal(torch.tensor(1.0, dtype=torch.float64)))
         var = self.sde.prior_var()
-        prior = 0.5 * (((alpha1 * y) ** 2 + sigma1**2) / var - 1 - math.log(sigma1**2 / var)).sum(1)
-        # decoder term E[-log N(y; z_e / alpha_e, sigma~_e^2 I)] = d/2 log(2 pi e sigma~_e^2), sigma~_e^2 = exp(-lam_max)
+        prior = 0.5 * (((alpha1 * x0) ** 2 + sigma1**2) / var - 1 - math.log(sigma1**2 / var)).sum(1)
+        # decoder term E[-log N(x0; z_e / alpha_e, sigma~_e^2 I)] = d/2 log(2 pi e sigma~_e^2), sigma~_e^2 = exp(-lam_max)
         decoder = 0.5 * d * (math.log(2 * math.pi) + 1 - self.lam_max)
         return diffusion + prior + decoder - common.PM1_LOGDET
 
-    def loss(self, x):
+    def loss(self, x, y):
         return self.bound(x).mean()
 
-    def eval_loss(self, x, repeats=4):
+    def eval_loss(self, x, y, repeats=4):
         return torch.stack([self.bound(x).mean() for _ in range(repeats)]).mean()
 
     def test_nll(self, x, chunk=64):
-        """(B,) -log p(y) - PM1_LOGDET by the probability-flow ODE, one dequantization per image."""
-        y = self.to_pm1(x)
+        """(B,) -log p(x0) - PM1_LOGDET by the probability-flow ODE, one dequantization per image."""
+        x0 = self.to_pm1(x)
 
         def eps_div(z, t):
             return common.value_and_divergence(self.eps, z, t, self.sampling.divergence)
 
-        log_p = common.batched(lambda y_chunk: ode_log_likelihood(
-            eps_div, self.sde, y_chunk, self.config.t_eps, self.sampling.ode_steps), y, chunk)
+        log_p = common.batched(lambda x0_chunk: ode_log_likelihood(
+            eps_div, self.sde, x0_chunk, self.config.t_eps, self.sampling.ode_steps), x0, chunk)
         return -log_p - common.PM1_LOGDET
 
     @torch.no_grad()
@@ -348,8 +321,8 @@ class SBGM(common.DigitsModel):
         else:
             z, t = sample_reverse_sde(self.eps, self.sde, z1, t_eps, s.sample_steps, s.corrector_steps, s.snr)
         alpha, sigma = self.sde.marginal(t)
-        y = (z - sigma[:, None] * self.eps(z, t)) / alpha[:, None]  # E[y | z_e] (Tweedie)
-        return torch.floor((y + 1) * 8 + 0.5).clamp(0, common.PIXEL_MAX)  # the value whose box holds y
+        x0 = (z - sigma[:, None] * self.eps(z, t)) / alpha[:, None]  # E[x0 | z_e] (Tweedie)
+        return torch.floor((x0 + 1) * 8 + 0.5).clamp(0, common.PIXEL_MAX)  # the value whose box holds x0
 
     def samplers(self):
         """The ODE sampler with fewer and with more steps than the default: quality against seconds."""
@@ -360,7 +333,7 @@ class SBGM(common.DigitsModel):
                     self.sampling, sampler="ode", sample_steps=steps))
                 for steps in (10, 50) if chosen != ("ode", steps)}
 
-    def extra_metrics(self, splits):
+    def extra_metrics(self, splits, labels):
         """The SDE's variational bound on the test split (the training objective), 10 draws of the
         noise per image."""
         with common.seeded(0, self.device), torch.no_grad():

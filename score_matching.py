@@ -13,14 +13,15 @@ Data Distribution"), per image:
 averaged over the levels. It is 0 for a perfect denoiser and 32 (= 64 / 2) for s = 0, and its
 minimum over s is reached at the score of the noisy data, grad log p_sigma(x~). The network
 outputs sigma * s (Song & Ermon 2020, "Improved Techniques for Training Score-Based Generative
-Models"), an MLP with residual blocks in which the noise level enters every block; its input is
-x~ / sqrt(sigma_data^2 + sigma^2), about unit variance at every level (sigma_data = 0.54).
+Models"), a residual MLP (common.ResidualMLP) in which a learned embedding of the noise level enters
+every block; its input is x~ / sqrt(sigma_data^2 + sigma^2), about unit variance at every level
+(sigma_data = 0.54).
 
 Sampling is annealed Langevin dynamics: from uniform noise on [-1, 1]^64, for each level i run T
 steps of x <- x + alpha_i / 2 * s(x, sigma_i) + sqrt(alpha_i) z with the relative step
 alpha_i = eps * sigma_i^2 (Algorithm 1's eps / sigma_L^2 written as eps; T = 7, eps = 0.1),
 then one denoising step x <- x + sigma_L^2 s(x, sigma_L) (Tweedie's formula for E[x | x~]).
-Sample quality depends mostly on the total relative time L * T * eps (best near 20 here).
+Sample quality depends mostly on the total relative time L * T * eps (the defaults give 21).
 --single-level (= --noise-levels 1) is the one-level model of intro_dgm: plain Langevin dynamics
 at a single sigma (0.1 unless --sigma-min says otherwise); it gives poorer digits, because chains
 started far from the data follow a score that was only learned near it.
@@ -36,7 +37,6 @@ Run:  python score_matching.py            # defaults, writes results/ScM_*
 import dataclasses
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 
 import common
@@ -53,14 +53,14 @@ def geometric_sigmas(sigma_max, sigma_min, num_levels):
     return (sigma_max * (sigma_min / sigma_max) ** exponents).float()  # sigma_max^(1-t) sigma_min^t
 
 
-def dsm_loss(score, y, sigmas, levels, noise):
+def dsm_loss(score, v, sigmas, levels, noise):
     """Per-example denoising score matching loss, sigma^2-weighted (Song & Ermon 2019, eq. 5-6).
 
-    score: (x (B, D), levels (B,)) -> (B, D); y: (B, D) clean data; levels: (B,) indices into
-    sigmas; noise: (B, D) standard normal z. Returns (B,): 1/2 || sigma s(y + sigma z) + z ||^2.
+    score: (x (B, D), levels (B,)) -> (B, D); v: (B, D) clean data; levels: (B,) indices into
+    sigmas; noise: (B, D) standard normal z. Returns (B,): 1/2 || sigma s(v + sigma z) + z ||^2.
     """
     sigma = sigmas[levels].unsqueeze(1)  # (B, 1)
-    noisy = y + sigma * noise  # x~ = x + sigma z
+    noisy = v + sigma * noise  # x~ = v + sigma z
     return 0.5 * (sigma * score(noisy, levels) + noise).pow(2).sum(1)  # target score: -z / sigma
 
 
@@ -88,39 +88,12 @@ def annealed_langevin(score, x, sigmas, steps, step_size, denoise=True):
 # model
 
 
-class ScoreNet(nn.Module):
-    """sigma * s(x, sigma_i): residual MLP blocks h <- h + W2 silu(W1 LayerNorm(h) + e_i), where
-    e_i is a learned embedding of the noise level (one per level, as NCSN's conditional norms)."""
-
-    def __init__(self, dim, num_levels, hidden=256, blocks=2):
-        super().__init__()
-        self.inp = nn.Linear(dim, hidden)
-        self.norms = nn.ModuleList(nn.LayerNorm(hidden) for _ in range(blocks))
-        self.first = nn.ModuleList(nn.Linear(hidden, hidden) for _ in range(blocks))
-        self.second = nn.ModuleList(nn.Linear(hidden, hidden) for _ in range(blocks))
-        self.level_embed = nn.ModuleList(nn.Embedding(num_levels, hidden) for _ in range(blocks))
-        self.out_norm = nn.LayerNorm(hidden)
-        self.out = nn.Linear(hidden, dim)
-
-    def forward(self, x, levels):  # (B, D), (B,) -> (B, D)
-        h = self.inp(x)  # (B, H)
-        for norm, first, second, embed in zip(self.norms, self.first, self.second, self.level_embed):
-            h = h + second(F.silu(first(norm(h)) + embed(levels)))
-        return self.out(F.silu(self.out_norm(h)))
-
-
 DATA_SCALE = 0.54  # root mean square distance of a training image's pixels ([-1, 1]) from the mean image
 
-# defaults that depend on the number of levels, chosen by sample quality on the validation split
-# (Frechet distance, mean over 3 sample seeds). Several levels (NCSN): what counts is the total
-# relative Langevin time L * T * eps, best near 20 for every schedule tried (L = 10, 16, 20, 30):
-# with 30 levels and T = 7, eps = 0.08 / 0.09 / 0.1 / 0.11 gives 23.0 / 21.3 / 21.4 / 22.5, and
-# with eps = 0.1, T = 4 / 10 gives 42.7 / 29.7 (too little time leaves the chains short of the
-# data, too much lets them drift where the learned score is poor). At L T eps = 21, T = 3 / 4 /
-# 7 / 10 gives 22.7 / 22.4 / 21.4 / 20.9 for 0.6 / 0.9 / 1.5 / 2.1 s of 1-thread CPU per 1000
-# samples: T = 7 stays well inside the sampling budget. The last level sigma_min = 0.05: 0.1
-# gives 29.4 (20 levels, against 23.8), 0.025 gives 25.2 (30 levels, against 21.4). One level:
-# intro_dgm's sigma = 0.1 with as many Langevin steps in all (500) and the same relative step.
+# defaults that depend on the number of levels, chosen by sample quality on the validation split.
+# Several levels (NCSN): the total relative Langevin time L * T * eps counts most (too little leaves
+# the chains short of the data, too much lets them drift where the learned score is poor).
+# One level: intro_dgm's sigma = 0.1 with as many Langevin steps in all (500) and the same relative step.
 DEFAULTS = dict(sigma_min=0.05, langevin_steps=7, step_size=0.1)
 SINGLE_LEVEL = dict(sigma_min=0.1, langevin_steps=500, step_size=0.1)
 
@@ -129,11 +102,9 @@ SINGLE_LEVEL = dict(sigma_min=0.1, langevin_steps=500, step_size=0.1)
 class ScMConfig:
     hidden: int = common.option(256, "width of the score network", type=common.positive_int)
     blocks: int = common.option(2, "residual blocks of the score network", type=common.positive_int)
-    # L = 30 levels from sigma_max = 10, about the largest distance between two training images
-    # (9.6 on the [-1, 1] scale; Song & Ermon 2020, technique 1), so that the first level's noisy
-    # data covers the uniform starting points. Val Frechet (mean of 3 sample seeds, best sampler
-    # tried for each): 10 levels from 2.0: 31.7, 16 from 6: 23.4, 20 from 10: 23.8, 30 from 10:
-    # 21.4, 40 from 10: 26.0 (and 81 s of training). Dropout 0.1 in the blocks: 27.9 (and 98 s).
+    # sigma_max = 10, about the largest distance between two training images (9.6 on the [-1, 1]
+    # scale; Song & Ermon 2020, technique 1), so that the first level's noisy data covers the
+    # uniform starting points
     noise_levels: int = common.option(30, "number L of noise levels, geometric from --sigma-max to --sigma-min",
                                       type=common.positive_int)
     sigma_max: float = common.option(10.0, "largest noise level on the [-1, 1] pixel scale", type=common.positive_float)
@@ -172,7 +143,11 @@ class ScoreMatching(common.DigitsModel):
         super().__init__(config, sampling)
         self.dim = dim
         self.register_buffer("sigmas", geometric_sigmas(config.sigma_max, config.sigma_min, config.noise_levels))
-        self.net = ScoreNet(dim, config.noise_levels, config.hidden, config.blocks)
+        # (x~ scaled to unit variance, level i) -> sigma_i s(x~, sigma_i); starts at s = 0. The level's
+        # embedding has L entries: each block's Linear of it can give every level its own vector
+        levels = config.noise_levels
+        self.net = common.ResidualMLP(dim, dim, config.hidden, config.blocks,
+                                      embedding=nn.Embedding(levels, levels), embed=levels)
 
     def score(self, x, levels):
         """s(x, sigma_i) ~ grad_x log p_sigma_i(x): (B, D), (B,) level indices -> (B, D). The input
@@ -180,34 +155,44 @@ class ScoreMatching(common.DigitsModel):
         sigma = self.sigmas[levels].unsqueeze(1)  # (B, 1)
         return self.net(x * torch.rsqrt(sigma ** 2 + DATA_SCALE ** 2), levels) / sigma
 
-    def dsm(self, y, levels=None, noise=None):
-        """(B,) DSM loss of y on the [-1, 1] scale; levels uniform and noise N(0, I) if not given."""
-        if levels is None:
-            levels = torch.randint(0, len(self.sigmas), (len(y),), device=y.device)
-        if noise is None:
-            noise = torch.randn_like(y)
-        return dsm_loss(self.score, y, self.sigmas, levels, noise)
+    ood_kind = "score-norm"
 
-    def loss(self, x):
+    def ood_score(self, x):
+        """(B,) ||sigma s(v, sigma)|| at the smallest noise level, v = pixels_to_pm1(x): the
+        predicted noise of the sharpest denoiser, large where the data density changes fast (off
+        the data)."""
+        v = common.pixels_to_pm1(x)
+        level = torch.full((len(v),), len(self.sigmas) - 1, dtype=torch.long, device=v.device)
+        return (self.score(v, level) * self.sigmas[-1]).norm(dim=1)
+
+    def dsm(self, v, levels=None, noise=None):
+        """(B,) DSM loss of v on the [-1, 1] scale; levels uniform and noise N(0, I) if not given."""
+        if levels is None:
+            levels = torch.randint(0, len(self.sigmas), (len(v),), device=v.device)
+        if noise is None:
+            noise = torch.randn_like(v)
+        return dsm_loss(self.score, v, self.sigmas, levels, noise)
+
+    def loss(self, x, y):
         """Training objective: one random level per image (an unbiased estimate of the mean)."""
         return self.dsm(common.pixels_to_pm1(x)).mean()
 
     def loss_per_level(self, x, generator=None):
         """(L,) DSM loss of every image at every level, averaged over the images."""
-        y = common.pixels_to_pm1(x)
+        v = common.pixels_to_pm1(x)
         losses = []
         for i in range(len(self.sigmas)):
-            levels = torch.full((len(y),), i, dtype=torch.long, device=y.device)
-            noise = torch.randn(y.shape, generator=generator, device=y.device)
-            losses.append(self.dsm(y, levels, noise).mean())
+            levels = torch.full((len(v),), i, dtype=torch.long, device=v.device)
+            noise = torch.randn(v.shape, generator=generator, device=v.device)
+            losses.append(self.dsm(v, levels, noise).mean())
         return torch.stack(losses)
 
-    def eval_loss(self, x):
+    def eval_loss(self, x, y):
         """Validation objective: every image at every level (lower variance than loss)."""
         return self.loss_per_level(x).mean()
 
     @torch.no_grad()
-    def extra_metrics(self, splits):
+    def extra_metrics(self, splits, labels):
         generator = torch.Generator(device=self.device).manual_seed(0)  # fixed noise
         test = splits["test"]
         per_level = common.batched(lambda x: self.loss_per_level(x, generator)[None] * len(x), test).sum(0) / len(test)
@@ -225,8 +210,8 @@ class ScoreMatching(common.DigitsModel):
     def sample(self, n):
         x = torch.rand(n, self.dim, device=self.device) * 2 - 1  # uniform on [-1, 1]^D
         s = self.sampling
-        y = annealed_langevin(self.score, x, self.sigmas, s.langevin_steps, s.step_size, s.denoise)
-        return common.pm1_to_pixels(y)
+        v = annealed_langevin(self.score, x, self.sigmas, s.langevin_steps, s.step_size, s.denoise)
+        return common.pm1_to_pixels(v)
 
 
 # -----------------------------------------------------------------------------

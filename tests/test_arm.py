@@ -134,4 +134,4 @@ def test_members_conditionals_are_the_mean_of_their_probabilities():
     assert torch.allclose(model.logits(x).exp().sum(-1), torch.ones(4, 64), atol=1e-5)
     # training: each member on its own NLL
     own = torch.stack([-F.log_softmax(net.logits(x), -1).gather(2, x.unsqueeze(2)).sum((1, 2)) for net in model.nets])
-    assert model.loss(x.float()).item() == pytest.approx(own.mean().item(), rel=1e-5)
+    assert model.loss(x.float(), None).item() == pytest.approx(own.mean().item(), rel=1e-5)

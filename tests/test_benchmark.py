@@ -36,7 +36,8 @@ def test_step_speed_of_a_family_counts_its_flops_and_time():
     torch.manual_seed(0)
     model = ddpm.DDPM.build()
     train = common.load_splits(torch.device("cpu"), quick=True)["train"]
-    flops, seconds = benchmark.step_speed(model, model.configure_optimizer(1e-3), train, 64,
+    labels = common.load_label_splits(torch.device("cpu"), quick=True)["train"]
+    flops, seconds = benchmark.step_speed(model, model.configure_optimizer(1e-3), train, labels, 64,
                                           torch.device("cpu"), min_seconds=0.0)
     linear = sum(m.weight.numel() for m in model.modules() if isinstance(m, nn.Linear))
     assert 4 * 64 * linear <= flops <= 6 * 64 * linear

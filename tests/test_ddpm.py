@@ -231,7 +231,7 @@ def test_hybrid_loss_trains_the_mean_by_l_simple_only():
         model = tiny_ddpm(vlb_weight=weight).train()
         torch.nn.init.normal_(model.net.out.weight, std=0.1)
         torch.manual_seed(7)
-        model.loss(x).backward()
+        model.loss(x, None).backward()
         grads[weight] = model.net.out.weight.grad.clone()
     assert torch.allclose(grads[0.0][:64], grads[10.0][:64], atol=1e-6)
     assert grads[0.0][64:].abs().max() == 0 and grads[10.0][64:].abs().max() > 0
@@ -250,7 +250,7 @@ def test_training_steps_follow_the_uniform_log_uniform_mixture():
     torch.manual_seed(9)
     with torch.no_grad():
         for _ in range(10):
-            model.loss(torch.zeros(2000, 64))
+            model.loss(torch.zeros(2000, 64), None)
     counts = torch.bincount(torch.cat(drawn), minlength=50).double()
     n = counts.sum()
     assert ((counts / n - probs).abs() < 5 * (probs * (1 - probs) / n).sqrt()).all()
@@ -260,7 +260,7 @@ def test_fixed_variance_loss_is_the_simple_mse():
     model = tiny_ddpm(variance="fixed").train()
     x = torch.randint(0, 17, (16, 64)).float()
     torch.manual_seed(8)
-    loss = model.loss(x)
+    loss = model.loss(x, None)
     torch.manual_seed(8)
     t = torch.multinomial(model.time_probs, 16, replacement=True)
     noise = torch.randn(16, 64)

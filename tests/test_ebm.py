@@ -67,7 +67,7 @@ def test_sgld_without_noise_descends_respects_bounds_and_leaves_weights_alone():
 # --- energy, labels, loss -----------------------------------------------------------
 
 
-def test_energies_joint_marginal_and_labels_are_looked_up():
+def test_energies_joint_and_marginal():
     """E(x, y) = -f(x)[y] and the marginal E(x) = -log sum_y exp(-E(x, y)), checked one class
     at a time against the logits."""
     model = tiny_ebm()
@@ -77,11 +77,22 @@ def test_energies_joint_marginal_and_labels_are_looked_up():
     joint = torch.stack([model.joint_energy(y, torch.full((6,), c)) for c in range(10)], 1)  # (6, 10)
     assert torch.allclose(joint, -logits)
     assert torch.allclose(model.energy(y), -torch.log(torch.exp(-joint).sum(1)), atol=1e-6)
+    assert torch.equal(model.ood_score(common.pm1_to_pixels(y)), model.energy(common.pixels_to_pm1(common.pm1_to_pixels(y))))
+
+
+def test_the_model_holds_no_copy_of_the_data_and_uses_the_labels_it_is_given():
+    """The labels come with the batch: no table of the dataset (test split included) inside the
+    model, and other labels for the same images give another loss."""
+    model = tiny_ebm(data_noise=0.0, noise=0.0)
+    assert all(t.numel() < 1797 * 64 for t in [*model.parameters(), *model.buffers()])
+    assert not list(model.buffers())
     pixels, labels = common.load_digits_arrays()
-    order = torch.randperm(len(pixels))[:100]
-    assert torch.equal(model.labels_of(torch.from_numpy(pixels)[order]), torch.from_numpy(labels)[order])
-    with pytest.raises(ValueError, match="not in load_digits"):
-        model.labels_of(torch.from_numpy(pixels[:3]) + 1)
+    x, y = torch.from_numpy(pixels[:8]), torch.from_numpy(labels[:8])
+    torch.manual_seed(0)
+    loss = model.loss(x, y)
+    torch.manual_seed(0)
+    assert model.loss(x, (y + 1) % 10).item() != pytest.approx(loss.item())
+    assert model.eval_loss(x + 1, y).shape == ()  # images outside the dataset are fine
 
 
 def test_loss_is_contrastive_divergence_plus_regulariser_plus_cross_entropy():
@@ -91,7 +102,7 @@ def test_loss_is_contrastive_divergence_plus_regulariser_plus_cross_entropy():
     pixels, labels = common.load_digits_arrays()
     x, labels = torch.from_numpy(pixels[:8]), torch.from_numpy(labels[:8])
     torch.manual_seed(5)
-    loss = model.loss(x)
+    loss = model.loss(x, labels)
     torch.manual_seed(5)
     torch.randn(8, 64)  # the data noise (times 0)
     start = (torch.rand(8, 64) * 2 - 1).requires_grad_(True)
@@ -102,7 +113,7 @@ def test_loss_is_contrastive_divergence_plus_regulariser_plus_cross_entropy():
     expected = (e_data.mean() - e_neg.mean() + 0.3 * ((e_data ** 2).mean() + (e_neg ** 2).mean())
                 + F.cross_entropy(model.logits(common.pixels_to_pm1(x)), labels))
     assert loss.item() == pytest.approx(expected.item(), abs=1e-5)
-    assert model.eval_loss(x).item() == pytest.approx(
+    assert model.eval_loss(x, labels).item() == pytest.approx(
         F.cross_entropy(model.logits(common.pixels_to_pm1(x)), labels).item(), abs=1e-6)
 
 

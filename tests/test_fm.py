@@ -11,7 +11,7 @@ import torch
 import common
 import flow_matching as fm_script
 from conftest import check_outputs, run_main
-from flow_matching import FM, box_posterior, ode_log_likelihood, sample_ode
+from flow_matching import FM, ode_log_likelihood, sample_ode
 
 TINY = ["--quick", "--no-progress", "--hidden", "16", "--blocks", "1"]
 
@@ -47,8 +47,9 @@ def test_log_ndtr_matches_torch_in_both_tails():
 
 
 def test_box_posterior_matches_quadrature():
-    """E[y | x_t] and E[x_0 | x_t] when the value has probabilities softmax(logits) and y is uniform
-    in its box, against numerical integration over y, from t near 0 to t near 1."""
+    """The head's posterior means, common.box_posterior with x_t = t x_1 + (1 - t) x_0: E[x_1 | x_t] and
+    E[x_0 | x_t] when the value has probabilities softmax(logits) and x_1 is uniform in its box, against
+    numerical integration over x_1, from t near 0 to t near 1."""
     torch.manual_seed(0)
     logits = torch.randn(17, dtype=torch.float64) * 2
     probs = logits.softmax(0)
@@ -59,7 +60,9 @@ def test_box_posterior_matches_quadrature():
         log_weight = density.log() - 0.5 * ((x[:, None] - t * y) / (1 - t)) ** 2  # (7, grid)
         weight = torch.softmax(log_weight, dim=1)
         expected_y = (weight * y).sum(1)
-        mean_y, mean_x0 = box_posterior(logits.expand(1, 7, 17), x[None], torch.tensor([t], dtype=torch.float64))
+        time = torch.tensor([t], dtype=torch.float64)
+        posterior = common.box_posterior(logits.expand(1, 7, 17), x[None], time, 1 - time)
+        mean_y, mean_x0 = posterior.mean_data, posterior.mean_noise
         assert torch.allclose(mean_y[0], expected_y, atol=1e-4), (t, mean_y, expected_y)
         assert torch.allclose(mean_x0[0], (x - t * expected_y) / (1 - t), atol=1e-4 / (1 - t))
 

@@ -143,14 +143,14 @@ def test_one_step_moves_each_network_the_expected_way_and_only_that_one(loss):
 def test_train_step_returns_both_losses_and_checks_finiteness():
     model = tiny_gan(d_steps=2)
     optimizer = model.configure_optimizer(1e-3)
-    values = model.train_step(torch.randint(0, 17, (32, 64)).float(), optimizer)
+    values = model.train_step(torch.randint(0, 17, (32, 64)).float(), None, optimizer)
     assert set(values) == {"loss", "generator"} and all(np.isfinite(v) for v in values.values())
     assert values["loss"] > 0  # a hinge loss of an untrained D is near 2
     with torch.no_grad():
         model.generator[0].weight.fill_(float("nan"))
     before = flat(model.discriminator)
     with pytest.raises(gan_script.common.NonFiniteLoss):
-        model.train_step(torch.randint(0, 17, (32, 64)).float(), optimizer)
+        model.train_step(torch.randint(0, 17, (32, 64)).float(), None, optimizer)
     assert torch.equal(flat(model.discriminator), before)  # nothing moved
 
 
@@ -161,7 +161,7 @@ def test_optimizer_has_a_group_per_network_and_round_trips():
     assert groups["generator"]["lr"] == 1e-3 and groups["discriminator"]["lr"] == pytest.approx(4e-3)
     assert groups["generator"]["betas"] == (0.0, 0.9)
     assert sum(p.numel() for g in groups.values() for p in g["params"]) == sum(p.numel() for p in model.parameters())
-    model.train_step(torch.randint(0, 17, (8, 64)).float(), optimizer)
+    model.train_step(torch.randint(0, 17, (8, 64)).float(), None, optimizer)
     other = model.configure_optimizer(1e-3)
     other.load_state_dict(optimizer.state_dict())
     assert other.state_dict()["state"].keys() == optimizer.state_dict()["state"].keys()

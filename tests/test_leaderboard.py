@@ -37,9 +37,21 @@ def test_real_digits_score_far_better_than_noise_and_copies_are_caught(splits, t
     assert test["copy_rate"] == pytest.approx(0.01, abs=0.01)
     assert noise["copy_rate"] == 0.0
     assert val["classifier_test_accuracy"] > 0.85
-    # cached and deterministic: the same samples get the same numbers
-    assert (tmp_path / "_digit_classifier.pt").is_file()
+    # the shipped classifier, deterministic: the same samples get the same numbers, and nothing
+    # is trained or cached in the folder
+    assert common.SHIPPED_CLASSIFIER.is_file() and not (tmp_path / "_digit_classifier.pt").exists()
     assert common.sample_quality(splits["val"], tmp_path) == val
+
+
+def test_a_missing_or_damaged_shipped_classifier_is_retrained_into_the_cache(tmp_path, monkeypatch):
+    (tmp_path / "ship").mkdir()
+    damaged = tmp_path / "ship" / "_digit_classifier.pt"
+    damaged.write_bytes(b"not a checkpoint")
+    monkeypatch.setattr(common, "SHIPPED_CLASSIFIER", damaged)
+    (tmp_path / "cache").mkdir()
+    model, accuracy = common.digit_classifier(tmp_path / "cache")
+    assert (tmp_path / "cache" / "_digit_classifier.pt").is_file() and accuracy > 0.85
+    assert damaged.read_bytes() == b"not a checkpoint"  # the shipped file is never written
 
 
 def test_baselines_are_finite_and_in_the_expected_order(splits):
@@ -51,3 +63,27 @@ def test_baselines_are_finite_and_in_the_expected_order(splits):
     assert indep == pytest.approx(106.4, abs=0.5)  # measured with numpy, independently of this code
     assert all(math.isfinite(v) for v in (indep, gmm, kde))
     assert indep < gmm < kde < uniform
+
+
+def test_readme_copies_of_results_tables_equal_the_files():
+    """README restates results/*.md only between readme_block markers, and each copy is the file."""
+    import re
+
+    readme = (common.ROOT / "README.md").read_text()
+    pattern = r"<!-- results/(\S+): written by the script that writes the file -->\n(.*?)<!-- end results/\1 -->"
+    blocks = re.findall(pattern, readme, re.S)
+    assert {name for name, _ in blocks} >= {"leaderboard.md", "seeds.md", "ood.md", "benchmark.md"}
+    for name, text in blocks:
+        assert text == (common.ROOT / "results" / name).read_text().rstrip("\n") + "\n", name
+
+
+def test_publish_table_rewrites_the_readme_block_only_for_the_repository_results(tmp_path, monkeypatch):
+    begin, end = common.readme_block("t.md")
+    (tmp_path / "results").mkdir()
+    (tmp_path / "README.md").write_text(f"intro\n{begin}old\n{end}outro\n")
+    monkeypatch.setattr(common, "ROOT", tmp_path)
+    common.publish_table(tmp_path / "results" / "t.md", "| a |\n|---|\n")
+    assert (tmp_path / "README.md").read_text() == f"intro\n{begin}| a |\n|---|\n{end}outro\n"
+    assert (tmp_path / "results" / "t.md").read_text() == "| a |\n|---|\n"
+    common.publish_table(tmp_path / "t.md", "other\n")  # not results/: README untouched
+    assert "other" not in (tmp_path / "README.md").read_text()

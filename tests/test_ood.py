@@ -192,13 +192,14 @@ def test_extra_set_loader_refuses_bad_specs_and_files(tmp_path):
 
 
 def test_stochastic_statistics_are_seeded_per_input():
-    def noisy(model, x):
-        return x.sum(1) + torch.randn(len(x))
+    class Noisy:
+        def ood_score(self, x):
+            return x.sum(1) + torch.randn(len(x))
 
     images = np.zeros((5, 64), np.float32)
-    first = ood.evaluate(noisy, None, images, 3, torch.device("cpu"), 2)
-    assert np.array_equal(first, ood.evaluate(noisy, None, images, 3, torch.device("cpu"), 2))
-    assert not np.array_equal(first, ood.evaluate(noisy, None, images, 4, torch.device("cpu"), 2))
+    first = ood.evaluate(Noisy(), images, 3, torch.device("cpu"), 2)
+    assert np.array_equal(first, ood.evaluate(Noisy(), images, 3, torch.device("cpu"), 2))
+    assert not np.array_equal(first, ood.evaluate(Noisy(), images, 4, torch.device("cpu"), 2))
 
 
 def test_a_bad_extra_file_is_one_line_and_exit_2(tmp_path, capsys):

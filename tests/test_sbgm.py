@@ -11,8 +11,8 @@ import torch
 import common
 import score_based_generative_model as sbgm_script
 from conftest import check_outputs, run_main
-from score_based_generative_model import (SBGM, VESDE, VPSDE, box_posterior_eps,
-                                          ode_log_likelihood, sample_probability_flow, sample_reverse_sde)
+from score_based_generative_model import (SBGM, VESDE, VPSDE, ode_log_likelihood, sample_probability_flow,
+                                          sample_reverse_sde)
 
 SDES = dict(vp=VPSDE(), ve=VESDE())
 EXACT_PRIOR_SDES = dict(vp=VPSDE(), ve=VESDE(sigma_max=1000.0))  # N(0, prior_var) ~ the marginal at t = 1
@@ -106,6 +106,36 @@ def test_exact_and_hutchinson_divergence_match_the_analytic_trace(name):
     assert ((estimate.mean(1) - divergence(t)).abs() < 4 * standard_error + 1e-9).all()
 
 
+@pytest.mark.parametrize("output", ["levels", "eps"])
+def test_exact_divergence_of_the_model_is_the_autograd_trace_and_hutchinson_its_mean(output):
+    """The exact path of the likelihood (jacfwd under vmap through the network and the box posterior,
+    common.value_and_divergence) runs batched (no vmap fallback for a missing batching rule) and equals
+    the trace of reverse-mode autograd's Jacobian of eps; Hutchinson's estimate averages to it."""
+    import warnings
+
+    torch.manual_seed(0)
+    model = SBGM.build(output=output, hidden=32, blocks=1).double().eval()
+    torch.nn.init.normal_(model.net.out.weight, std=0.3)  # not the uniform start: a real dependence on z
+    x0 = model.to_pm1(common.load_splits(torch.device("cpu"), quick=True)["val"][:2].double())
+    t = torch.tensor([1e-3, 0.4], dtype=torch.float64)
+    alpha, sigma = model.sde.marginal(t)
+    z = alpha[:, None] * x0 + sigma[:, None] * torch.randn_like(x0)
+    with warnings.catch_warnings():
+        warnings.filterwarnings("error", message=".*batching rule.*")
+        with torch.no_grad():
+            value, exact = common.value_and_divergence(model.eps, z, t, "exact")
+    trace = torch.stack([torch.autograd.functional.jacobian(
+        lambda row: model.eps(row[None], t[i:i + 1])[0], z[i], vectorize=True).trace() for i in range(2)])
+    assert torch.allclose(value, model.eps(z, t), atol=1e-12)
+    assert torch.allclose(exact, trace, rtol=1e-8, atol=1e-8), (exact, trace)
+    probes = 2000
+    _, estimate = common.value_and_divergence(model.eps, z.repeat_interleave(probes, 0),
+                                              t.repeat_interleave(probes), "hutchinson")
+    estimate = estimate.view(2, probes)
+    standard_error = estimate.std(1) / math.sqrt(probes)
+    assert ((estimate.mean(1) - trace).abs() < 4 * standard_error + 1e-9).all()
+
+
 @pytest.mark.parametrize("name", sorted(SDES))
 def test_ode_log_likelihood_with_exact_gaussian_score_matches_the_density(name):
     """With the exact score of N(mean, cov) (full covariance) and its exact divergence, the
@@ -127,8 +157,9 @@ def test_ode_log_likelihood_with_exact_gaussian_score_matches_the_density(name):
 
 
 def test_box_posterior_matches_quadrature():
-    """E[eps | x~] for a pixel whose value has probabilities softmax(logits) and is uniform in its box,
-    against numerical integration over y, at noise levels from far below to far above the box width."""
+    """E[eps | x~] (common.box_posterior with alpha = 1, sigma = sigma~) for a pixel whose value has
+    probabilities softmax(logits) and is uniform in its box, against numerical integration over y, at
+    noise levels from far below to far above the box width."""
     torch.manual_seed(0)
     logits = torch.randn(17, dtype=torch.float64) * 2
     probs = logits.softmax(0)
@@ -139,8 +170,8 @@ def test_box_posterior_matches_quadrature():
         log_weight = density.log() - 0.5 * ((x_tilde[:, None] - y) / sigma) ** 2  # (7, grid)
         weight = torch.softmax(log_weight, dim=1)  # normalised in log space: no 0 / 0 far from the boxes
         expected = (weight * (x_tilde[:, None] - y) / sigma).sum(1)
-        got = box_posterior_eps(logits.expand(1, 7, 17), x_tilde[None], torch.tensor([sigma],
-                                dtype=torch.float64))[0]
+        got = common.box_posterior(logits.expand(1, 7, 17), x_tilde[None], torch.ones(1, dtype=torch.float64),
+                                   torch.tensor([sigma], dtype=torch.float64)).mean_noise[0]
         assert torch.allclose(got, expected, atol=2e-3, rtol=1e-3), (sigma, got, expected)
 
 
