@@ -558,6 +558,7 @@ FAMILIES = (
     Family("VAE", "variational_autoencoder.py", "VAE"),
     Family("GAN", "generative_adversarial_network.py", "GAN"),
     Family("FM", "flow_matching.py", "FM"),
+    Family("MDM", "masked_diffusion.py", "MDM"),
 )
 ROOT = Path(__file__).resolve().parent
 
@@ -586,44 +587,55 @@ def model_class(name):
 
 
 class ResidualBlock(nn.Module):
-    """h <- h + W2 dropout(silu(W1 silu(LayerNorm(h)) + W_e e)): a pre-activation residual block
-    (He et al. 2016) on vectors. e (B, embed) conditions it (a time or noise-level embedding, added
-    between the two layers); embed = 0: no conditioning. Dropout acts before the second layer."""
+    """A pre-activation residual block (He et al. 2016) on vectors, with options:
+    layers = 2: h <- h + W2 dropout(silu(W1 act(LayerNorm(h)) + W_e e)), act = silu, or the
+    identity when activate_input is False; e (B, embed) conditions it (a time or noise-level
+    embedding, added between the two layers), embed = 0: no conditioning;
+    layers = 1: h <- h + W1 dropout(silu(LayerNorm(h))), unconditioned."""
 
-    def __init__(self, hidden, embed=0, dropout=0.0):
+    def __init__(self, hidden, embed=0, dropout=0.0, layers=2, activate_input=True):
         super().__init__()
+        if layers not in (1, 2) or (layers == 1 and embed):
+            raise ValueError("a ResidualBlock has 1 (unconditioned) or 2 layers")
+        self.layers, self.activate_input = layers, activate_input
         self.norm = nn.LayerNorm(hidden)
         self.fc1 = nn.Linear(hidden, hidden)
         self.cond = nn.Linear(embed, hidden) if embed else None
         self.dropout = nn.Dropout(dropout)
-        self.fc2 = nn.Linear(hidden, hidden)
+        self.fc2 = nn.Linear(hidden, hidden) if layers == 2 else None
 
     def forward(self, h, e=None):  # h (B, H), e (B, E) or None
-        a = self.fc1(F.silu(self.norm(h)))
+        a = self.norm(h)
+        if self.layers == 1:
+            return h + self.fc1(self.dropout(F.silu(a)))
+        a = self.fc1(F.silu(a) if self.activate_input else a)
         if self.cond is not None:
             a = a + self.cond(e)
         return h + self.fc2(self.dropout(F.silu(a)))
 
 
 class ResidualMLP(nn.Module):
-    """(x (B, inputs), c) -> (B, outputs): h = W_in x, `blocks` ResidualBlocks conditioned on
-    e = embedding(c), then W_out dropout(silu(LayerNorm(h))). W_out starts at zero, so every network
-    starts at output 0: a uniform prior over the levels (FM, SBGM), eps = 0 beside DDPM's grid
-    denoiser, a coupling at the identity (RealNVP), a zero score (ScM). embedding: a module mapping
-    c to (B, embed) (FourierTimeEmbedding, DDPM's step embedding, ScM's level embedding), or None
-    for an unconditional MLP (then c is not given)."""
+    """(x (B, inputs), c) -> (B, outputs): h = W_in x, `blocks` ResidualBlocks (layers,
+    activate_input: their options) conditioned on e = embedding(c), then W_out
+    dropout(silu(LayerNorm(h))). With zero_output, W_out starts at zero, so the network starts at
+    output 0: a uniform prior over the levels (FM, SBGM), eps = 0 beside DDPM's grid denoiser, a
+    coupling at the identity (RealNVP). embedding: a module mapping c to (B, embed)
+    (FourierTimeEmbedding, DDPM's step embedding, ScM's one-hot level), or None for an
+    unconditional MLP (then c is not given)."""
 
-    def __init__(self, inputs, outputs, hidden, blocks, dropout=0.0, embedding=None, embed=0):
+    def __init__(self, inputs, outputs, hidden, blocks, dropout=0.0, embedding=None, embed=0, layers=2,
+                 activate_input=True, zero_output=True):
         super().__init__()
         self.embedding = embedding
         self.inp = nn.Linear(inputs, hidden)
-        self.blocks = nn.ModuleList(ResidualBlock(hidden, embed if embedding is not None else 0, dropout)
-                                    for _ in range(blocks))
+        self.blocks = nn.ModuleList(ResidualBlock(hidden, embed if embedding is not None else 0, dropout, layers,
+                                                  activate_input) for _ in range(blocks))
         self.norm = nn.LayerNorm(hidden)
         self.dropout = nn.Dropout(dropout)
         self.out = nn.Linear(hidden, outputs)
-        nn.init.zeros_(self.out.weight)
-        nn.init.zeros_(self.out.bias)
+        if zero_output:
+            nn.init.zeros_(self.out.weight)
+            nn.init.zeros_(self.out.bias)
 
     def forward(self, x, c=None):
         e = self.embedding(c) if self.embedding is not None else None

@@ -11,8 +11,8 @@ stack of ActNorm layers (Glow's per-pixel affine map), optionally an LU-parametr
 linear mixing (Glow's 1x1 convolution; --mixing), and affine coupling layers: with a binary mask m
 (by default the checkerboard on the 8x8 grid, or random halves), h' = m * h + (1 - m) * (h *
 exp(s(m * h)) + t(m * h)), whose log|det| is the sum of s over the free pixels; s is a tanh-bounded
-log-scale from a residual MLP with LayerNorm and dropout (common.ResidualMLP; 8 couplings, one
-block of 256 hidden units, dropout 0.5 by default). Masks alternate so that every pixel is
+log-scale from a residual MLP with LayerNorm and dropout (common.ResidualMLP with one-layer
+blocks; 8 couplings, two blocks of 256 hidden units, dropout 0.5 by default). Masks alternate so that every pixel is
 transformed. Sampling runs the inverse from z ~ N(0, T^2 I) (T = 1 by default: true samples of the
 model) and floors v to the pixel values.
 
@@ -88,7 +88,8 @@ class AffineCoupling(nn.Module):
         self.register_buffer("mask", mask)
         self.register_buffer("fixed", mask.nonzero()[:, 0])
         self.register_buffer("free", (mask == 0).nonzero()[:, 0])
-        self.net = common.ResidualMLP(len(self.fixed) + cond_dim, 2 * len(self.free), hidden, blocks, dropout)
+        self.net = common.ResidualMLP(len(self.fixed) + cond_dim, 2 * len(self.free), hidden, blocks, dropout,
+                                      layers=1)
         self.scale = nn.Parameter(torch.ones(len(self.free)))
 
     def shift_and_log_scale(self, h, cond):
@@ -263,7 +264,7 @@ class VariationalDequantizer(nn.Module):
 class RealNVPConfig:
     num_couplings: int = common.option(8, "number of affine coupling layers", type=common.positive_int)
     hidden: int = common.option(256, "hidden units of each coupling's residual MLP", type=common.positive_int)
-    blocks: int = common.option(1, "residual blocks (two layers each) of each coupling's MLP",
+    blocks: int = common.option(2, "residual blocks (one layer each) of each coupling's MLP",
                                 type=common.nonnegative_int)
     dropout: float = common.option(0.5, "dropout in the coupling MLPs, against overfitting 1000 images",
                                    type=common.unit_interval)
@@ -351,6 +352,23 @@ class RealNVP(common.DigitsModel):
         """z ~ N(0, T^2 I) -> v = f^-1(z) -> floor(v), the bin v falls in, clamped to 0..16."""
         z = self.sampling.temperature * torch.randn(n, self.dim, device=self.device)
         return self.inverse(z).floor().clamp(0, common.PIXEL_MAX)
+
+    @torch.no_grad()
+    def complete(self, x, missing, steps=25, first_step=0.5, last_step=0.01):
+        """Inpainting by Langevin dynamics on the flow's exact log-density log p(v) over the missing
+        coordinates of v = x + u, the observed ones fixed at their box centres x_o + 1/2:
+        v_m <- v_m + e_k / 2 grad log p(v) + sqrt(e_k) z, `steps` steps whose size e_k falls
+        geometrically from first_step to last_step (pixel units^2), kept inside [0, 17); the chains
+        start from a sample of the flow; then the bin floor(v_m)."""
+        centres = x + 0.5
+        v = torch.where(missing, self.inverse(torch.randn_like(x)).clamp(0.01, common.NUM_LEVELS - 0.01), centres)
+        for size in torch.logspace(math.log10(first_step), math.log10(last_step), steps).tolist():
+            with torch.enable_grad():
+                v = v.detach().requires_grad_(True)
+                (grad,) = torch.autograd.grad(self.log_prob(v).sum(), v)
+            moved = v.detach() + 0.5 * size * grad + math.sqrt(size) * torch.randn_like(v)
+            v = torch.where(missing, moved.clamp(0.01, common.NUM_LEVELS - 0.01), centres)
+        return torch.where(missing, v.floor().clamp(0, common.PIXEL_MAX), x)
 
     def extra_metrics(self, splits, labels):
         """The NLL bound on train and validation with one dequantization draw each (the

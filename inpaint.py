@@ -11,15 +11,17 @@ whose row i mod N hides the pixels of test digit i.
 How each family completes (its `complete` method, in its own script; a family whose `complete`
 raises NotImplementedError is named in one line and left out):
 - ARM: exact ancestral sampling where every missing pixel follows every observed one in raster
-  order (the bottom half), the observed pixels fed in as they come; for other masks
-  sampling-importance-resampling with that same pass as proposal, weighted by the exact
-  conditionals of the observed pixels (van den Oord et al. 2016; Rubin 1988).
+  order (the bottom half), the observed pixels fed in as they come, and the exact NLL of the
+  missing pixels; for other masks sampling-importance-resampling over 8 such passes, weighted by
+  the exact conditionals of the observed pixels (van den Oord et al. 2016; Rubin 1988).
 - RealNVP: Langevin dynamics on the flow's exact log-density over the missing pixels (Dinh et al.
-  2017). ScM: annealed Langevin with the observed pixels clamped (Song & Ermon 2019). SBGM, DDPM,
-  FM: the reverse process with the observed pixels replaced, at every step, by themselves noised to
-  the current level, and RePaint's resampling (Lugmayr et al. 2022).
-- EBM: short-run SGLD with the observed pixels clamped, on the joint energy E(x, y) of each class,
-  the class then drawn by its energy (Grathwohl et al. 2020).
+  2017). ScM: annealed Langevin with the observed pixels clamped to the data noised to each level
+  (Song & Ermon 2019). SBGM, FM: the reverse SDE / the ODE with the observed pixels replaced, at
+  every step, by the data noised to that time (Song et al. 2021); DDPM: the same, with RePaint's
+  resampling (Lugmayr et al. 2022).
+- EBM: short-run SGLD with the observed pixels clamped, one chain per class on the joint energy
+  E(x, y), the class then drawn by its energy at the chain's temperature (Grathwohl et al. 2020).
+- MDM: its own any-order conditional (masked_diffusion.py).
 - VAE: Metropolis-within-Gibbs over (z, x_missing) (Mattei & Frellsen 2018).
 - GAN: the latent z optimised so that G(z) matches the observed pixels, then G(z)'s pixels
   (Yeh et al. 2017).
@@ -46,7 +48,6 @@ Run:  python inpaint.py                    # writes results/inpaint.md, .json, .
 
 import argparse
 import re
-import subprocess
 import sys
 import time
 from pathlib import Path
@@ -55,8 +56,9 @@ import numpy as np
 import torch
 
 import common
+import leaderboard
+import ood
 
-ROOT = common.ROOT
 SIDE = 8
 COPIES = 4  # completions of the same input for the diversity
 MASK_DESCRIPTIONS = dict(
@@ -322,28 +324,6 @@ def evaluate(completer, x, labels, missing, classifier, *, seed, device, diversi
 # the families
 
 
-def load_family(family, out, train, threads, device):
-    """The trained model of `family` (a common.Family), training it with its defaults when its
-    weights are missing; (None, a one-line reason) when it can't be had."""
-    script = ROOT / family.script
-    if not script.is_file():
-        return None, f"no {family.script}"
-    model_class = common.model_class(family.name)
-    weights = out / f"{family.name}.pt"
-    if not weights.is_file():
-        if not train:
-            return None, f"no weights {weights} (--no-train)"
-        print(f"inpaint: training {family.name} with its defaults ({family.script})", file=sys.stderr, flush=True)
-        command = [sys.executable, str(script), "--no-progress", "--threads", str(threads), "--out", str(out),
-                   "--device", device.type]
-        if subprocess.run(command, cwd=ROOT, stdout=subprocess.DEVNULL).returncode != 0 or not weights.is_file():
-            return None, f"training {family.script} failed"
-    try:
-        return common.load_trained(model_class, out, device=device), None
-    except common.UsageError as error:
-        return None, str(error)
-
-
 # -----------------------------------------------------------------------------
 # the table and the picture
 
@@ -486,9 +466,10 @@ def main(argv=None):
     parser.add_argument("--extra-mask", action="append", default=[], metavar="FILE.npy",
                         help="add a mask: (64,) booleans (True = missing) for every digit, or (N, 64) whose row "
                              "i mod N is test digit i's; named after the file; repeatable")
-    parser.add_argument("--out", type=Path, default=Path("results"),
+    parser.add_argument("--out", type=Path, default=None,
                         help="folder of the trained weights and of inpaint.md, .json, .png and "
-                             "inpaint_completions.npz (default %(default)s)")
+                             "inpaint_completions.npz (default: the project's results/; a relative path is "
+                             "taken from the current directory)")
     parser.add_argument("--no-train", action="store_true",
                         help="never train: skip a family whose weights OUT/NAME.pt are missing")
     parser.add_argument("--seed", type=common.seed_int, default=0,
@@ -497,43 +478,44 @@ def main(argv=None):
                         help=f"test digits completed {COPIES} times for the diversity (default %(default)s)")
     parser.add_argument("--batch-size", type=common.positive_int, default=512,
                         help="digits per complete() call (default %(default)s)")
-    parser.add_argument("--threads", type=common.positive_int, default=common.DEFAULT_THREADS,
-                        help="CPU threads for torch and for training a missing family (default %(default)s)")
-    parser.add_argument("--device", default="auto", choices=("auto", "cpu", "cuda", "mps"),
-                        help="auto picks cuda, then mps, then cpu (default %(default)s)")
-    parser.add_argument("--no-progress", action="store_true", help="no progress lines")
+    leaderboard.add_machine_flags(parser)
     args = parser.parse_args(argv)
+    args.argv = list(sys.argv[1:] if argv is None else argv)  # recorded in inpaint.json
+    leaderboard.tool("inpaint.py", lambda: complete_everything(args),
+                     "a model run it started was stopped and its files discarded; the files in --out are whole")
+
+
+def complete_everything(args):
+    """The body of main(): every family and baseline on every mask, then the outputs."""
+    family_names = [f.name for f in common.FAMILIES]
     start = time.perf_counter()
-    try:
-        models = args.models or family_names + list(BASELINES)
-        unknown = [m for m in models if m not in family_names + list(BASELINES)]
-        if unknown:
-            raise common.UsageError(f"unknown model {unknown[0]!r}; choose from "
-                                    f"{', '.join(family_names + list(BASELINES))}")
-        out = args.out if args.out.is_absolute() else ROOT / args.out
-        common.check_out(out)
-        device = common.choose_device(args.device)
-        pixels, labels = common.load_digits_arrays()
-        splits, label_splits = common.split_arrays(pixels), common.split_arrays(labels)
-        n = len(splits["test"])
-        all_masks = built_in_masks(n, args.seed)
-        masks = {name: all_masks[name] for name in dict.fromkeys(args.masks)}
-        descriptions = {name: MASK_DESCRIPTIONS[name] for name in masks}
-        for file in args.extra_mask:
-            name, mask = load_extra_mask(file, n, taken=(*MASK_NAMES, *masks))
-            masks[name], descriptions[name] = mask, f"--extra-mask {Path(file).name}"
-    except common.UsageError as error:
-        parser.exit(common.EXIT_USAGE, f"inpaint.py: error: {error}\n")
+    models = args.models or family_names + list(BASELINES)
+    unknown = [m for m in models if m not in family_names + list(BASELINES)]
+    if unknown:
+        raise common.UsageError(f"unknown model {unknown[0]!r}; choose from "
+                                f"{', '.join(family_names + list(BASELINES))}")
+    device = common.choose_device(args.device)  # before --out is made: a refused device leaves nothing
+    out = leaderboard.out_folder(args.out)
+    common.check_out(out)
+    pixels, labels = common.load_digits_arrays()
+    splits, label_splits = common.split_arrays(pixels), common.split_arrays(labels)
+    n = len(splits["test"])
+    all_masks = built_in_masks(n, args.seed)
+    masks = {name: all_masks[name] for name in dict.fromkeys(args.masks)}
+    descriptions = {name: MASK_DESCRIPTIONS[name] for name in masks}
+    for file in args.extra_mask:
+        name, mask = load_extra_mask(file, n, taken=(*MASK_NAMES, *masks))
+        masks[name], descriptions[name] = mask, f"--extra-mask {Path(file).name}"
     torch.set_num_threads(args.threads)
     show = not args.no_progress and sys.stderr.isatty()
     classifier, classifier_accuracy = common.digit_classifier(out)
     x = torch.from_numpy(splits["test"]).to(device)
     missing = {name: torch.from_numpy(mask).to(device) for name, mask in masks.items()}
 
-    completers, skipped = [], {}
+    completers, skipped, setup_seconds = [], {}, {}
     for family in common.FAMILIES:
         if family.name in models:
-            model, reason = load_family(family, out, not args.no_train, args.threads, device)
+            model, reason = ood.load_family(family, out, not args.no_train, args.threads, device, tool="inpaint")
             if model is None:
                 print(f"inpaint: skipped {family.name}: {reason}", file=sys.stderr)
                 skipped[family.name] = reason
@@ -543,7 +525,9 @@ def main(argv=None):
                        ("Nearest neighbour", lambda: NearestNeighbourCompleter(splits["train"])),
                        ("Independent pixels", lambda: IndependentPixelsCompleter(splits["train"]))):
         if name in models:
-            completers.append(make())
+            with common.timed(torch.device("cpu")) as took:  # fitting counts in the baseline's seconds
+                completers.append(make())
+            setup_seconds[name] = took
 
     rows, completions, seconds, cpu_seconds = [], {}, {}, {}
     for index, completer in enumerate(completers):
@@ -562,8 +546,9 @@ def main(argv=None):
             rows.append(dict(model=completer.name, mask=mask_name, **metrics))
             completions[completer.name, mask_name] = first
         else:
-            seconds[completer.name] = round(time.perf_counter() - family_start, 2)
-            cpu_seconds[completer.name] = round(time.process_time() - family_cpu, 2)
+            setup = setup_seconds.get(completer.name, dict(wall=0.0, cpu=0.0))
+            seconds[completer.name] = round(time.perf_counter() - family_start + setup["wall"], 2)
+            cpu_seconds[completer.name] = round(time.process_time() - family_cpu + setup["cpu"], 2)
             continue
         rows = [r for r in rows if r["model"] != completer.name]
         completions = {k: v for k, v in completions.items() if k[0] != completer.name}
@@ -595,7 +580,7 @@ def main(argv=None):
         classifier_accuracy_on_test_digits=true_accuracy, classifier_reported_accuracy=classifier_accuracy,
         seed=args.seed, diversity_digits=args.diversity_digits, copies=COPIES, device=str(device),
         threads=torch.get_num_threads(), seconds=round(time.perf_counter() - start, 2),
-        argv=list(sys.argv[1:] if argv is None else argv)))
+        argv=args.argv))
     print(table)
 
 

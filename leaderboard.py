@@ -219,6 +219,15 @@ def threading_is_main():
     return threading.current_thread() is threading.main_thread()
 
 
+def add_machine_flags(parser):
+    """--threads, --device and --no-progress, as ood.py and inpaint.py take them."""
+    parser.add_argument("--threads", type=common.positive_int, default=common.DEFAULT_THREADS,
+                        help="CPU threads for torch and for training a missing family (default %(default)s)")
+    parser.add_argument("--device", default="auto", choices=("auto", "cpu", "cuda", "mps"),
+                        help="auto picks cuda, then mps, then cpu (default %(default)s)")
+    parser.add_argument("--no-progress", action="store_true", help="no progress bar or lines")
+
+
 def out_folder(value):
     """--out: a relative path is taken from the current directory; None: the project's results/."""
     return ROOT / "results" if value is None else Path(value).absolute()
@@ -444,7 +453,8 @@ def model_row(name, script, out, train, threads):
                 train_seconds=metrics["train_seconds"], sample_seconds=metrics["sample_seconds"],
                 train_cpu_seconds=metrics.get("train_cpu_seconds"), epochs=metrics["epochs_run"],
                 best_epoch=metrics["best_epoch"], device=metrics["device"], current=is_current(metrics, script),
-                **{k: metrics[k] for k in QUALITY_KEYS}, **{k: metrics.get(k) for k in EXTENDED_KEYS}), samples
+                **{k: metrics[k] for k in QUALITY_KEYS}, **{k: metrics.get(k) for k in EXTENDED_KEYS},
+                sampler=metrics.get("sampling", {}), other_samplers=metrics.get("other_samplers") or {}), samples
 
 
 QUALITY_KEYS = ("frechet_distance", "classifier_confidence", "class_coverage", "copy_rate")
@@ -518,6 +528,14 @@ def markdown(rows, accuracy):
             f"| {pm(r.get('frechet_distance_cnn'), r.get('frechet_distance_cnn_std'))} "
             f"| {pm(r.get('c2st_accuracy'), r.get('c2st_stderr'), 3)} | {fmt(r.get('precision'), 3)} "
             f"| {fmt(r.get('recall'), 3)} | {fmt(r.get('density'), 3)} | {fmt(r.get('coverage'), 3)} |")
+    others = [(r, name, o) for r in rows for name, o in sorted((r.get("other_samplers") or {}).items())
+              if isinstance(o, dict)]
+    if others:
+        lines += ["", "Other samplers of the same weights (each family's `other_samplers`: 1000 samples, seconds "
+                      "on the run's threads, Frechet distance (MLP) to the test digits; the default is the first "
+                      "table's):", "", "| model | sampler | s / 1000 samples | Frechet distance |", "|---|---|---|---|"]
+        lines += [f"| {r['model']} | {name} | {fmt(o.get('seconds'), 2)} | {fmt(o.get('frechet_distance'))} |"
+                  for r, name, o in others]
     by_name = {r["model"]: r for r in rows}
     gmm, indep = by_name["GaussianMixture"], by_name["Independent pixels"]
     deep = [r for r in rows if r["model"] in SCRIPTS]
@@ -676,12 +694,12 @@ def leaderboard(args, out):
         quality = common.sample_quality(samples, out)
         rows.append(dict(model=name, test_nll_nats=nll, nll_kind=kind, train_seconds=fit_seconds,
                          sample_seconds=sample_seconds, device="cpu", chosen=(chosen or [{}])[0],
-                         **{k: quality[k] for k in QUALITY_KEYS + EXTENDED_KEYS}))
+                         **{k: quality.get(k) for k in QUALITY_KEYS + EXTENDED_KEYS}))
         panels.append((name, samples))
     real = common.sample_quality(splits["val"], out)
     rows.append(dict(model="Real digits (val split)", test_nll_nats=None, nll_kind=None,
                      train_seconds=None, sample_seconds=None, device="-",
-                     **{k: real[k] for k in QUALITY_KEYS + EXTENDED_KEYS}))
+                     **{k: real.get(k) for k in QUALITY_KEYS + EXTENDED_KEYS}))
     panels.append(("Real (val)", splits["val"].astype(np.float32)))
 
     table = markdown(rows, real["classifier_test_accuracy"])

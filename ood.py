@@ -259,6 +259,8 @@ SCORING = {  # family name -> its settings where they are not the defaults
     "SBGM": Scoring(mirrors=False, max_images=150, sampling=(("ode_steps", 16),)),
     # FM's exact divergence costs 64 forward-mode derivatives per evaluation: fewer images and steps
     "FM": Scoring(mirrors=False, max_images=100, sampling=(("ode_steps", 8),)),
+    # MDM's bound costs 64 network evaluations per mask and level: one mask per level, no mirrors
+    "MDM": Scoring(mirrors=False, sampling=(("masks_per_level", 1),)),
 }
 GROUP = ("identity", "hflip", "vflip", "rot180")  # the mirror images of the mirror ratio
 
@@ -343,10 +345,12 @@ def fpr_at_95_tpr(in_scores, out_scores):
 # running the families
 
 
-def load_family(family, out, train, threads, device):
-    """The trained model of `family` (a common.Family), training it with its defaults when its
+def load_family(family, out, train, threads, device, sampling=(), tool="ood"):
+    """The trained model of `family` (a common.Family) with the Sampling settings `sampling`
+    ((field, value) pairs; the rest at their defaults), training it with its defaults when its
     weights are missing or come from an interrupted run; (None, a one-line reason) when it can't
-    be had. A run trains in a scratch folder and replaces OUT's files only when it finishes."""
+    be had. A run trains in a scratch folder and replaces OUT's files only when it finishes. Used
+    by ood.py and inpaint.py (`tool` names the one that prints)."""
     script = ROOT / family.script
     if not script.is_file():
         return None, f"no {family.script}"
@@ -357,15 +361,15 @@ def load_family(family, out, train, threads, device):
         why = f"weights {weights} come from an interrupted run" if unfinished else f"no weights {weights}"
         if not train:
             return None, f"{why} (--no-train)"
-        print(f"ood: {why}; training {family.name} with its defaults ({family.script})", file=sys.stderr, flush=True)
+        print(f"{tool}: {why}; training {family.name} with its defaults ({family.script})", file=sys.stderr,
+              flush=True)
         failed = leaderboard.train_into(out, family.name, family.script, threads, extra=("--device", device.type),
                                         stdout=subprocess.DEVNULL)
         if failed:
             return None, f"training failed: {failed}"
-    scoring = SCORING.get(family.name, Scoring())
     try:
-        sampling = model_class.Sampling(**dict(scoring.sampling)) if scoring.sampling else None
-        return common.load_trained(model_class, out, sampling=sampling, device=device), None
+        settings = model_class.Sampling(**dict(sampling)) if sampling else None
+        return common.load_trained(model_class, out, sampling=settings, device=device), None
     except common.UsageError as error:
         return None, str(error)
 
@@ -532,11 +536,7 @@ def main(argv=None):
                              "integer grid); repeatable")
     parser.add_argument("--seed", type=common.nonnegative_int, default=0,
                         help="seed of the random sets and of the stochastic bounds (default %(default)s)")
-    parser.add_argument("--threads", type=common.positive_int, default=common.DEFAULT_THREADS,
-                        help="CPU threads for torch and for training a missing family (default %(default)s)")
-    parser.add_argument("--device", default="auto", choices=("auto", "cpu", "cuda", "mps"),
-                        help="auto picks cuda, then mps, then cpu (default %(default)s)")
-    parser.add_argument("--no-progress", action="store_true", help="no progress bar")
+    leaderboard.add_machine_flags(parser)
     args = parser.parse_args(argv)
     leaderboard.tool("ood.py", lambda: score_everything(args),
                      "a model run it started was stopped and its files discarded; the files in --out are whole")
@@ -569,12 +569,12 @@ def score_everything(args):
     bar = tqdm(families, disable=args.no_progress or not sys.stderr.isatty(), desc="ood", unit="family")
     for family in bar:
         bar.set_postfix(family=family.name)
-        model, reason = load_family(family, out, not args.no_train, args.threads, device)
+        scoring = SCORING.get(family.name, Scoring())
+        model, reason = load_family(family, out, not args.no_train, args.threads, device, scoring.sampling)
         if model is None:
             print(f"ood: skipped {family.name}: {reason}", file=sys.stderr)
             skipped[family.name] = reason
             continue
-        scoring = SCORING.get(family.name, Scoring())
         with common.timed(device) as took:
             stat, mirrored = family_statistics(model, scoring, inputs, args.seed, device)
         seconds[family.name] = dict(wall=round(took["wall"], 2), cpu=round(took["cpu"], 2))

@@ -37,6 +37,7 @@ Run:  python score_matching.py            # defaults, writes results/ScM_*
 import dataclasses
 
 import torch
+import torch.nn.functional as F
 from torch import nn
 
 import common
@@ -132,6 +133,17 @@ def with_level_defaults(config, sampling):
     return fill(config), fill(sampling)
 
 
+class OneHot(nn.Module):
+    """(B,) level indices -> (B, L) one-hot vectors."""
+
+    def __init__(self, num_levels):
+        super().__init__()
+        self.num_levels = num_levels
+
+    def forward(self, levels):
+        return F.one_hot(levels, self.num_levels).float()
+
+
 class ScoreMatching(common.DigitsModel):
     name = "ScM"
     nll_kind = None
@@ -143,11 +155,15 @@ class ScoreMatching(common.DigitsModel):
         super().__init__(config, sampling)
         self.dim = dim
         self.register_buffer("sigmas", geometric_sigmas(config.sigma_max, config.sigma_min, config.noise_levels))
-        # (x~ scaled to unit variance, level i) -> sigma_i s(x~, sigma_i); starts at s = 0. The level's
-        # embedding has L entries: each block's Linear of it can give every level its own vector
+        # (x~ scaled to unit variance, level i) -> sigma_i s(x~, sigma_i): blocks
+        # h <- h + W2 silu(W1 LayerNorm(h) + e_i), e_i each block's own learned vector of level i
+        # (a Linear of the one-hot level), as NCSN's conditional normalisations give each level its own
         levels = config.noise_levels
-        self.net = common.ResidualMLP(dim, dim, config.hidden, config.blocks,
-                                      embedding=nn.Embedding(levels, levels), embed=levels)
+        self.net = common.ResidualMLP(dim, dim, config.hidden, config.blocks, embedding=OneHot(levels),
+                                      embed=levels, activate_input=False, zero_output=False)
+        for block in self.net.blocks:  # e_i starts as N(0, I), as an nn.Embedding table would
+            nn.init.normal_(block.cond.weight)
+            nn.init.zeros_(block.cond.bias)
 
     def score(self, x, levels):
         """s(x, sigma_i) ~ grad_x log p_sigma_i(x): (B, D), (B,) level indices -> (B, D). The input
@@ -212,6 +228,24 @@ class ScoreMatching(common.DigitsModel):
         s = self.sampling
         v = annealed_langevin(self.score, x, self.sigmas, s.langevin_steps, s.step_size, s.denoise)
         return common.pm1_to_pixels(v)
+
+    @torch.no_grad()
+    def complete(self, x, missing):
+        """Inpainting by annealed Langevin dynamics with the observed pixels clamped to the data
+        noised to the current level, v_o + sigma_i z (Song & Ermon 2019, their inpainting): the
+        sampler's levels, steps and step size move the missing pixels from uniform noise; then the
+        Tweedie denoising step."""
+        v, s = common.pixels_to_pm1(x), self.sampling
+        u = torch.where(missing, torch.rand_like(v) * 2 - 1, v)
+        for i, sigma in enumerate(self.sigmas):
+            levels = torch.full((len(v),), i, dtype=torch.long, device=v.device)
+            alpha = s.step_size * sigma**2
+            for _ in range(s.langevin_steps):
+                u = torch.where(missing, u, v + sigma * torch.randn_like(v))
+                u = u + 0.5 * alpha * self.score(u, levels) + alpha.sqrt() * torch.randn_like(u)
+        if s.denoise:
+            u = u + self.sigmas[-1] ** 2 * self.score(u, levels)
+        return torch.where(missing, common.pm1_to_pixels(u), x)
 
 
 # -----------------------------------------------------------------------------

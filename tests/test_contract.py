@@ -23,6 +23,7 @@ TINY = {
     "VAE": dict(latent=2, hidden=16, channels=4, components=3, iwae_samples=4),
     "GAN": dict(latent=4, hidden=16),
     "FM": dict(hidden=16, blocks=1, ode_steps=2, compare_samplers=False),
+    "MDM": dict(hidden=8, blocks=1, masks_per_level=1, compare_samplers=False),
 }
 NAMES = [family.name for family in common.FAMILIES]
 
