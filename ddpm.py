@@ -254,11 +254,14 @@ class DDPM(common.DigitsModel):
         x0 = common.pixels_to_pm1(x)
         total = self.prior_kl(x0)
         for step in range(self.num_steps):
-            t = torch.full((len(x0),), step, dtype=torch.long, device=x0.device)
-            xt = self.q_sample(x0, t, torch.randn_like(x0))
-            mean, log_var = self.p_mean_log_var(xt, t, *self.network(xt, t))
-            total = total + self.bound_terms(x0, xt, t, mean, log_var)
+            total = total + self.sampled_term(x0, torch.full((len(x0),), step, dtype=torch.long, device=x0.device))
         return total
+
+    def sampled_term(self, x0, t):
+        """(B,) L_{t-1} of test_nll at the steps t (B,), from one draw x_t ~ q(x_t | x_0)."""
+        xt = self.q_sample(x0, t, torch.randn_like(x0))
+        mean, log_var = self.p_mean_log_var(xt, t, *self.network(xt, t))
+        return self.bound_terms(x0, xt, t, mean, log_var)
 
     def ood_score(self, x, exact=8, strata=24):
         """(B,) the bound of test_nll with its sum over the T steps estimated per image, for
@@ -276,9 +279,7 @@ class DDPM(common.DigitsModel):
             t = (low + (high - low) * torch.rand(n, device=x0.device)).long().clamp(exact, self.num_steps - 1)
             terms.append((t, float(high - low)))
         for t, weight in terms:
-            xt = self.q_sample(x0, t, torch.randn_like(x0))
-            mean, log_var = self.p_mean_log_var(xt, t, *self.network(xt, t))
-            total = total + weight * self.bound_terms(x0, xt, t, mean, log_var)
+            total = total + weight * self.sampled_term(x0, t)
         return total
 
     # --- samplers
