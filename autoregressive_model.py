@@ -17,6 +17,13 @@ is ancestral, one pixel at a time: the vertical stacks compute a row once it is 
 horizontal stacks one position per pixel from what each layer cached, so that a pixel costs one
 position of each network instead of a full pass.
 
+Conditional model (--conditional): p(x | y) = prod_i p(x_i | x_<i, y) by the conditional PixelCNN
+of the same paper, the class y entering every layer as a learned bias of its pre-activation: the
+first layer's stacks get V_y, every gated layer tanh(a + V_y^a) * sigmoid(b + V_y^b) on both stacks
+(each member its own biases), in the full pass and the cached sampler alike. The likelihood stays
+exact, so the generative classifier argmax_y log p(x | y) + log p(y) needs the ten exact
+conditional NLLs, one pass per class.
+
 Run:  python autoregressive_model.py            # defaults, writes results/ARM_*
       python autoregressive_model.py --help
 """
@@ -39,6 +46,10 @@ SIDE = 8  # the digits are SIDE x SIDE pixels
 def gate(t):  # (B, 2C, ...) -> (B, C, ...): tanh(a) * sigmoid(b), the gated activation unit
     a, b = t.chunk(2, dim=1)
     return torch.tanh(a) * torch.sigmoid(b)
+
+
+def biased(t, biases, k):  # t (B, C, ...) + the k-th class bias (B, C) at every position; t if unconditional
+    return t if biases is None else t + biases[k].view(*biases[k].shape, *(1,) * (t.dim() - 2))
 
 
 def pointwise(conv, t):  # a 1x1 conv at single positions: (n, C_in) -> (n, C_out)
@@ -76,7 +87,7 @@ class Stacks(nn.Module):
 
 
 @dataclass(frozen=True)
-class ARMConfig:
+class ARMConfig(common.ModelConfig):
     # the network's size: K members of C channels each; several small networks averaged beat fewer,
     # wider ones on the validation NLL (README, the ARM's choices)
     channels: int = common.option(12, "channels of both stacks of each member", type=common.positive_int)
@@ -118,33 +129,50 @@ class PixelCNN(nn.Module):
         if config.position:
             self.pos_v = nn.Parameter(torch.zeros(C, SIDE, SIDE))
             self.pos_h = nn.Parameter(torch.zeros(C, SIDE, SIDE))
+        if config.conditional:  # per class: a bias of the first layer's two stacks (C each) and of
+            # every gated layer's two pre-activations (2C each), zero at the start
+            self.classes = nn.Embedding(common.NUM_CLASSES, 2 * C + 4 * C * config.layers)
+            nn.init.zeros_(self.classes.weight)
 
-    def logits(self, x):
-        """x: (B, 64) integer pixels -> logits (B, 64, 17) of p(x_i | x_<i)."""
+    def class_biases(self, y):
+        """y (B,) classes -> [first vertical (B, C), first horizontal (B, C), then per gated layer
+        vertical (B, 2C), horizontal (B, 2C)]; None for an unconditional network."""
+        if not self.config.conditional:
+            return None
+        if y is None:
+            raise ValueError("a conditional ARM needs the class labels y")
+        C = self.config.channels
+        return list(self.classes(y).split([C, C] + [2 * C] * (2 * self.config.layers), dim=1))
+
+    def logits(self, x, y=None):
+        """x: (B, 64) integer pixels, y (B,) classes of a conditional network -> logits (B, 64, 17)
+        of p(x_i | x_<i) (or p(x_i | x_<i, y))."""
+        biases = self.class_biases(y)
         e = self.embed(x).transpose(1, 2).reshape(len(x), -1, SIDE, SIDE)  # (B, C, 8, 8)
         if self.training and self.config.context_dropout > 0:  # a regulariser: the targets stay whole
             e = e * (torch.rand(len(x), 1, SIDE, SIDE, device=e.device) >= self.config.context_dropout)
-        v = self.first.vertical(self.first.pad_vertical(e))
+        v = biased(self.first.vertical(self.first.pad_vertical(e)), biases, 0)
         if self.config.position:
             v = v + self.pos_v
-        h = self.first.horizontal(self.first.pad_horizontal(e)) + self.first_link(v)
+        h = biased(self.first.horizontal(self.first.pad_horizontal(e)) + self.first_link(v), biases, 1)
         if self.config.position:
             h = h + self.pos_h
-        for stack, link, out in zip(self.stacks, self.links, self.outs):
-            vv = stack.vertical(stack.pad_vertical(v))  # (B, 2C, 8, 8)
-            hh = stack.horizontal(stack.pad_horizontal(h)) + link(vv)
+        for layer, (stack, link, out) in enumerate(zip(self.stacks, self.links, self.outs)):
+            vv = biased(stack.vertical(stack.pad_vertical(v)), biases, 2 + 2 * layer)  # (B, 2C, 8, 8)
+            hh = biased(stack.horizontal(stack.pad_horizontal(h)) + link(vv), biases, 3 + 2 * layer)
             v = v + self.dropout(gate(vv))
             h = h + self.dropout(out(gate(hh)))
         return self.head(F.elu(h)).flatten(2).transpose(1, 2)  # (B, 64, 17)
 
-    def empty_caches(self, n):
+    def empty_caches(self, n, y=None):
         """What the sampler keeps between pixels: the embedded image so far, every layer's vertical
         stack (rows up to the current one) and its gated input on the current row, and every layer's
-        horizontal stack on the current row, all zeros (= the convolutions' padding) to start."""
+        horizontal stack on the current row, all zeros (= the convolutions' padding) to start; and
+        the class biases of y (n,) for a conditional network."""
         C, L = self.config.channels, self.config.layers
         zeros = self.head.weight.new_zeros
         return dict(e=zeros(n, C, SIDE, SIDE), v=[zeros(n, C, SIDE, SIDE) for _ in range(L + 1)],
-                    vv=[None] * L, h=[zeros(n, C, SIDE) for _ in range(L + 1)])
+                    vv=[None] * L, h=[zeros(n, C, SIDE) for _ in range(L + 1)], biases=self.class_biases(y))
 
     def next_logits(self, previous, i, caches):
         """Logits (n, 17) of p(x_i | x_<i), computed at pixel i alone: previous (n,) is pixel i - 1
@@ -153,21 +181,24 @@ class PixelCNN(nn.Module):
         above only); every pixel then costs one position of the horizontal stacks (in eval mode)."""
         r, c = divmod(i, SIDE)
         e, v, vv, h = caches["e"], caches["v"], caches["vv"], caches["h"]
+        biases = caches["biases"]
         if previous is not None:
             e[:, :, (i - 1) // SIDE, (i - 1) % SIDE] = self.embed(previous)
         if c == 0:
-            v[0][:, :, r] = self.first.vertical_row(e, r)
+            v[0][:, :, r] = biased(self.first.vertical_row(e, r), biases, 0)
             if self.config.position:
                 v[0][:, :, r] += self.pos_v[:, r]
             for layer, stack in enumerate(self.stacks):
-                vv[layer] = stack.vertical_row(v[layer], r)  # (n, 2C, 8)
+                vv[layer] = biased(stack.vertical_row(v[layer], r), biases, 2 + 2 * layer)  # (n, 2C, 8)
                 v[layer + 1][:, :, r] = v[layer][:, :, r] + gate(vv[layer])
-        out = self.first.horizontal_at(e[:, :, r], c) + pointwise(self.first_link, v[0][:, :, r, c])  # (n, C)
+        out = biased(self.first.horizontal_at(e[:, :, r], c) + pointwise(self.first_link, v[0][:, :, r, c]),
+                     biases, 1)  # (n, C)
         if self.config.position:
             out = out + self.pos_h[:, r, c]
         h[0][:, :, c] = out
         for layer, (stack, link, proj) in enumerate(zip(self.stacks, self.links, self.outs)):
-            hh = stack.horizontal_at(h[layer], c) + pointwise(link, vv[layer][:, :, c])  # (n, 2C)
+            hh = biased(stack.horizontal_at(h[layer], c) + pointwise(link, vv[layer][:, :, c]),
+                        biases, 3 + 2 * layer)  # (n, 2C)
             out = out + pointwise(proj, gate(hh))
             h[layer + 1][:, :, c] = out
         return pointwise(self.head, F.elu(out))  # (n, 17)
@@ -194,40 +225,53 @@ class ARM(common.DigitsModel):
         super().__init__(config, sampling)
         self.nets = nn.ModuleList(PixelCNN(self.config) for _ in range(self.config.members))
 
-    def logits(self, x):
-        """x: (B, 64) integer pixels -> logits (B, 64, 17) of p(x_i | x_<i), the members' mean."""
-        return mean_of_softmaxes([net.logits(x) for net in self.nets])
+    def logits(self, x, y=None):
+        """x: (B, 64) integer pixels (y (B,) classes if conditional) -> logits (B, 64, 17) of
+        p(x_i | x_<i) (or p(x_i | x_<i, y)), the members' mean."""
+        return mean_of_softmaxes([net.logits(x, y) for net in self.nets])
 
-    def nll(self, x):
-        """x: (B, 64) float pixels 0..16 -> (B,) -log p(x) in nats."""
+    def nll(self, x, y=None):
+        """x: (B, 64) float pixels 0..16 -> (B,) -log p(x) (or -log p(x | y)) in nats."""
         target = x.round().long()
-        return summed_cross_entropy(self.logits(target), target)
+        return summed_cross_entropy(self.logits(target, y), target)
+
+    def given(self, y):  # the labels a network takes: y if conditional, None (ignored) if not
+        return y if self.conditional else None
 
     def loss(self, x, y):
         """Each member is trained on its own NLL (the mean over members), so that they differ."""
         target = x.round().long()
-        return torch.stack([summed_cross_entropy(net.logits(target), target) for net in self.nets]).mean()
+        return torch.stack([summed_cross_entropy(net.logits(target, self.given(y)), target)
+                            for net in self.nets]).mean()
 
     def eval_loss(self, x, y):
         """The ensemble's exact NLL (mean over the batch): what early stopping watches."""
-        return self.nll(x).mean()
+        return self.nll(x, self.given(y)).mean()
 
-    def test_nll(self, x):
-        return self.nll(x)
+    def test_nll(self, x, y=None):
+        return self.nll(x, y)
 
-    def empty_caches(self, n):  # one set per member (see PixelCNN.empty_caches)
-        return [net.empty_caches(n) for net in self.nets]
+    def class_log_likelihoods(self, x):
+        """Exact log p(x | y = c) for the ten classes: (B, 64) -> (B, 10), one pass of every image
+        under each class label."""
+        classes = torch.arange(common.NUM_CLASSES, device=x.device)
+        nll = self.nll(x.repeat(common.NUM_CLASSES, 1), classes.repeat_interleave(len(x)))  # (10 B,)
+        return -nll.view(common.NUM_CLASSES, len(x)).T
+
+    def empty_caches(self, n, y=None):  # one set per member (see PixelCNN.empty_caches)
+        return [net.empty_caches(n, y) for net in self.nets]
 
     def next_logits(self, previous, i, caches):
         """Logits (n, 17) of p(x_i | x_<i) at pixel i alone (see PixelCNN.next_logits)."""
         return mean_of_softmaxes([net.next_logits(previous, i, cache) for net, cache in zip(self.nets, caches)])
 
     @torch.no_grad()
-    def sample(self, n):
-        """Ancestral sampling: x_i ~ p(x_i | x_<i), i = 0..63, one position of each member per
-        pixel thanks to the caches (the same distribution as 64 full passes; tests check it)."""
+    def sample(self, n, y=None):
+        """Ancestral sampling: x_i ~ p(x_i | x_<i) (or p(x_i | x_<i, y), y (n,) the classes),
+        i = 0..63, one position of each member per pixel thanks to the caches (the same
+        distribution as 64 full passes; tests check it)."""
         x = torch.zeros(n, common.NUM_PIXELS, dtype=torch.long, device=self.device)
-        caches, previous = self.empty_caches(n), None
+        caches, previous = self.empty_caches(n, y), None
         for i in range(common.NUM_PIXELS):
             probs = F.softmax(self.next_logits(previous, i, caches), dim=-1)  # (n, 17)
             x[:, i] = previous = torch.multinomial(probs, 1).squeeze(1)

@@ -36,6 +36,8 @@ from torch import nn
 NUM_PIXELS = 64  # 8 x 8 images
 PIXEL_MAX = 16  # pixels are integers 0..16
 NUM_LEVELS = PIXEL_MAX + 1
+NUM_CLASSES = 10  # the digits 0..9
+NULL_CLASS = NUM_CLASSES  # "no label": the extra row of a class embedding that classifier-free guidance drops to
 TRAIN_END, VAL_END = 1000, 1350  # train = [:1000], val = [1000:1350], test = [1350:] (447)
 PM1_LOGDET = NUM_PIXELS * math.log(1 / 8)  # log|det d pixels_to_pm1 / dx| per image
 PM1_BIN_HALF_WIDTH = 1 / 16  # on the [-1, 1] scale, level k owns the box -1 + k / 8 +- 1/16
@@ -265,6 +267,14 @@ seed_int = _number(int, lambda v: 0 <= v < 2**31, "an integer in [0, 2^31)")  # 
 thread_count = _number(int, lambda v: 1 <= v <= 256, "an integer from 1 to 256")
 
 
+def digit_list(text):
+    """--digits: "3,7" -> (3, 7), each a class 0..9, none twice."""
+    parts = [part.strip() for part in text.split(",")]
+    if not all(part.isdigit() and int(part) < NUM_CLASSES for part in parts) or len(set(parts)) < len(parts):
+        raise argparse.ArgumentTypeError(f"expected distinct digits 0-9 separated by commas (e.g. 3,7), got {text!r}")
+    return tuple(int(part) for part in parts)
+
+
 def threads_flag(value):
     """--threads: "auto" (None: chosen at start from the idle cores) or a count 1..256."""
     return None if value == "auto" else thread_count(value)
@@ -312,6 +322,9 @@ def make_parser(script, doc, *, epochs, batch_size, lr, patience, ema=0.0, gif_e
                            help="rewrite the resume checkpoint OUT/NAME_resume.pt at most this often while "
                                 "training (0: after every epoch); it is always written when training ends "
                                 "(default %(default)s)")
+    run_group.add_argument("--digits", type=digit_list, default=None, metavar="D,D,...",
+                           help="with --conditional: the classes to draw, e.g. 3,7 (default all ten); "
+                                "--num-samples are shared equally among them")
     run_group.add_argument("--sample-only", action="store_true",
                            help="load the weights OUT/NAME.pt (shipped in results/) and write samples and "
                                 "metrics without training")
@@ -332,6 +345,11 @@ def parse_args(parser, argv=None):
         args.gif_every = 1  # several frames even in a 2-epoch run
     if args.resume and args.sample_only:
         parser.error("--resume and --sample-only exclude each other")
+    if args.digits is not None and not args.conditional:
+        parser.error("--digits picks the classes of a conditional model; add --conditional")
+    if args.conditional and args.num_samples < len(args.digits or range(NUM_CLASSES)):
+        parser.error(f"--num-samples {args.num_samples} is fewer than the {len(args.digits or range(NUM_CLASSES))} "
+                     f"classes to draw")
     if args.num_samples > MAX_SAMPLES:  # refused up front: the quality measures compare every pair
         parser.error(f"--num-samples {args.num_samples} is too many "
                      f"(at most {MAX_SAMPLES}: the sample-quality measures compare every pair of samples)")
@@ -410,6 +428,13 @@ def check_finite(values):
 VAL_FRECHET = "Frechet distance of samples to the validation split"  # a val_objective common measures
 
 
+@dataclasses.dataclass(frozen=True)
+class ModelConfig:
+    """The field every family's Config has (each subclasses this): whether it models p(x) or p(x | y)."""
+    conditional: bool = option(False, "train p(x | y) for the ten digit classes instead of p(x); the files are "
+                                      "named NAME_conditional_* (the default run's files are untouched)")
+
+
 class DigitsModel(nn.Module):
     """What the training loop needs of a family of models.
 
@@ -423,9 +448,7 @@ class DigitsModel(nn.Module):
     objective = "loss"  # what loss() returns: the curve's y axis
     val_objective = None  # None: eval_loss, in the units of `objective`; or VAL_FRECHET
 
-    @dataclasses.dataclass(frozen=True)
-    class Config:  # settings that shape the trained weights (stored with them)
-        pass
+    Config = ModelConfig  # settings that shape the trained weights (stored with them); subclasses add fields
 
     @dataclasses.dataclass(frozen=True)
     class Sampling:  # settings of evaluation and sampling only (never stored)
@@ -447,6 +470,16 @@ class DigitsModel(nn.Module):
         return cls(config, cls.Sampling(**{k: v for k, v in fields.items() if k not in names}))
 
     @property
+    def conditional(self):
+        """True for a model of p(x | y): sample and test_nll then take class labels y."""
+        return self.config.conditional
+
+    @property
+    def output_name(self):
+        """The stem of every output file: NAME, or NAME_conditional for a model of p(x | y)."""
+        return f"{self.name}_conditional" if self.conditional else self.name
+
+    @property
     def device(self):
         for tensor in itertools.chain(self.parameters(), self.buffers()):
             return tensor.device
@@ -459,17 +492,31 @@ class DigitsModel(nn.Module):
         Families that model p(x) alone ignore y."""
         raise NotImplementedError
 
-    def sample(self, n):
-        """-> (n, 64) samples on the 0..16 pixel scale (torch's global RNG; the caller seeds it)."""
+    def sample(self, n, y=None):
+        """-> (n, 64) samples on the 0..16 pixel scale (torch's global RNG; the caller seeds it).
+        y: None for a model of p(x); for a conditional one the (n,) classes to draw, sample i of y[i]."""
         raise NotImplementedError
 
     # --- optional, with defaults
 
     ood_kind = "nll"  # what ood_score gives: "nll" (nats), "energy" (-log p(x) + const), "score-norm"
 
-    def test_nll(self, x):
-        """(B, 64) -> (B,) -log P(x) (or an upper bound) in nats on the discrete pixels."""
+    def test_nll(self, x, y=None):
+        """(B, 64) -> (B,) -log P(x) (or an upper bound) in nats on the discrete pixels; for a
+        conditional model -log P(x | y) with y (B,) the classes."""
         raise NotImplementedError(f"{self.name} has no likelihood (nll_kind None)")
+
+    def class_log_likelihoods(self, x):
+        """(B, 64) -> (B, 10) log p(x | y = c) for every class c (or a bound, or up to a constant
+        per image), which makes the conditional model a generative classifier. By default
+        -test_nll(x, c) for each c, every class's estimate drawn with the same noise (common
+        random numbers), so that a stochastic bound's noise does not decide between classes."""
+        seed = int(torch.randint(2**31 - 1, ()))  # from the caller's seeded stream
+        columns = []
+        for c in range(NUM_CLASSES):
+            with seeded(seed, x.device):
+                columns.append(-self.test_nll(x, torch.full((len(x),), c, dtype=torch.long, device=x.device)))
+        return torch.stack(columns, 1)
 
     def ood_score(self, x):
         """(B, 64) -> (B,) a statistic that is higher for inputs less like the data (ood.py), of
@@ -535,6 +582,21 @@ def optimizer_step(objective, optimizer, frozen=(), clip=None):
         params = [p for group in optimizer.param_groups for p in group["params"] if p.grad is not None]
         torch.nn.utils.clip_grad_norm_(params, clip)
     optimizer.step()
+
+
+def drop_labels(y, probability):
+    """Label dropout for classifier-free guidance (Ho & Salimans 2022): (B,) classes with each
+    replaced by NULL_CLASS with the given probability, so one network learns p(x | y) and p(x)."""
+    return torch.where(torch.rand(y.shape, device=y.device) < probability, torch.full_like(y, NULL_CLASS), y)
+
+
+def guided(predict, y, weight):
+    """Classifier-free guidance: (1 + w) predict(y) - w predict(no label), predict(labels) -> a
+    tensor (a noise, score or velocity prediction); weight 0 is the conditional prediction alone
+    (one network call, the plain conditional sampler)."""
+    if weight == 0:
+        return predict(y)
+    return (1 + weight) * predict(y) - weight * predict(torch.full_like(y, NULL_CLASS))
 
 
 # -----------------------------------------------------------------------------
@@ -643,6 +705,20 @@ class ResidualMLP(nn.Module):
         for block in self.blocks:
             h = block(h, e)
         return self.out(self.dropout(F.silu(self.norm(h))))
+
+
+class WithClass(nn.Module):
+    """(t (B,), y (B,)) -> (B, embed): an embedding of t (a time, step or noise level) plus a learned
+    vector of the class y (rows 0..9 the digits, row NULL_CLASS "no label", which classifier-free
+    guidance drops to): how a conditional network takes its class beside its time."""
+
+    def __init__(self, embedding, embed):
+        super().__init__()
+        self.base, self.classes = embedding, nn.Embedding(NUM_CLASSES + 1, embed)
+
+    def forward(self, pair):
+        t, y = pair
+        return self.base(t) + self.classes(y)
 
 
 class FourierTimeEmbedding(nn.Module):
@@ -899,6 +975,14 @@ def save_npy(path, array):
     atomic_write(path, write)
 
 
+def save_npz(path, **arrays):
+    def write(tmp):
+        with open(tmp, "wb") as f:
+            np.savez(f, **arrays)
+
+    atomic_write(path, write)
+
+
 def save_image(path, image):
     """image: uint8 array (H, W) or (H, W, 3)."""
     from PIL import Image
@@ -1076,8 +1160,9 @@ def save_resume(path, name, config, train_flags, state, model, optimizer, ema):
         ema=ema.shadow if ema else None, torch_version=str(torch.__version__)))
 
 
-def load_checkpoint(path, name, config, kind, missing_hint):
-    """Load and check a weights or resume file of model `name` made with `config` (None: any);
+def load_checkpoint(path, name, config, kind, missing_hint, conditional=None):
+    """Load and check a weights or resume file of model `name` made with `config` (None: any), of
+    a model of p(x | y) or of p(x) as `conditional` says (None: as config says, or either);
     every problem is a one-line UsageError."""
     path = Path(path)
     if not path.is_file():
@@ -1103,6 +1188,14 @@ def load_checkpoint(path, name, config, kind, missing_hint):
     saved = checkpoint["config"]
     if not isinstance(saved, dict):
         raise UsageError(f"{path} has a damaged config ({type(saved).__name__}, not a dict)")
+    saved = {"conditional": False, **saved}  # weights made before conditional models existed are of p(x)
+    if conditional is None and config is not None:
+        conditional = config.get("conditional", False)
+    if conditional is not None and saved.get("conditional", False) != conditional:
+        raise UsageError(f"{path} holds a model of p(x | y) (trained with --conditional); load it with --conditional"
+                         if saved.get("conditional") else
+                         f"{path} holds a model of p(x) (trained without --conditional); it can't be loaded as "
+                         f"a conditional model")
     if config is not None and saved != config:
         diffs = ", ".join(f"{k}={saved.get(k)!r} (checkpoint) vs {config.get(k)!r} (now)"
                           for k in sorted(set(config) | set(saved)) if saved.get(k) != config.get(k))
@@ -1121,13 +1214,16 @@ def load_weights_into(model, weights, path):
         raise UsageError(f"{path} does not fit this model ({str(error).splitlines()[0]})") from None
 
 
-def load_trained(model_class, out=Path("results"), sampling=None, device="cpu"):
-    """A trained model rebuilt from OUT/NAME.pt (the shipped weights and their config), in eval
-    mode: how another script (ood.py, a notebook) uses a family, ``load_trained(ARM)``."""
+def load_trained(model_class, out=Path("results"), sampling=None, device="cpu", conditional=False):
+    """A trained model rebuilt from OUT/NAME.pt (OUT/NAME_conditional.pt with conditional: the
+    shipped weights and their config), in eval mode: how another script (ood.py, a notebook)
+    uses a family, ``load_trained(ARM)``."""
     script = Path(sys.modules[model_class.__module__].__file__).name
-    path = Path(out) / f"{model_class.name}.pt"
+    stem = f"{model_class.name}_conditional" if conditional else model_class.name
+    path = Path(out) / f"{stem}.pt"
     checkpoint = load_checkpoint(path, model_class.name, None, "weights",
-                                 f"make it with: python {script} --out {out}")
+                                 f"make it with: python {script} --out {out}" + " --conditional" * conditional,
+                                 conditional=conditional)
     try:
         config = model_class.Config(**checkpoint["config"])
     except TypeError as error:
@@ -1385,6 +1481,44 @@ def sample_quality(samples, cache_dir, extended=True):
     return quality
 
 
+def conditional_quality(samples, labels, cache_dir, split="test"):
+    """How well a conditional model draws the digit asked for, against the test split (or
+    split "val", for choosing settings): class
+    accuracy (the fraction of samples the digit classifier assigns to the class asked for) and,
+    for each class drawn, the Frechet distance of its samples to the test digits of that class
+    (their mean, the worst and which class it is), besides sample_quality's measures of all the
+    samples together. samples (N, 64) pixels, labels (N,) the classes asked for."""
+    pixels, classes = load_digits_arrays()
+    test, test_classes = torch.from_numpy(split_arrays(pixels)[split]), split_arrays(classes)[split]
+    samples = torch.as_tensor(np.asarray(samples, np.float32)).clamp(0, PIXEL_MAX)
+    labels = np.asarray(labels)
+    classifier, _ = digit_classifier(cache_dir)
+    with torch.no_grad():
+        predicted = classifier(samples).argmax(1).numpy()
+        features, reference = classifier.features(samples).numpy(), classifier.features(test).numpy()
+    per_class = {int(c): frechet_distance(features[labels == c], reference[test_classes == c])
+                 for c in np.unique(labels) if (labels == c).sum() >= 2}
+    worst = max(per_class, key=per_class.get) if per_class else None
+    quality = sample_quality(samples.numpy(), cache_dir, extended=False) if split == "test" else {}
+    return dict(quality,
+                class_accuracy=float((predicted == labels).mean()),
+                class_accuracy_by_class={int(c): float((predicted[labels == c] == c).mean()) for c in np.unique(labels)},
+                frechet_by_class=per_class, frechet_mean_over_classes=float(np.mean(list(per_class.values())))
+                if per_class else None, frechet_worst_class=worst, frechet_worst=per_class.get(worst))
+
+
+def generative_classifier(model, x, train_labels):
+    """The conditional model as a classifier, argmax_y log p(x | y) + log p(y), p(y) the class
+    frequencies of the training split: (B,) predicted classes, or None for a family that gives
+    no class_log_likelihoods."""
+    log_prior = torch.bincount(train_labels, minlength=NUM_CLASSES).double().div(len(train_labels)).log()
+    try:
+        scores = batched(model.class_log_likelihoods, x).double()  # (B, 10)
+    except NotImplementedError:
+        return None
+    return (scores + log_prior.to(scores.device)).argmax(1)
+
+
 # -----------------------------------------------------------------------------
 # the training loop
 
@@ -1393,9 +1527,11 @@ def _cpu_state(model):
     return {k: v.detach().to("cpu", copy=True) for k, v in model.state_dict().items()}
 
 
-def batched(fn, x, batch_size=512):
-    """Apply fn to x in chunks along dim 0; concatenate the tensor results."""
-    return torch.cat([fn(x[i:i + batch_size]) for i in range(0, len(x), batch_size)])
+def batched(fn, x, *aligned, batch_size=512):
+    """Apply fn(x_chunk, *aligned_chunks) to x in chunks along dim 0; concatenate the tensor
+    results. aligned: tensors indexed like x (e.g. its labels)."""
+    return torch.cat([fn(x[i:i + batch_size], *(a[i:i + batch_size] for a in aligned))
+                      for i in range(0, len(x), batch_size)])
 
 
 def batched_mean(fn, x, *aligned, batch_size=512):
@@ -1405,11 +1541,24 @@ def batched_mean(fn, x, *aligned, batch_size=512):
                for i in range(0, len(x), batch_size)) / len(x)
 
 
-def draw_samples(model, n, seed, device, batch_size=1000, sampler=None):
-    """n samples (n, 64) on 0..16 from model.sample (or `sampler`), in chunks, with their own seed."""
+def sample_labels(model, n, device, digits=None):
+    """The classes to draw n samples of: None for a model of p(x); for a conditional one (n,)
+    labels, the `digits` (default 0..9) in turn, 0, 1, ..., 9, 0, 1, ..."""
+    if not model.conditional:
+        return None
+    digits = torch.tensor(digits or range(NUM_CLASSES), device=device)
+    return digits[torch.arange(n, device=device) % len(digits)]
+
+
+def draw_samples(model, n, seed, device, batch_size=1000, sampler=None, labels=None):
+    """n samples (n, 64) on 0..16 from model.sample (or `sampler`), in chunks, with their own seed;
+    labels: the (n,) classes of a conditional model's samples (None: as sample_labels draws them)."""
     sampler = sampler or model.sample
+    if labels is None:
+        labels = sample_labels(model, n, device)
     with seeded(seed, device), torch.no_grad():
-        chunks = [sampler(min(batch_size, n - i)) for i in range(0, n, batch_size)]
+        chunks = [sampler(min(batch_size, n - i)) if labels is None else
+                  sampler(min(batch_size, n - i), labels[i:i + batch_size]) for i in range(0, n, batch_size)]
     return torch.cat(chunks).float().clamp(0, PIXEL_MAX)
 
 
@@ -1713,9 +1862,18 @@ def summary(metrics, paths, out):
                   if nll is not None else "no likelihood")
     frechet = "n/a" if m["frechet_distance"] is None else f"{m['frechet_distance']:.2f}"
     state = "interrupted, " if m["interrupted"] else ""
-    extra = sorted(p.name for p in out.glob(f"{m['model']}_*.png") if p not in paths.values())
+    stem = paths["weights"].stem
+    extra = sorted(p.name for p in out.glob(f"{stem}_*.png") if p not in paths.values()
+                   and (m["conditional"] or not p.name.startswith(f"{stem}_conditional_")))
+    quality = f"Frechet distance {frechet}"
+    if m["conditional"]:
+        classifier = m.get("generative_classifier_accuracy")
+        per_class = m["frechet_mean_over_classes"]
+        quality = (f"p(x | y): class accuracy {m['class_accuracy']:.3f}, per-class Frechet distance mean "
+                   + ("n/a" if per_class is None else f"{per_class:.2f}") + ", generative classifier accuracy "
+                   + ("n/a" if classifier is None else f"{classifier:.3f}") + f"; {quality}")
     return "\n".join([
-        f"{m['model']}: {likelihood}; Frechet distance {frechet}, copy rate {m['copy_rate']:.3f}, "
+        f"{m['model']}: {likelihood}; {quality}, copy rate {m['copy_rate']:.3f}, "
         f"coverage {m['class_coverage']:.3f}; {state}{m['epochs_run']} epochs (best {m['best_epoch']}), "
         f"trained {m['train_seconds']:.0f} s on {m['threads']} thread(s), {m['num_samples']} samples in "
         f"{m['sample_seconds']:.2f} s",
@@ -1724,10 +1882,13 @@ def summary(metrics, paths, out):
         f"  metrics {paths['metrics']}" + (f"; also {', '.join(str(out / e) for e in extra)}" if extra else "")])
 
 
-def output_paths(out, name):
-    return {kind: out / f"{name}{suffix}" for kind, suffix in dict(
+def output_paths(out, stem, conditional=False):
+    """Every output file of a run, stem NAME or NAME_conditional; a conditional run's samples go to
+    an .npz with their labels."""
+    return {kind: out / f"{stem}{suffix}" for kind, suffix in dict(
         weights=".pt", resume="_resume.pt", curve="_loss_val_curve.png", gif="_training.gif",
-        grid="_samples.png", npy="_samples.npy", metrics="_metrics.json").items()}
+        grid="_samples.png", npy="_samples.npz" if conditional else "_samples.npy",
+        metrics="_metrics.json").items()}
 
 
 def _run(args, model_class, config, sampling, signals):
@@ -1735,7 +1896,8 @@ def _run(args, model_class, config, sampling, signals):
     device = choose_device(args.device)  # before --out is made: a refused device leaves nothing behind
     check_model_size(model_class, config, sampling, "the flags")
     check_out(out)
-    with family_lock(out, model_class.name):  # a second run into the same folder is refused
+    stem = model_class.name + ("_conditional" if config.conditional else "")
+    with family_lock(out, stem):  # a second run into the same folder is refused
         return _run_locked(args, model_class, config, sampling, signals, out, device)
 
 
@@ -1745,8 +1907,9 @@ def _run_locked(args, model_class, config, sampling, signals, out, device):
     set_seed(args.seed)
     model = model_class(config, sampling).to(device)
     name, config = model.name, dataclasses.asdict(model.config)
-    paths = output_paths(out, name)
-    make_command = f"python {args.prog} --out {out}" + (" --quick" if args.quick else "")
+    paths = output_paths(out, model.output_name, model.conditional)
+    make_command = (f"python {args.prog} --out {out}" + (" --quick" if args.quick else "")
+                    + (" --conditional" if model.conditional else ""))
 
     splits, labels = load_splits(device, args.quick), load_label_splits(device, args.quick)
     optimizer = model.configure_optimizer(args.lr)
@@ -1817,22 +1980,36 @@ def _run_locked(args, model_class, config, sampling, signals, out, device):
 def _final_outputs(model, splits, labels, args, device, paths, state, reason, signals, write_training=lambda: None):
     """Evaluate the best state on the test split and write samples, images and metrics; the
     samples are checked before anything is written (write_training first: weights, curve, GIF)."""
-    out, name, show = Path(args.out), model.name, shows_progress(args)
+    out, name, show = Path(args.out), model.output_name, shows_progress(args)
+    conditional = model.conditional
+    given = [labels["test"]] if conditional else []  # a conditional model's NLL is -log p(x | y)
     test_nll, nll_seconds = None, dict(wall=None, cpu=None)
     if model.nll_kind:
         with announced(f"{name}: test NLL of {len(splits['test'])} images", show), timed(device) as nll_seconds, \
                 seeded(args.seed + 3, device), torch.no_grad():
-            test_nll = float(batched(model.test_nll, splits["test"]).mean())
+            test_nll = float(batched(model.test_nll, splits["test"], *given).mean())
     with announced(f"{name}: other metrics", show), seeded(args.seed + 5, device):
         extra = model.extra_metrics(splits, labels)
         images = model.extra_images(splits)
+    if conditional:
+        with announced(f"{name}: generative classifier on {len(splits['test'])} images", show), \
+                timed(device) as classify_seconds, seeded(args.seed + 6, device), torch.no_grad():
+            predicted = generative_classifier(model, splits["test"], labels["train"])
+        extra.update(generative_classifier_accuracy=None if predicted is None else
+                     float((predicted == labels["test"]).double().mean()),
+                     generative_classifier_seconds=None if predicted is None else round(classify_seconds["wall"], 2))
 
+    # a conditional model draws num_samples // k of each of the k classes asked for, class by class
+    digits = torch.tensor(args.digits or range(NUM_CLASSES), device=device)
+    drawn = digits.repeat_interleave(args.num_samples // len(digits)) if conditional else None
     with announced(f"{name}: {args.num_samples} samples", show), timed(device) as sample_seconds:
-        samples = draw_samples(model, args.num_samples, args.seed + 4, device).cpu()
+        samples = draw_samples(model, args.num_samples if drawn is None else len(drawn), args.seed + 4, device,
+                               labels=drawn).cpu()
     check_samples(samples, "the sampler")
     other_samplers = {}
-    # each other sampler timed and scored like the main one; skipped after an interrupt, to be quick
-    for sampler_name, sampler in ({} if reason == "interrupted" else model.samplers()).items():
+    # each other sampler timed and scored like the main one; skipped after an interrupt, to be quick;
+    # they draw from p(x) (a conditional run has only its sampler of p(x | y))
+    for sampler_name, sampler in ({} if reason == "interrupted" or conditional else model.samplers()).items():
         with announced(f"{name}: {args.num_samples} samples, sampler {sampler_name}", show), \
                 timed(device) as seconds:
             other = draw_samples(model, args.num_samples, args.seed + 5, device, sampler=sampler).cpu()
@@ -1842,12 +2019,19 @@ def _final_outputs(model, splits, labels, args, device, paths, state, reason, si
 
     write_training()
     save_image(out / "_Digit_real_image.png", image_grid(splits["test"][:64]))
-    save_image(paths["grid"], image_grid(samples[:64]))
+    if conditional:  # row k: samples of the k-th class asked for
+        per_class = len(drawn) // len(digits)
+        rows = samples.view(len(digits), per_class, NUM_PIXELS)[:, :10]
+        save_image(paths["grid"], image_grid(rows.reshape(-1, NUM_PIXELS), nrow=rows.shape[1]))
+        save_npz(paths["npy"], x=samples.numpy().astype(np.float32), y=drawn.cpu().numpy().astype(np.int64))
+    else:
+        save_image(paths["grid"], image_grid(samples[:64]))
+        save_npy(paths["npy"], samples.numpy().astype(np.float32))
     for suffix, (pixels, nrow) in images.items():
         save_image(out / f"{name}_{suffix}.png", image_grid(pixels, nrow=nrow))
-    save_npy(paths["npy"], samples.numpy().astype(np.float32))
     metrics = dict(
-        model=name, test_nll_nats=test_nll,
+        model=model.name, conditional=conditional, digits=None if drawn is None else digits.tolist(),
+        test_nll_nats=test_nll,
         test_bpd=nats_to_bpd(test_nll) if test_nll is not None else None,
         nll_kind=model.nll_kind, epochs_run=state.epoch, best_epoch=state.best_epoch,
         best_val_objective=state.best_val if math.isfinite(state.best_val) else None,
@@ -1860,7 +2044,7 @@ def _final_outputs(model, splits, labels, args, device, paths, state, reason, si
         train_cpu_seconds=round(state.train_cpu_seconds, 2), sample_cpu_seconds=round(sample_seconds["cpu"], 3),
         test_nll_seconds=nll_seconds["wall"] and round(nll_seconds["wall"], 2),
         test_nll_cpu_seconds=nll_seconds["cpu"] and round(nll_seconds["cpu"], 2),
-        num_samples=args.num_samples, device=str(device), threads=torch.get_num_threads(),
+        num_samples=len(samples), device=str(device), threads=torch.get_num_threads(),
         seed=args.seed, num_params=sum(p.numel() for p in model.parameters()),
         torch_version=str(torch.__version__), quick=args.quick, config=dataclasses.asdict(model.config),
         sampling=dataclasses.asdict(model.sampling), argv=args.argv,
@@ -1869,7 +2053,8 @@ def _final_outputs(model, splits, labels, args, device, paths, state, reason, si
         train_flags=dict(epochs=args.epochs, batch_size=args.batch_size, lr=args.lr,
                          patience=args.patience, ema=args.ema),
         other_samplers=other_samplers, **extra)
-    metrics.update(sample_quality(samples.numpy(), out))
+    metrics.update(conditional_quality(samples.numpy(), drawn.cpu().numpy(), out) if conditional
+                   else sample_quality(samples.numpy(), out))
     metrics["interrupted"] = metrics["interrupted"] or signals.received
     save_json(paths["metrics"], metrics)
     return metrics

@@ -30,6 +30,16 @@ Samplers: ancestral (all T steps, the model whose bound is reported; the last st
 pixel bin from the discretized decoder) and deterministic DDIM on a subsequence of
 --ddim-steps steps. The metrics JSON times 1000 samples with each.
 
+Conditional model (--conditional): p(x | y) for the ten digit classes, trained with label dropout
+for classifier-free guidance (Ho & Salimans 2022): a class embedding (NUM_CLASSES + 1 rows, the
+last "no label") is added to the step embedding, the grid skip's per-pixel prior becomes one prior
+per class (and one for "no label"), and every label is replaced by "no label" with probability
+--label-dropout, so one network learns eps(x_t, t, y) and eps(x_t, t). The samplers use
+eps = (1 + w) eps(x_t, t, y) - w eps(x_t, t) with w = --guidance (the reverse variances from the
+conditional output, as in GLIDE); w = 0 is the plain conditional sampler. The test NLL is the bound
+above with y given, -log p(x | y) (no guidance: w only shapes samples); class_log_likelihoods gives
+the ten classes' bounds from a stratified estimate with the same steps and noise for every class.
+
 Run:  python ddpm.py                        # defaults, writes results/DDPM_*
       python ddpm.py --sampler ancestral    # all T steps for the samples
       python ddpm.py --help
@@ -115,9 +125,11 @@ class StepEmbedding(nn.Module):
 # -----------------------------------------------------------------------------
 # model
 
+GUIDANCE = 0.125  # default classifier-free guidance weight of conditional runs (chosen on validation)
+
 
 @dataclasses.dataclass(frozen=True)
-class DDPMConfig:
+class DDPMConfig(common.ModelConfig):
     num_steps: int = common.option(1000, "diffusion steps T", type=common.positive_int, flag=("--num-steps", "-T"))
     schedule: str = common.option("linear", "noise schedule beta_t (linear: the better bound on validation)",
                                   choices=("linear", "cosine"))
@@ -132,12 +144,18 @@ class DDPMConfig:
     log_t_frac: float = common.option(0.5, "fraction of training steps t drawn log-uniformly on 1..T, the rest "
                                       "uniformly: more training where the bound's terms are large",
                                       type=common.unit_interval)
+    label_dropout: float = common.option(0.15, "conditional runs only: probability that a training label is "
+                                         "replaced by 'no label' (classifier-free guidance)",
+                                         type=common.unit_interval)
 
 
 @dataclasses.dataclass(frozen=True)
 class DDPMSampling:
     sampler: str = common.option("ddim", "sampler for the samples, grid and GIF", choices=("ddim", "ancestral"))
     ddim_steps: int = common.option(50, "DDIM steps", type=common.positive_int, quick=10)
+    guidance: float = common.option(GUIDANCE, "conditional runs only: classifier-free guidance weight w, "
+                                    "eps = (1 + w) eps(x, y) - w eps(x); 0: the plain conditional sampler",
+                                    type=common.nonnegative_float)
 
 
 class DDPM(common.DigitsModel):
@@ -176,10 +194,14 @@ class DDPM(common.DigitsModel):
                 grid=common.pixels_to_pm1(torch.arange(common.NUM_LEVELS, dtype=torch.float64))).items():
             self.register_buffer(key, value.float())
         out_dim = 2 * common.NUM_PIXELS if self.learned_variance else common.NUM_PIXELS  # eps (and v)
-        self.net = common.ResidualMLP(common.NUM_PIXELS, out_dim, c.hidden, c.blocks,
-                                      embedding=StepEmbedding(num_steps), embed=128)
-        # logits of the per-pixel categorical prior of the grid skip (zero: uniform over 17 levels)
-        self.prior_logits = nn.Parameter(torch.zeros(common.NUM_PIXELS, common.NUM_LEVELS))
+        embedding = StepEmbedding(num_steps)
+        if self.conditional:
+            embedding = common.WithClass(embedding, 128)
+        self.net = common.ResidualMLP(common.NUM_PIXELS, out_dim, c.hidden, c.blocks, embedding=embedding, embed=128)
+        # logits of the per-pixel categorical prior of the grid skip (zero: uniform over 17 levels),
+        # conditional: one prior per class and one for "no label"
+        classes = (common.NUM_CLASSES + 1,) if self.conditional else ()
+        self.prior_logits = nn.Parameter(torch.zeros(*classes, common.NUM_PIXELS, common.NUM_LEVELS))
 
     # --- forward process
 
@@ -198,15 +220,28 @@ class DDPM(common.DigitsModel):
 
     # --- reverse process
 
-    def network(self, xt, t):
-        """eps(x_t, t) (B, 64) and the raw variance output (B, 64) in about [-1, 1] (or None)."""
-        out = self.net(xt, t)  # (B, 64) or (B, 128)
+    def network(self, xt, t, y=None):
+        """eps(x_t, t) (B, 64) and the raw variance output (B, 64) in about [-1, 1] (or None);
+        y (B,): the classes (NULL_CLASS: no label) of a conditional model, None otherwise."""
+        out = self.net(xt, t if y is None else (t, y))  # (B, 64) or (B, 128)
         eps = out[:, :common.NUM_PIXELS]
         if self.grid_skip:  # + E[eps | x_t] when x_0's pixels are independent categoricals over the grid
-            grid = common.box_posterior(self.prior_logits, xt, self.sqrt_abar[t], self.sqrt_one_minus_abar[t],
-                                        half_width=0)
+            logits = self.prior_logits if y is None else self.prior_logits[y]  # (64, 17) or (B, 64, 17)
+            grid = common.box_posterior(logits, xt, self.sqrt_abar[t], self.sqrt_one_minus_abar[t], half_width=0)
             eps = eps + grid.mean_noise
         return eps, out[:, common.NUM_PIXELS:] if self.learned_variance else None
+
+    def guided_network(self, xt, t, y=None):
+        """network() for the samplers: with classes y, eps guided by --guidance (common.guided; one
+        call when w = 0), the variance output the conditional one's."""
+        if y is None:
+            return self.network(xt, t)
+        outputs = []
+
+        def predict(labels):
+            outputs.append(self.network(xt, t, labels))
+            return outputs[-1][0]
+        return common.guided(predict, y, self.sampling.guidance), outputs[0][1]
 
     def p_mean_log_var(self, xt, t, eps, v):
         """Mean and log-variance of p(x_{t-1} | x_t) from eps and v (Nichol & Dhariwal eq. 15)."""
@@ -234,14 +269,23 @@ class DDPM(common.DigitsModel):
         return (0.5 * (var + mean ** 2 - 1 - torch.log(var))).sum(1)
 
     def loss(self, x, y):
+        """The hybrid loss; a conditional model's labels dropped to NULL_CLASS with probability
+        --label-dropout (classifier-free guidance)."""
+        return self.hybrid_loss(x, common.drop_labels(y, self.config.label_dropout) if self.conditional else None)
+
+    def eval_loss(self, x, y):
+        """The hybrid loss of the model being evaluated: p(x), or p(x | y) with every label kept."""
+        return self.hybrid_loss(x, y if self.conditional else None)
+
+    def hybrid_loss(self, x, y=None):
         """Hybrid loss: mean ||eps - eps(x_t, t)||^2 / 64 + lambda * L_{t-1} / (p(t) 64), t ~ p(t)
         (time_probs); the importance weight 1 / p(t) makes the second term an unbiased estimate of
-        lambda * L_vlb / 64, L_vlb = sum_t L_{t-1} (nats per image)."""
+        lambda * L_vlb / 64, L_vlb = sum_t L_{t-1} (nats per image). y: classes, or None."""
         x0 = common.pixels_to_pm1(x)
         t = torch.multinomial(self.time_probs, len(x0), replacement=True)  # (B,) 0-based
         noise = torch.randn_like(x0)
         xt = self.q_sample(x0, t, noise)
-        eps, v = self.network(xt, t)
+        eps, v = self.network(xt, t, y)
         simple = ((eps - noise) ** 2).mean(1)  # (B,)
         if v is None or self.vlb_weight == 0:
             return simple.mean()
@@ -249,63 +293,85 @@ class DDPM(common.DigitsModel):
         vlb = self.bound_terms(x0, xt, t, mean, log_var) / (self.time_probs[t] * common.NUM_PIXELS)
         return (simple + self.vlb_weight * vlb).mean()
 
-    def test_nll(self, x):
-        """(B,) variational bound on -log P(x) in nats: prior KL + all T terms, one x_t draw each."""
+    def test_nll(self, x, y=None):
+        """(B,) variational bound on -log P(x) (-log P(x | y) given classes y (B,)) in nats: prior
+        KL + all T terms, one x_t draw each."""
         x0 = common.pixels_to_pm1(x)
         total = self.prior_kl(x0)
         for step in range(self.num_steps):
-            total = total + self.sampled_term(x0, torch.full((len(x0),), step, dtype=torch.long, device=x0.device))
+            t = torch.full((len(x0),), step, dtype=torch.long, device=x0.device)
+            total = total + self.sampled_term(x0, t, torch.randn_like(x0), y)
         return total
 
-    def sampled_term(self, x0, t):
-        """(B,) L_{t-1} of test_nll at the steps t (B,), from one draw x_t ~ q(x_t | x_0)."""
-        xt = self.q_sample(x0, t, torch.randn_like(x0))
-        mean, log_var = self.p_mean_log_var(xt, t, *self.network(xt, t))
+    def sampled_term(self, x0, t, noise, y=None):
+        """(B,) L_{t-1} of test_nll at the steps t (B,), from the draw x_t = q_sample(x_0, t, noise)."""
+        xt = self.q_sample(x0, t, noise)
+        mean, log_var = self.p_mean_log_var(xt, t, *self.network(xt, t, y))
         return self.bound_terms(x0, xt, t, mean, log_var)
+
+    def stratified_steps(self, n, exact, strata, device):
+        """[(t (n,), weight)]: the first `exact` steps, then one random step per image in each of
+        `strata` geometrically growing intervals of [exact, T), weighted by the interval's length
+        (the terms fall by orders of magnitude from t = 10 to 1000, so uniform strata would spend
+        their draws where the bound does not change)."""
+        terms = [(torch.full((n,), step, dtype=torch.long, device=device), 1.0) for step in range(exact)]
+        edges = np.geomspace(exact, self.num_steps, strata + 1)
+        for low, high in zip(edges[:-1], edges[1:]):
+            t = (low + (high - low) * torch.rand(n, device=device)).long().clamp(exact, self.num_steps - 1)
+            terms.append((t, float(high - low)))
+        return terms
+
+    def class_log_likelihoods(self, x, exact=6, strata=18):
+        """(B, 10) minus the bound of test_nll given each class, its sum over the T steps
+        estimated as ood_score's (`exact` steps exactly, one in each of `strata` strata): 24
+        network calls per class instead of T = 1000, the steps and x_t draws the same for every
+        class, so that the estimate's noise hardly moves the differences between classes."""
+        x0 = common.pixels_to_pm1(x)
+        n, k = len(x0), common.NUM_CLASSES
+        classes = torch.arange(k, device=x0.device).repeat_interleave(n)  # (10 B,) class-major
+        total = self.prior_kl(x0).repeat(k)
+        for t, weight in self.stratified_steps(n, exact, strata, x0.device):
+            noise = torch.randn_like(x0)
+            total = total + weight * self.sampled_term(x0.repeat(k, 1), t.repeat(k), noise.repeat(k, 1), classes)
+        return -total.view(k, n).T
 
     def ood_score(self, x, exact=8, strata=24):
         """(B,) the bound of test_nll with its sum over the T steps estimated per image, for
         ood.py's thousands of inputs: the first `exact` steps (the decoder at t = 1 and the large,
         varied terms of little noise) computed exactly, the rest from one random step in each of
-        `strata` geometrically growing intervals of [exact, T), weighted by the interval's length;
-        the prior term exact. Unbiased, and T / (exact + strata) times cheaper than the full bound
-        (the terms fall by orders of magnitude from t = 10 to 1000, so uniform strata would spend
-        their draws where the bound does not change)."""
+        `strata` strata (stratified_steps); the prior term exact. Unbiased, and
+        T / (exact + strata) times cheaper than the full bound."""
         x0 = common.pixels_to_pm1(x)
-        n, total = len(x0), self.prior_kl(x0)
-        terms = [(torch.full((n,), step, dtype=torch.long, device=x0.device), 1.0) for step in range(exact)]
-        edges = np.geomspace(exact, self.num_steps, strata + 1)
-        for low, high in zip(edges[:-1], edges[1:]):
-            t = (low + (high - low) * torch.rand(n, device=x0.device)).long().clamp(exact, self.num_steps - 1)
-            terms.append((t, float(high - low)))
-        for t, weight in terms:
-            total = total + weight * self.sampled_term(x0, t)
+        total = self.prior_kl(x0)
+        for t, weight in self.stratified_steps(len(x0), exact, strata, x0.device):
+            total = total + weight * self.sampled_term(x0, t, torch.randn_like(x0))
         return total
 
     # --- samplers
 
-    def sample_ancestral(self, n):
-        """x_T ~ N(0, I), x_{t-1} ~ p(x_{t-1} | x_t) for t = T..2, then a pixel bin ~ p(x_0 | x_1)."""
+    def sample_ancestral(self, n, y=None):
+        """x_T ~ N(0, I), x_{t-1} ~ p(x_{t-1} | x_t) for t = T..2, then a pixel bin ~ p(x_0 | x_1);
+        y: the (n,) classes of a conditional model (guided_network)."""
         device = self.device
         x = torch.randn(n, common.NUM_PIXELS, device=device)
         for step in reversed(range(1, self.num_steps)):
             t = torch.full((n,), step, dtype=torch.long, device=device)
-            mean, log_var = self.p_mean_log_var(x, t, *self.network(x, t))
+            mean, log_var = self.p_mean_log_var(x, t, *self.guided_network(x, t, y))
             x = mean + torch.exp(0.5 * log_var) * torch.randn_like(x)
         t = torch.zeros(n, dtype=torch.long, device=device)
-        mean, log_var = self.p_mean_log_var(x, t, *self.network(x, t))
+        mean, log_var = self.p_mean_log_var(x, t, *self.guided_network(x, t, y))
         grid = self.grid.view(1, 1, -1).expand(n, common.NUM_PIXELS, -1)  # (n, 64, 17)
         logits = discretized_gaussian_log_prob(grid, mean[..., None], log_var[..., None])
         levels = torch.distributions.Categorical(logits=logits).sample()  # (n, 64) in 0..16
         return levels.float()
 
-    def ddim(self, x, steps):
+    def ddim(self, x, steps, y=None):
         """Deterministic DDIM (eta = 0) from x = x_T (n, 64) on `steps` evenly spaced steps
         T = tau_S > .. > tau_1 = 1, each x0^ = (x - sqrt(1 - abar) eps) / sqrt(abar) clipped to
         [-1, 1], x <- sqrt(abar_next) x0^ + sqrt(1 - abar_next) eps^; returns the last x0^."""
         taus = torch.linspace(self.num_steps - 1, 0, steps, dtype=torch.float64).round().long().tolist()
         for i, step in enumerate(taus):
-            eps, _ = self.network(x, torch.full((len(x),), step, dtype=torch.long, device=x.device))
+            eps, _ = self.guided_network(x, torch.full((len(x),), step, dtype=torch.long, device=x.device), y)
             a, b = self.sqrt_abar[step], self.sqrt_one_minus_abar[step]
             x0 = ((x - b * eps) / a).clamp(-1, 1)
             eps = (x - a * x0) / b  # consistent with the clipped x0^
@@ -313,14 +379,14 @@ class DDPM(common.DigitsModel):
                 x = self.sqrt_abar[taus[i + 1]] * x0 + self.sqrt_one_minus_abar[taus[i + 1]] * eps
         return x0
 
-    def sample_ddim(self, n, steps=None):
+    def sample_ddim(self, n, steps=None, y=None):
         """DDIM from x_T ~ N(0, I) with --ddim-steps steps, rounded to the nearest pixel level."""
         x = torch.randn(n, common.NUM_PIXELS, device=self.device)
         steps = min(steps or self.sampling.ddim_steps, self.num_steps)
-        return common.pm1_to_pixels(self.ddim(x, steps)).round()
+        return common.pm1_to_pixels(self.ddim(x, steps, y)).round()
 
-    def sample(self, n):
-        return self.sample_ancestral(n) if self.sampling.sampler == "ancestral" else self.sample_ddim(n)
+    def sample(self, n, y=None):
+        return self.sample_ancestral(n, y) if self.sampling.sampler == "ancestral" else self.sample_ddim(n, y=y)
 
     def samplers(self):
         """Both samplers, timed and scored by common (metrics: other_samplers)."""

@@ -1,30 +1,35 @@
-"""Energy-based model (EBM) of 8x8 Digits, as in JEM (Grathwohl et al. 2020, "Your Classifier is
-Secretly an Energy Based Model and You Should Treat it Like One"; intro_dgm's EBM example), on
-pixels scaled to [-1, 1]. The normalisers are intractable, so there is no test NLL.
+"""Energy-based model (EBM) of 8x8 Digits on pixels scaled to [-1, 1]: an MLP energy trained by
+contrastive divergence with short-run Langevin chains from noise (Nijkamp et al. 2019, "Learning
+Non-Convergent Non-Persistent Short-Run MCMC Toward Energy-Based Model"; Du & Mordatch 2019). The
+normaliser Z is intractable, so there is no test NLL.
 
-An MLP f gives 10 logits; it defines the joint energy E(x, y) = -f(x)[y], i.e.
-p(x, y) = exp(f(x)[y]) / Z, whose marginal energy is E(x) = -logsumexp_y f(x)[y] and whose
-classifier is p(y | x) = softmax(f(x)). Training minimises, for a batch of images x with their
-class labels y (the training loop passes both),
+By default the model is unconditional: an MLP f with one output gives the energy E(x) = -f(x),
+p(x) = exp(-E(x)) / Z, and no label is used in training or sampling. Training minimises, for a
+batch of images x,
 
-    E(x, y) - E(x~, y)  +  reg * (E(x, y)^2 + E(x~, y)^2)  +  CE(f(x), y)
+    E(x) - E(x~)  +  reg * (E(x)^2 + E(x~)^2)
 
-(contrastive divergence for log p(x | y), the energy-magnitude regulariser of Du & Mordatch 2019,
-and the classifier's cross-entropy). The negatives x~ are short-run, non-persistent Langevin
-chains (SGLD) on E(., y) started from uniform noise, as in Nijkamp et al. 2019 ("Learning
-Non-Convergent Non-Persistent Short-Run MCMC Toward Energy-Based Model"): no replay buffer, so
-the chain that makes training negatives is the very sampler that makes the samples.
+(contrastive divergence for -log p(x), whose gradient is that of the NLL up to the sampler, and
+the energy-magnitude regulariser of Du & Mordatch 2019). The negatives x~ are short-run,
+non-persistent Langevin chains (SGLD) on E started from uniform noise: no replay buffer, so the
+chain that makes the training negatives is the very sampler that makes the samples, and it is
+that K-step chain, not the energy's equilibrium, that the training shapes into a generator
+(Nijkamp et al.): sample(n) runs the same K steps from noise (more or fewer steps make worse
+digits). Images get small Gaussian noise (sigma 0.03) as in JEM.
 
-sample(n) runs the same chains from uniform noise for balanced labels y = 0, 1, ..., 9, 0, ...
-(JEM's class-conditional sampling, p(x | y) with y uniform like the data's labels), on the
-energy's gradient only. Chains on the marginal E(x) drifted to unbalanced classes in an earlier,
-marginally trained version, and on this jointly trained model they do not make digits at all
-(training shapes E(x, y) for every y, not their logsumexp). The metrics add the classifier's
-accuracy, the energy gap between samples and test images, and (other_samplers "marginal") chains
-on the marginal E(x) from noise for comparison; ood.py scores inputs by the marginal energy.
+With conditional (a config field) the model is JEM (Grathwohl et al. 2020, "Your Classifier is
+Secretly an Energy Based Model and You Should Treat it Like One"): f gives 10 logits, the joint
+energy E(x, y) = -f(x)[y], p(x, y) = exp(f(x)[y]) / Z, marginal energy
+E(x) = -logsumexp_y f(x)[y] and classifier p(y | x) = softmax(f(x)); the loss becomes
+E(x, y) - E(x~, y) + reg * (E(x, y)^2 + E(x~, y)^2) + CE(f(x), y), with chains on E(., y), and
+sample(n, y) draws class y[i] for sample i. Its logits f(x) = log p(x | y) + const (uniform
+class prior) are its generative classifier (class_log_likelihoods).
+
 Early stopping picks the epoch by the Frechet distance of 1000 samples to the validation split
 (the contrastive term stays near 0 whatever the samples look like); the weights are averaged
-(EMA) for sampling.
+(EMA) for sampling. ood.py scores inputs by the marginal energy; complete() inpaints by the same
+chains with the observed pixels clamped. The metrics add the energy gap between samples and test
+images (and, conditional, the classifier's accuracy).
 
 Run:  python energy_based_model.py            # defaults, writes results/EBM_*
       python energy_based_model.py --help
@@ -78,7 +83,7 @@ def balanced_labels(n, device):
 
 
 @dataclass(frozen=True)
-class EBMConfig:
+class EBMConfig(common.ModelConfig):
     hidden: int = common.option(256, "width of the MLP's hidden layers", type=common.positive_int)
     layers: int = common.option(3, "number of hidden layers", type=common.positive_int)
     # one short-run chain (Nijkamp et al. 2019) trains the energy and makes the samples
@@ -88,7 +93,8 @@ class EBMConfig:
     # T = 5e-5 (see sgld)
     step_size: float = common.option(1.0, "SGLD gradient step size", type=common.positive_float)
     noise: float = common.option(0.01, "standard deviation of the SGLD noise", type=common.nonnegative_float)
-    # Du & Mordatch 2019's regulariser keeps the energies of data and negatives near 0
+    # Du & Mordatch 2019's regulariser keeps the energies of data and negatives near 0; a heavy
+    # one (1.0) flattens the energy that the short-run chains descend, and they make poor digits
     energy_reg: float = common.option(0.1, "weight of the energy-magnitude regulariser E^2",
                                       type=common.nonnegative_float)
     # JEM's small Gaussian noise on the data (sigma 0.03), which JEM reports stabilises training
@@ -105,9 +111,9 @@ class EBMSampling:
 class EBM(common.DigitsModel):
     name = "EBM"
     nll_kind = None
-    objective = "train: CD of E(x, y) + energy reg. + CE"
     Config, Sampling = EBMConfig, EBMSampling
     val_objective = common.VAL_FRECHET  # the contrastive term stays near 0 whatever the samples look like
+    ood_kind = "energy"
 
     def __init__(self, config=None, sampling=None):
         super().__init__(config, sampling)
@@ -116,117 +122,127 @@ class EBM(common.DigitsModel):
         blocks = []
         for w_in, w_out in zip(widths[:-1], widths[1:]):
             blocks += [nn.Linear(w_in, w_out), nn.SiLU()]
-        self.net = nn.Sequential(*blocks, nn.Linear(widths[-1], NUM_CLASSES))  # x -> logits f(x)
+        # x -> f(x): 10 logits (conditional) or one scalar, -E(x) (unconditional)
+        self.net = nn.Sequential(*blocks, nn.Linear(widths[-1], NUM_CLASSES if self.conditional else 1))
+        self.objective = ("train: CD of E(x, y) + energy reg. + CE" if self.conditional
+                          else "train: CD of E(x) + energy reg.")
 
-    def logits(self, v):
-        """v: (B, 64) images in [-1, 1] -> (B, 10) class logits f(v)."""
-        return self.net(v)
+    def energy(self, v):
+        """v: (B, 64) in [-1, 1] -> (B,) the marginal energy E(v) = -log p(v) + log Z:
+        -logsumexp_y f(v)[y] (conditional) or -f(v) (unconditional)."""
+        out = self.net(v)
+        return -torch.logsumexp(out, dim=1) if self.conditional else -out[:, 0]
 
-    ood_kind = "energy"
+    def joint_energy(self, v, labels):
+        """Conditional only. v: (B, 64) in [-1, 1], labels: (B,) -> (B,) E(v, label) = -f(v)[label]."""
+        return -self.net(v).gather(1, labels[:, None])[:, 0]
+
+    def chain_energy(self, labels):
+        """The energy that chains and the contrastive term use: E(., labels) when conditional
+        (labels (B,)), else the marginal E(.) (labels None)."""
+        return self.energy if labels is None else lambda v: self.joint_energy(v, labels)
+
+    def class_log_likelihoods(self, x):
+        """Conditional only. (B, 64) pixels -> (B, 10) logits f(x) = log p(x, y) + log Z, i.e.
+        log p(x | y) + const with the model's class prior taken as uniform (a generative classifier)."""
+        return self.net(common.pixels_to_pm1(x))
 
     def ood_score(self, x):
         """(B, 64) pixels -> (B,) the marginal energy E(x) = -log p(x) + log Z."""
         return self.energy(common.pixels_to_pm1(x))
-
-    def energy(self, v):
-        """v: (B, 64) in [-1, 1] -> (B,) marginal energy E(v) = -logsumexp_c f(v)[c]."""
-        return -torch.logsumexp(self.net(v), dim=1)
-
-    def joint_energy(self, v, labels):
-        """v: (B, 64) in [-1, 1], labels: (B,) -> (B,) E(v, label) = -f(v)[label]."""
-        return -self.net(v).gather(1, labels[:, None])[:, 0]
 
     def langevin(self, energy, v, steps):
         """`steps` SGLD steps of the configured size and noise on `energy` from v (B, 64) in [-1, 1],
         staying inside [-1, 1]."""
         return sgld(energy, v, steps, self.config.step_size, self.config.noise, bounds=(-1.0, 1.0))
 
-    def chains(self, labels, steps):
-        """(B,) labels -> (B, 64) in [-1, 1]: SGLD on E(., label) from uniform noise."""
-        start = uniform_noise(len(labels), common.NUM_PIXELS, labels.device)
-        return self.langevin(lambda v: self.joint_energy(v, labels), start, steps)
+    def chains(self, n, labels, steps):
+        """(n, 64) in [-1, 1]: short-run SGLD from uniform noise on chain_energy(labels)."""
+        return self.langevin(self.chain_energy(labels), uniform_noise(n, common.NUM_PIXELS, self.device), steps)
 
     def loss(self, x, y):
-        """x (B, 64) pixels with their (B,) class labels y."""
+        """x (B, 64) pixels with their (B,) class labels y (used by the conditional model only)."""
+        labels = y if self.conditional else None
         v = common.pixels_to_pm1(x) + self.config.data_noise * torch.randn_like(x)  # (B, 64)
-        negatives = self.chains(y, self.config.sgld_steps)  # (B, 64) short-run chains from noise
-        logits = self.logits(v)  # (B, 10)
-        e_data = -logits.gather(1, y[:, None])[:, 0]  # (B,) E(x, y)
-        e_model = self.joint_energy(negatives, y)  # (B,) E(x~, y)
-        contrastive = e_data.mean() - e_model.mean()  # gradient of -log p(x | y), up to the sampler
+        negatives = self.chains(len(x), labels, self.config.sgld_steps)  # (B, 64) short-run chains from noise
+        energy = self.chain_energy(labels)
+        e_data, e_model = energy(v), energy(negatives)  # (B,) each
+        contrastive = e_data.mean() - e_model.mean()  # gradient of -log p(x) (or p(x | y)), up to the sampler
         magnitude = (e_data ** 2).mean() + (e_model ** 2).mean()  # keeps energies near 0
-        classification = F.cross_entropy(logits, y)
-        return contrastive + self.config.energy_reg * magnitude + classification
+        loss = contrastive + self.config.energy_reg * magnitude
+        if self.conditional:
+            loss = loss + F.cross_entropy(self.net(v), y)
+        return loss
 
     def eval_loss(self, x, y):
-        """Held-out cross-entropy of p(y | x), in nats per image (not the selection criterion,
-        which is the val Frechet distance of samples; see val_objective)."""
-        return F.cross_entropy(self.logits(common.pixels_to_pm1(x)), y)
+        """Held-out cross-entropy of p(y | x) (conditional), or the loss (not the selection
+        criterion, which is the val Frechet distance of samples; see val_objective)."""
+        if self.conditional:
+            return F.cross_entropy(self.net(common.pixels_to_pm1(x)), y)
+        return self.loss(x, y)
 
     def steps(self):
         return self.sampling.sample_steps or self.config.sgld_steps
 
-    def sample(self, n):
-        """Short-run SGLD on E(x, y) from uniform noise, y balanced: (n, 64) on the 0..16 scale."""
-        return common.pm1_to_pixels(self.chains(balanced_labels(n, self.device), self.steps()))
-
-    def sample_marginal(self, n):
-        """Short-run SGLD on the marginal E(x) from uniform noise: (n, 64) on the 0..16 scale."""
-        start = uniform_noise(n, common.NUM_PIXELS, self.device)
-        return common.pm1_to_pixels(self.langevin(self.energy, start, self.steps()))
-
-    def samplers(self):
-        return {"marginal": self.sample_marginal}
+    def sample(self, n, y=None):
+        """Short-run SGLD from uniform noise: (n, 64) on the 0..16 scale. Conditional models draw
+        sample i from E(x, y[i]) (y (n,) int64; balanced labels 0, 1, ..., 9, 0, ... when None);
+        unconditional ones from E(x) and take no labels."""
+        if self.conditional and y is None:
+            y = balanced_labels(n, self.device)
+        return common.pm1_to_pixels(self.chains(n, y if self.conditional else None, self.steps()))
 
     @torch.no_grad()
     def complete(self, x, missing, steps=None):
-        """Inpainting: for every input one short-run SGLD chain per class on E(v, y), from uniform
-        noise on the missing pixels, the observed ones clamped (the energy always sees them exact);
-        then one of the 10 completions v_y drawn with probability softmax_y(-E(v_y, y) / T), the
-        joint model's p(x, y) of each at the chain's own temperature T = noise^2 / (2 step_size)
-        (5e-5 at the defaults: in effect the class of lowest energy; at T = 1 the choice is nearly
-        uniform, the classifier's accuracy on bottom halves 0.19 against 0.69). A mixture over
-        classes, not the marginal E(x): the model is trained as p(x | y), and chains on the
-        marginal make no digits (see the module docstring).
-        steps: SGLD steps (default: those of sampling). x (B, 64) pixels, missing (B, 64) bool."""
-        v = common.pixels_to_pm1(x).repeat_interleave(NUM_CLASSES, 0)  # (B 10, 64)
-        hidden = missing.repeat_interleave(NUM_CLASSES, 0)
-        labels = balanced_labels(len(v), x.device)  # 0..9 for every input
+        """Inpainting, x (B, 64) pixels, missing (B, 64) bool; steps: SGLD steps (default: those
+        of sampling). Short-run SGLD from uniform noise on the missing pixels, the observed ones
+        clamped (the energy always sees them exact). Unconditional: one chain per input on E(x).
+        Conditional: one chain per class on E(v, y), then one of the 10 completions v_y drawn with
+        probability softmax_y(-E(v_y, y) / T), p(x, y) at the chain's own temperature
+        T = noise^2 / (2 step_size) (in effect the class of lowest energy at the defaults)."""
+        classes = NUM_CLASSES if self.conditional else 1
+        v = common.pixels_to_pm1(x).repeat_interleave(classes, 0)  # (B classes, 64)
+        hidden = missing.repeat_interleave(classes, 0)
+        labels = balanced_labels(len(v), x.device) if self.conditional else None  # 0..9 for every input
+        energy = self.chain_energy(labels)
         start = torch.where(hidden, uniform_noise(len(v), common.NUM_PIXELS, x.device), v)
-        chains = self.langevin(lambda u: self.joint_energy(torch.where(hidden, u, v), labels), start,
-                               steps or self.steps())
+        chains = self.langevin(lambda u: energy(torch.where(hidden, u, v)), start, steps or self.steps())
         chains = torch.where(hidden, chains, v)
-        energies = self.joint_energy(chains, labels).view(len(x), NUM_CLASSES)
-        temperature = max(self.config.noise**2 / (2 * self.config.step_size), 1e-12)
-        pick = torch.distributions.Categorical(logits=-energies / temperature).sample()  # (B,)
-        completed = common.pm1_to_pixels(chains.view(len(x), NUM_CLASSES, -1)[torch.arange(len(x)), pick])
-        return torch.where(missing, completed, x)
+        if self.conditional:
+            energies = energy(chains).view(len(x), classes)
+            temperature = max(self.config.noise**2 / (2 * self.config.step_size), 1e-12)
+            pick = torch.distributions.Categorical(logits=-energies / temperature).sample()  # (B,)
+            chains = chains.view(len(x), classes, -1)[torch.arange(len(x)), pick]
+        return torch.where(missing, common.pm1_to_pixels(chains), x)
 
     @torch.no_grad()
     def extra_metrics(self, splits, labels):
-        """Classifier accuracy and mean marginal energies; energy gap = mean E(samples) - mean
-        E(test) (> 0: samples are less probable under the model than test images)."""
+        """Mean marginal energies, energy gap = mean E(samples) - mean E(test) (> 0: samples are
+        less probable under the model than test images); conditional: the classifier's accuracy."""
         metrics = {}
-        for split in ("val", "test"):
-            x = splits[split]
-            correct = self.logits(common.pixels_to_pm1(x)).argmax(1) == labels[split]
-            metrics[f"{split}_accuracy"] = float(correct.float().mean())
+        if self.conditional:
+            for split in ("val", "test"):
+                correct = self.class_log_likelihoods(splits[split]).argmax(1) == labels[split]
+                metrics[f"{split}_accuracy"] = float(correct.float().mean())
         e_test = float(self.energy(common.pixels_to_pm1(splits["test"])).mean())
         with common.seeded(0, self.device):
             samples = common.pixels_to_pm1(self.sample(len(splits["test"])))
         e_samples = float(self.energy(samples).mean())
+        on = "E(x, y) from uniform noise, y balanced" if self.conditional else "E(x) from uniform noise"
         metrics.update(test_energy=e_test, sample_energy=e_samples, energy_gap=e_samples - e_test,
-                       sampler=f"{self.steps()} SGLD steps on E(x, y) from uniform noise, y balanced")
+                       sampler=f"{self.steps()} SGLD steps on {on}")
         return metrics
 
     def extra_images(self, splits):
-        """EBM_chains.png: one chain per class (columns), rows at SGLD steps 0, K/7, ..., K."""
-        labels = balanced_labels(NUM_CLASSES, self.device)
+        """EBM_chains.png: ten chains (columns; conditional: one per class), rows at SGLD steps
+        0, K/7, ..., K."""
+        labels = balanced_labels(NUM_CLASSES, self.device) if self.conditional else None
+        energy = self.chain_energy(labels)
         v = uniform_noise(NUM_CLASSES, common.NUM_PIXELS, self.device)
         total, rows = self.steps(), [v]
         marks = [round(total * i / 7) for i in range(8)]
         for a, b in zip(marks[:-1], marks[1:]):
-            v = self.langevin(lambda u: self.joint_energy(u, labels), v, b - a)
+            v = self.langevin(energy, v, b - a)
             rows.append(v)
         return dict(chains=(common.pm1_to_pixels(torch.cat(rows)), NUM_CLASSES))
 
@@ -236,8 +252,9 @@ class EBM(common.DigitsModel):
 
 
 def main(argv=None):
-    # EMA 0.99 smooths the val Frechet from epoch to epoch, which picks the best epoch; 80 epochs
-    # with patience 20 leave room past the best epoch within the time budget (README, the EBM's choices)
+    # EMA 0.99 smooths the val Frechet from epoch to epoch, which picks the best epoch (0.999 lags
+    # far behind the short-run sampler the weights train); 80 epochs with patience 20 leave room
+    # past the best epoch within the time budget (README, the EBM's choices)
     parser = common.make_parser(__file__, __doc__, epochs=80, batch_size=64, lr=1e-3, patience=20,
                                 ema=0.99, gif_every=5)
     common.add_options(parser, "EBM", EBMConfig)

@@ -27,6 +27,16 @@ The test NLL is the importance-weighted form of this bound over --nll-draws draw
 2016; --nll-estimate mean gives the plain average), an upper bound on the discrete NLL in nats per
 image on the 0..16 pixels, comparable with the exact NLL of the autoregressive model.
 
+Conditional model (--conditional): the class y enters as --class-input says, a class-conditional
+base density N(mu_y, diag sigma_y^2) (learned, starting at N(0, I); Glow's class-conditional
+prior, Kingma & Dhariwal 2018), the one-hot y as an extra input of every coupling's conditioner
+(s, t) = net(h_fixed, y) (a conditional coupling, as in Ardizzone et al. 2019's cINN), or both, so
+
+    log p(v | y) = log N(f(v; y); mu_y, diag sigma_y^2) + log|det df(v; y)/dv|.
+
+The dequantizer stays q(u | x) (any q gives a bound), so -log P(x | y) has the same bound with y
+given, and one set of draws u_k serves all ten classes of the generative classifier.
+
 Run:  python flow_based_model_realnvp.py            # defaults, writes results/RealNVP_*
       python flow_based_model_realnvp.py --help
 """
@@ -175,9 +185,10 @@ class InvertibleLinear(nn.Module):
 
 class CouplingStack(nn.Module):
     """Per mask: ActNorm, an invertible linear mixing (mixing=True) and an affine coupling,
-    composed, in R^D: the flow proper."""
+    composed, in R^D: the flow proper. cond_dim > 0: every coupling's conditioner also reads a
+    conditioning input (B, cond_dim) (a conditional model's one-hot class)."""
 
-    def __init__(self, masks, hidden, blocks, dropout, mixing=True, seed=0):
+    def __init__(self, masks, hidden, blocks, dropout, mixing=True, seed=0, cond_dim=0):
         super().__init__()
         dim = masks.shape[1]
         generator = torch.Generator().manual_seed(seed)
@@ -186,19 +197,24 @@ class CouplingStack(nn.Module):
             self.steps.append(ActNorm(dim))
             if mixing:
                 self.steps.append(InvertibleLinear(dim, generator))
-            self.steps.append(AffineCoupling(mask, hidden, blocks, dropout))
+            self.steps.append(AffineCoupling(mask, hidden, blocks, dropout, cond_dim=cond_dim))
 
-    def forward(self, h):
+    @staticmethod
+    def conditioned(step, cond):
+        """The arguments of a step after its input: the couplings take the conditioning input."""
+        return (cond,) if isinstance(step, AffineCoupling) else ()
+
+    def forward(self, h, cond=None):
         """(B, D) -> (z, summed log|det dz/dh| (B,))."""
         log_det = h.new_zeros(len(h))
         for step in self.steps:
-            h, step_log_det = step(h)
+            h, step_log_det = step(h, *self.conditioned(step, cond))
             log_det = log_det + step_log_det
         return h, log_det
 
-    def inverse(self, z):
+    def inverse(self, z, cond=None):
         for step in reversed(self.steps):
-            z = step.inverse(z)
+            z = step.inverse(z, *self.conditioned(step, cond))
         return z
 
     def log_prob(self, h):
@@ -261,7 +277,7 @@ class VariationalDequantizer(nn.Module):
 
 
 @dataclasses.dataclass(frozen=True)
-class RealNVPConfig:
+class RealNVPConfig(common.ModelConfig):
     num_couplings: int = common.option(8, "number of affine coupling layers", type=common.positive_int)
     hidden: int = common.option(256, "hidden units of each coupling's residual MLP", type=common.positive_int)
     blocks: int = common.option(2, "residual blocks (one layer each) of each coupling's MLP",
@@ -280,6 +296,9 @@ class RealNVPConfig:
     alpha: float = common.option(0.01, "logit squeeze: w = logit(alpha + (1 - 2 alpha) v / 17), alpha in (0, 0.5)",
                                  type=common.positive_float)
     weight_decay: float = common.option(0.0, "AdamW weight decay", type=common.nonnegative_float)
+    class_input: str = common.option("both", "with --conditional, where the class enters: a class-conditional "
+                                     "base density, the couplings' conditioners, or both",
+                                     choices=("base", "couplings", "both"))
 
 
 @dataclasses.dataclass(frozen=True)
@@ -303,24 +322,46 @@ class RealNVP(common.DigitsModel):
         c = self.config
         self.dim = dim
         self.logit = LogitTransform(c.alpha)
+        self.class_couplings = c.conditional and c.class_input in ("couplings", "both")
         self.flow = CouplingStack(make_masks(c.masks, c.num_couplings, dim), c.hidden, c.blocks, c.dropout,
-                                  mixing=c.mixing)
+                                  mixing=c.mixing, cond_dim=common.NUM_CLASSES if self.class_couplings else 0)
         self.dequantizer = (VariationalDequantizer(dim, c.dequant_couplings, c.dequant_hidden, 1, c.dropout,
                                                    "random") if c.dequantization == "variational" else None)
+        if c.conditional and c.class_input in ("base", "both"):  # N(mu_y, diag exp(2 log_sigma_y)), from N(0, I)
+            self.base_mean = nn.Parameter(torch.zeros(common.NUM_CLASSES, dim))
+            self.base_log_std = nn.Parameter(torch.zeros(common.NUM_CLASSES, dim))
 
-    def forward(self, v):
-        """Dequantized pixels (B, D) in [0, 17) -> (z, log|det dz/dv| (B,)): logit, then couplings."""
+    def class_code(self, y, like):
+        """The couplings' conditioning input: one-hot y (B, 10) of like's dtype, or None."""
+        if y is None or not self.class_couplings:
+            return None
+        return nn.functional.one_hot(y, common.NUM_CLASSES).to(like)
+
+    def class_base(self, y):
+        """(mean, log std) (B, D) each of the class-conditional base density of each image, or None
+        where the base is N(0, I)."""
+        if y is None or not hasattr(self, "base_mean"):
+            return None
+        return self.base_mean[y], self.base_log_std[y]
+
+    def forward(self, v, y=None):
+        """Dequantized pixels (B, D) in [0, 17) -> (z, log|det dz/dv| (B,)): logit, then couplings
+        (which read the class y (B,) of a conditional model with class_input couplings or both)."""
         w, log_det_logit = self.logit(v)
-        z, log_det_flow = self.flow(w)
+        z, log_det_flow = self.flow(w, self.class_code(y, w))
         return z, log_det_logit + log_det_flow
 
-    def inverse(self, z):
-        return self.logit.inverse(self.flow.inverse(z))
+    def inverse(self, z, y=None):
+        return self.logit.inverse(self.flow.inverse(z, self.class_code(y, z)))
 
-    def log_prob(self, v):
-        """(B, D) -> (B,) log p(v), a density on the continuous pixel scale (bins of volume 1)."""
-        z, log_det = self(v)
-        return common.standard_normal_log_prob(z) + log_det
+    def log_prob(self, v, y=None):
+        """(B, D) -> (B,) log p(v) (log p(v | y)), a density on the continuous pixel scale (bins of
+        volume 1): log N(z; mu_y, diag sigma_y^2) + log|det dz/dv|."""
+        z, log_det, base = *self(v, y), self.class_base(y)
+        if base is None:
+            return common.standard_normal_log_prob(z) + log_det
+        mean, log_std = base
+        return common.standard_normal_log_prob((z - mean) * torch.exp(-log_std)) - log_std.sum(1) + log_det
 
     def dequantize(self, x):
         """(B, D) pixels -> (v = x + u, log q(u | x) (B,)): u uniform (log q = 0) or from the dequantizer."""
@@ -329,29 +370,55 @@ class RealNVP(common.DigitsModel):
         u, log_q = self.dequantizer(torch.randn_like(x), x)
         return x + u, log_q
 
-    def bound(self, x):
-        """(B,) one-draw estimate of E_q[-log p(x + u) + log q(u | x)] >= -log P(x), nats."""
+    def bound(self, x, y=None):
+        """(B,) one-draw estimate of E_q[-log p(x + u) + log q(u | x)] >= -log P(x) (with y given,
+        of -log P(x | y)), nats."""
         v, log_q = self.dequantize(x)
-        return log_q - self.log_prob(v)
+        return log_q - self.log_prob(v, y)
+
+    def given(self, y):
+        """The labels a conditional model conditions on; None (ignored) for a model of p(x)."""
+        return y if self.conditional else None
 
     def loss(self, x, y):
         """The bound's mean over the batch, one fresh dequantization draw per image."""
-        return self.bound(x).mean()
+        return self.bound(x, self.given(y)).mean()
 
-    def test_nll(self, x):
-        """(B,) an upper bound on -log P(x), nats, from K = nll_draws draws u_k ~ q(u | x) with
-        weights w_k = p(x + u_k) / q(u_k | x): "mean" is the average of -log w_k; "importance" is
-        -log (1/K sum_k w_k) (Burda et al. 2016), which is also >= -log P(x) in expectation, since
-        E[(1/K) sum_k w_k] = P(x) and -log is convex, and tighter as K grows."""
-        log_w = -torch.stack([self.bound(x) for _ in range(self.sampling.nll_draws)])  # (K, B)
+    def combine(self, log_w):
+        """(K, ...) log-weights log w_k = log p(x + u_k) - log q(u_k | x) -> (...) the NLL bound."""
         if self.sampling.nll_estimate == "mean":
             return -log_w.mean(0)
         return math.log(len(log_w)) - torch.logsumexp(log_w, 0)
 
-    def sample(self, n):
-        """z ~ N(0, T^2 I) -> v = f^-1(z) -> floor(v), the bin v falls in, clamped to 0..16."""
+    def test_nll(self, x, y=None):
+        """(B,) an upper bound on -log P(x) (-log P(x | y) given y), nats, from K = nll_draws draws
+        u_k ~ q(u | x) with weights w_k = p(x + u_k) / q(u_k | x): "mean" is the average of
+        -log w_k; "importance" is -log (1/K sum_k w_k) (Burda et al. 2016), which is also
+        >= -log P(x) in expectation, since E[(1/K) sum_k w_k] = P(x) and -log is convex, and
+        tighter as K grows."""
+        y = self.given(y)
+        return self.combine(-torch.stack([self.bound(x, y) for _ in range(self.sampling.nll_draws)]))  # (K, B)
+
+    def class_log_likelihoods(self, x):
+        """(B, 10) minus the test NLL bound of every class, -test_nll(x, c), from the same K draws
+        u_k ~ q(u | x) for all ten (q does not see y): the same numbers as ten calls of test_nll
+        with one seed, each draw of the dequantizer made once."""
+        classes = torch.arange(common.NUM_CLASSES, device=x.device).repeat_interleave(len(x))  # (10 B,)
+        log_w = []
+        for _ in range(self.sampling.nll_draws):
+            v, log_q = self.dequantize(x)
+            log_p = self.log_prob(v.repeat(common.NUM_CLASSES, 1), classes).view(common.NUM_CLASSES, len(x)).T
+            log_w.append(log_p - log_q[:, None])  # (B, 10)
+        return -self.combine(torch.stack(log_w))
+
+    def sample(self, n, y=None):
+        """z ~ N(0, T^2 I) (z = mu_y + T sigma_y e, e ~ N(0, I), given y) -> v = f^-1(z) (f^-1(z; y))
+        -> floor(v), the bin v falls in, clamped to 0..16."""
         z = self.sampling.temperature * torch.randn(n, self.dim, device=self.device)
-        return self.inverse(z).floor().clamp(0, common.PIXEL_MAX)
+        if (base := self.class_base(y)) is not None:
+            mean, log_std = base
+            z = mean + torch.exp(log_std) * z
+        return self.inverse(z, y).floor().clamp(0, common.PIXEL_MAX)
 
     @torch.no_grad()
     def complete(self, x, missing, steps=25, first_step=0.5, last_step=0.01):
@@ -374,7 +441,8 @@ class RealNVP(common.DigitsModel):
         """The NLL bound on train and validation with one dequantization draw each (the
         train-validation gap shows the overfitting)."""
         with common.seeded(0, self.device), torch.no_grad():
-            bounds = {f"{k}_nll_bound_1draw": float(self.bound(splits[k]).mean()) for k in ("train", "val")}
+            bounds = {f"{k}_nll_bound_1draw": float(self.bound(splits[k], self.given(labels[k])).mean())
+                      for k in ("train", "val")}
         return bounds
 
     def configure_optimizer(self, lr):

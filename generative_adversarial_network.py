@@ -24,6 +24,18 @@ update rule, Heusel et al. 2017) and Adam betas (0, 0.9), without which training
 few digits; one D step per G step; two hidden layers of 512, whose curve is steadier than 256's;
 an EMA of the weights with decay 0.99; no augmentation; continuous samples (--round rounds them).
 
+Conditional model (--conditional): G(z, y) and D(x, y) for the ten classes. The generator takes the
+class as a one-hot vector beside the noise, G([z, onehot(y)]) (Mirza & Osindero 2014); the
+discriminator is the projection discriminator (Miyato & Koyama 2018),
+    D(x, y) = psi(phi(x)) + <e_y, phi(x)>,
+phi the MLP up to its last hidden layer, psi its final linear layer, e_y a learned class vector
+(spectrally normalised like D's layers). The optimal D is the log ratio of data to generator,
+log q(y | x) / p_G(y | x) + log q(x) / p_G(x); when both class posteriors are softmaxes of phi(x)
+the first term is <e_y, phi(x)> up to a function of x alone, which psi absorbs. The fakes of a
+real batch are drawn for that batch's labels, in D's steps and G's alike; the losses are the same
+functions of the scores, and the best epoch is picked by the Frechet distance of class-balanced
+samples to the val split.
+
 The training curve shows D's loss (the "train" series) and G's loss (dashed, "generator") per
 epoch, and the validation Frechet distance that picks the best epoch on its own axis.
 
@@ -103,7 +115,7 @@ def translate(v, max_shift=1):
 
 
 @dataclass(frozen=True)
-class GANConfig:
+class GANConfig(common.ModelConfig):
     latent: int = common.option(32, "dimension of the generator's noise z", type=common.positive_int)
     hidden: int = common.option(512, "width of both MLPs' hidden layers", type=common.positive_int)
     layers: int = common.option(2, "hidden layers of each MLP", type=common.positive_int)
@@ -139,82 +151,110 @@ class GAN(common.DigitsModel):
         super().__init__(config, sampling)
         c = self.config
         hidden = [c.hidden] * c.layers
-        self.generator = mlp([c.latent, *hidden, common.NUM_PIXELS], nn.ReLU)  # z -> pre-tanh pixels
+        classes = common.NUM_CLASSES if c.conditional else 0  # the one-hot class beside z
+        self.generator = mlp([c.latent + classes, *hidden, common.NUM_PIXELS], nn.ReLU)  # z -> pre-tanh pixels
         norm = spectral_norm if c.spectral_norm else (lambda layer: layer)
         self.discriminator = mlp([common.NUM_PIXELS, *hidden, 1], lambda: nn.LeakyReLU(0.2), norm)
+        if c.conditional:  # the projection's class vectors e_y (10, hidden)
+            self.class_embedding = norm(nn.Embedding(common.NUM_CLASSES, c.hidden))
 
     # --- the two networks
 
-    def generate(self, z):
-        """z (B, latent) -> images on [-1, 1] (B, 64)."""
+    def labels(self, y):
+        """The classes the networks take: y (B,) for a conditional model, None for a model of p(x)."""
+        if not self.conditional:
+            return None
+        if y is None or y.dtype != torch.long or y.dim() != 1 or not ((0 <= y) & (y < common.NUM_CLASSES)).all():
+            raise ValueError("a conditional GAN needs (B,) int64 class labels 0..9")
+        return y
+
+    def generate(self, z, y=None):
+        """z (B, latent) [and classes y (B,) of a conditional model] -> images on [-1, 1] (B, 64)."""
+        if y is not None:
+            z = torch.cat([z, F.one_hot(y, common.NUM_CLASSES).to(z.dtype)], 1)  # (B, latent + 10)
         return torch.tanh(self.generator(z))
 
-    def critic(self, v):
-        """[-1, 1] images v (B, 64) -> scores D(v) (B,); augmented first when --augment asks."""
+    def critic(self, v, y=None):
+        """[-1, 1] images v (B, 64) -> scores D(v) (B,), or D(v, y) = psi(phi(v)) + <e_y, phi(v)>
+        given classes y (B,); augmented first when --augment asks."""
         if self.config.augment == "translation":
             v = translate(v)
-        return self.discriminator(v).squeeze(1)
+        if y is None:
+            return self.discriminator(v).squeeze(1)
+        features = self.discriminator[:-1](v)  # phi(v) (B, hidden)
+        return self.discriminator[-1](features).squeeze(1) + (self.class_embedding(y) * features).sum(1)
+
+    def discriminator_parameters(self):
+        """D's weights: its MLP's and, for a conditional model, the projection's class vectors."""
+        return [*self.discriminator.parameters(), *(self.class_embedding.parameters() if self.conditional else ())]
 
     def noise(self, n):
         return torch.randn(n, self.config.latent, device=self.device)
 
     # --- objectives
 
-    def d_loss(self, real, fake):
-        """L_D on [-1, 1] batches; fake is detached, so only D gets gradients."""
+    def d_loss(self, real, fake, y=None):
+        """L_D on [-1, 1] batches (both of classes y, a conditional model's); fake is detached, so
+        only D gets gradients."""
         fake = fake.detach()
-        value = discriminator_loss(self.config.loss, self.critic(real), self.critic(fake))
+        critic = lambda v: self.critic(v, y)  # noqa: E731
+        value = discriminator_loss(self.config.loss, critic(real), critic(fake))
         if self.config.loss == "wgan-gp":
-            value = value + self.config.gp_weight * gradient_penalty(self.critic, real, fake)
+            value = value + self.config.gp_weight * gradient_penalty(critic, real, fake)
         return value
 
-    def g_loss(self, z):
-        return generator_loss(self.config.loss, self.critic(self.generate(z)))
+    def g_loss(self, z, y=None):
+        return generator_loss(self.config.loss, self.critic(self.generate(z, y), y))
 
     def loss(self, x, y):
-        """The discriminator's loss on a batch of pixels 0..16 against as many fresh fakes."""
-        return self.d_loss(common.pixels_to_pm1(x), self.generate(self.noise(len(x))))
+        """The discriminator's loss on a batch of pixels 0..16 against as many fresh fakes (of the
+        batch's classes, for a conditional model)."""
+        y = self.labels(y)
+        return self.d_loss(common.pixels_to_pm1(x), self.generate(self.noise(len(x)), y), y)
 
     # --- training: alternate updates of D and G
 
-    def discriminator_step(self, real, z, optimizer):
-        """One update of D on real [-1, 1] images and G(z); G's weights do not move (the fake is
-        detached, so G's grads stay None and Adam skips them)."""
-        value = self.d_loss(real, self.generate(z))
+    def discriminator_step(self, real, z, optimizer, y=None):
+        """One update of D on real [-1, 1] images and G(z) (of classes y, for a conditional model);
+        G's weights do not move (the fake is detached, so G's grads stay None and Adam skips them)."""
+        value = self.d_loss(real, self.generate(z, y), y)
         checked = common.check_finite({"discriminator": value.item()})
         common.optimizer_step(value, optimizer)
         return checked["discriminator"]
 
-    def generator_step(self, z, optimizer):
-        """One update of G to raise D's score of G(z); D's weights do not move."""
-        value = self.g_loss(z)
+    def generator_step(self, z, optimizer, y=None):
+        """One update of G to raise D's score of G(z) (or of G(z, y) as class y); D's weights do
+        not move."""
+        value = self.g_loss(z, y)
         checked = common.check_finite({"generator": value.item()})
-        common.optimizer_step(value, optimizer, frozen=self.discriminator.parameters())
+        common.optimizer_step(value, optimizer, frozen=self.discriminator_parameters())
         return checked["generator"]
 
     def train_step(self, x, y, optimizer):
         """Overrides the base class's single step: d_steps updates of D, then one of G. Returns
         {"loss": L_D (the curve's "train" series), "generator": L_G}, both averaged over the step."""
-        real = common.pixels_to_pm1(x)
-        d_values = [self.discriminator_step(real, self.noise(len(x)), optimizer)
+        real, y = common.pixels_to_pm1(x), self.labels(y)  # y None for a model of p(x)
+        d_values = [self.discriminator_step(real, self.noise(len(x)), optimizer, y)
                     for _ in range(self.config.d_steps)]
-        g_value = self.generator_step(self.noise(len(x)), optimizer)
+        g_value = self.generator_step(self.noise(len(x)), optimizer, y)
         return {"loss": sum(d_values) / len(d_values), "generator": g_value}
 
     def configure_optimizer(self, lr):
-        """One Adam with a parameter group per network (so one state_dict is checkpointed)."""
+        """One Adam with a parameter group per network (so one state_dict is checkpointed); the
+        projection's class vectors are D's."""
         betas = (self.config.beta1, 0.9)
         return torch.optim.Adam([
             dict(params=self.generator.parameters(), lr=lr, name="generator"),
-            dict(params=self.discriminator.parameters(), lr=lr * self.config.d_lr_scale, name="discriminator"),
+            dict(params=self.discriminator_parameters(), lr=lr * self.config.d_lr_scale, name="discriminator"),
         ], betas=betas)
 
     # --- sampling
 
     @torch.no_grad()
-    def sample(self, n):
-        """x = G(z), z ~ N(0, I), mapped to the 0..16 pixels (rounded to levels with --round)."""
-        pixels = common.pm1_to_pixels(self.generate(self.noise(n)))
+    def sample(self, n, y=None):
+        """x = G(z), z ~ N(0, I) (x = G(z, y) of the classes y (n,) for a conditional model), mapped
+        to the 0..16 pixels (rounded to levels with --round)."""
+        pixels = common.pm1_to_pixels(self.generate(self.noise(n), self.labels(y)))
         return pixels.round() if self.sampling.round else pixels
 
     def complete(self, x, missing, steps=150, lr=0.05, pixel_noise=0.1):

@@ -19,8 +19,8 @@ raises NotImplementedError is named in one line and left out):
   (Song & Ermon 2019). SBGM, FM: the reverse SDE / the ODE with the observed pixels replaced, at
   every step, by the data noised to that time (Song et al. 2021); DDPM: the same, with RePaint's
   resampling (Lugmayr et al. 2022).
-- EBM: short-run SGLD with the observed pixels clamped, one chain per class on the joint energy
-  E(x, y), the class then drawn by its energy at the chain's temperature (Grathwohl et al. 2020).
+- EBM: its short-run SGLD chain on the energy E(x) from noise on the missing pixels, the observed
+  ones clamped (Nijkamp et al. 2019).
 - MDM: its own any-order conditional (masked_diffusion.py).
 - VAE: Metropolis-within-Gibbs over (z, x_missing) (Mattei & Frellsen 2018).
 - GAN: the latent z optimised so that G(z) matches the observed pixels, then G(z)'s pixels

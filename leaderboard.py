@@ -22,8 +22,17 @@ the validation split:
 Run:  python leaderboard.py                 # trains what is missing, then writes the table
       python leaderboard.py --no-train      # only what is already in results/
       python leaderboard.py --seeds 0 1 2   # every family with three seeds: results/seeds.md
+      python leaderboard.py --conditional   # every family's model of p(x | y): results/conditional.md
 Writes OUT/leaderboard.md, OUT/leaderboard.json and OUT/leaderboard.png. Run it on an otherwise
 idle machine; the speed of every family is benchmark.py's.
+
+--conditional compares the families' `--conditional` runs (NAME_conditional_*, trained when
+missing or stale) with a class-conditional GaussianMixture (one mixture per class, its size
+chosen on val): class accuracy of the samples (the digit classifier's verdict against the class
+asked for), the Frechet distance of each class's samples to that class's test digits (mean over
+classes, and the worst), copy rate, the conditional test NLL -log p(x | y), and each density
+used as a generative classifier, argmax_y log p(x | y) + log p(y), beside the discriminative
+digit classifier. Writes OUT/conditional.md, .json and .png (row c of each grid: class c).
 """
 
 import argparse
@@ -117,6 +126,37 @@ def kernel_density(splits, num_samples, seed, bandwidths=(1.0, 1.5, 2.0, 2.5, 3.
     start = time.perf_counter()
     samples = _continuous_samples_to_pixels(model.sample(num_samples, random_state=seed))
     return nll, "upper_bound", samples, fit_seconds, time.perf_counter() - start, dict(bandwidth=bandwidth)
+
+
+def conditional_gaussian_mixture(splits, labels, per_class, seed, ks=(1, 2, 3, 5), regs=(0.01, 0.1, 1.0), draws=5):
+    """p(x | y) a GaussianMixture per class on dequantized pixels (its size and covariance
+    regulariser chosen on that class's val digits: ~100 training digits a class in 64 dimensions
+    need more than the pooled mixture's): (mean test -log p(x | y) bound, the generative
+    classifier's test predictions, samples (10 per_class, 64) class by class, their labels, fit
+    seconds, sample seconds)."""
+    from sklearn.mixture import GaussianMixture
+
+    start = time.perf_counter()
+    mixtures = []
+    for c in range(common.NUM_CLASSES):
+        of_class = {split: splits[split][labels[split] == c] for split in ("train", "val")}
+        mixtures.append(_fit_on_val(lambda kr: GaussianMixture(kr[0], covariance_type="full", reg_covar=kr[1],
+                                                               random_state=seed),
+                                    of_class, [(k, r) for k in ks for r in regs], seed, draws)[2])
+    rng = np.random.default_rng(seed + 2)
+    test = [splits["test"] + rng.random(splits["test"].shape) for _ in range(draws)]  # one set for every class
+    log_lik = np.stack([np.mean([m.score_samples(t) for t in test], 0) for m in mixtures], 1)  # (N, 10)
+    nll = float(-log_lik[np.arange(len(log_lik)), labels["test"]].mean())
+    log_prior = np.log(np.bincount(labels["train"], minlength=common.NUM_CLASSES) / len(labels["train"]))
+    predicted = (log_lik + log_prior).argmax(1)
+    fit_seconds = time.perf_counter() - start
+    start = time.perf_counter()
+    samples = []
+    for m in mixtures:
+        m.random_state = seed
+        samples.append(_continuous_samples_to_pixels(m.sample(per_class)[0]))
+    y = np.repeat(np.arange(common.NUM_CLASSES), per_class)
+    return nll, predicted, np.concatenate(samples), y, fit_seconds, time.perf_counter() - start
 
 
 # -----------------------------------------------------------------------------
@@ -257,6 +297,7 @@ def train_into(out, name, script, threads, flags=(), extra=(), prog="leaderboard
     lock with the metrics last. Returns None, or a one-line reason why `out` is unchanged."""
     out.mkdir(parents=True, exist_ok=True)
     remove_stale_scratch(out)
+    conditional, name = "--conditional" in flags, run_stem(name, flags)
     scratch = Path(tempfile.mkdtemp(prefix=f".{name}{SCRATCH}{os.getpid()}-", dir=out))
     try:
         for cache in out.glob("_digit_*.pt"):  # the cached digit classifiers: no retraining
@@ -275,7 +316,7 @@ def train_into(out, name, script, threads, flags=(), extra=(), prog="leaderboard
             moved = [p for p in scratch.iterdir() if p.is_file() and not p.name.startswith(".")]
             metrics_file = scratch / f"{name}_metrics.json"
             (out / metrics_file.name).unlink(missing_ok=True)  # an interrupted move leaves no metrics
-            for kind, path in common.output_paths(out, name).items():
+            for kind, path in common.output_paths(out, name, conditional).items():
                 if not (scratch / path.name).exists():
                     path.unlink(missing_ok=True)  # e.g. a GIF this run did not draw: no stale one
             for path in sorted(moved, key=lambda p: p == metrics_file):
@@ -342,6 +383,29 @@ def read_metrics(path, keys=ROW_KEYS):
     return metrics, None
 
 
+def read_labelled_samples(path, max_rows=common.MAX_SAMPLES):
+    """((x (N, 64) float32, y (N,) int64), None) from a conditional run's NAME_conditional_samples.npz;
+    (None, what is wrong) otherwise (checked like read_samples)."""
+    path = Path(path)
+    if not path.is_file():
+        return None, "is missing"
+    try:
+        with np.load(path, allow_pickle=False) as archive:
+            if not {"x", "y"} <= set(archive.files):
+                return None, f"holds {sorted(archive.files)}, not x and y"
+            x, y = archive["x"], archive["y"]
+    except (OSError, ValueError, EOFError) as error:
+        return None, f"is unreadable ({str(error).splitlines()[0] if str(error) else type(error).__name__})"
+    if x.ndim != 2 or x.shape[1] != common.NUM_PIXELS or not 1 <= len(x) <= max_rows or y.shape != (len(x),):
+        return None, f"has x {x.shape} and y {y.shape}; expected (N, 64) and (N,)"
+    if x.dtype.kind not in "biuf" or y.dtype.kind not in "iu":
+        return None, f"holds x {x.dtype} and y {y.dtype}, not pixels and class labels"
+    x = x.astype(np.float32)
+    if not np.isfinite(x).all() or x.min() < 0 or x.max() > common.PIXEL_MAX or y.min() < 0 or y.max() > 9:
+        return None, "holds values that are not pixels on 0..16 or classes 0..9"
+    return (x, y.astype(np.int64)), None
+
+
 def read_samples(path, max_rows=common.MAX_SAMPLES):
     """(samples (N, 64) float32, None) from a NAME_samples.npy; (None, what is wrong) for a missing,
     truncated, mis-shaped, oversized or non-finite file. The header is checked before any data
@@ -387,9 +451,26 @@ def is_current(metrics, script, flags=()):
         return False
     changed = metrics.get("changed_settings")
     if isinstance(changed, dict):
-        wanted = {flags[i].lstrip("-").replace("-", "_"): flags[i + 1] for i in range(0, len(flags), 2)}
+        wanted = _settings(flags)
         return set(changed) == set(wanted) and all(str(changed[k]) == v for k, v in wanted.items())
     return _result_flags(metrics.get("argv", ["?"])) == list(flags)  # metrics of older code: by argv
+
+
+def _settings(flags):
+    """("--seed", "1", "--conditional") -> {"seed": "1", "conditional": "True"}: a flag followed by
+    another flag (or by nothing) is a switch."""
+    wanted, i = {}, 0
+    while i < len(flags):
+        key = flags[i].lstrip("-").replace("-", "_")
+        switch = i + 1 == len(flags) or flags[i + 1].startswith("--")
+        wanted[key] = "True" if switch else flags[i + 1]
+        i += 1 if switch else 2
+    return wanted
+
+
+def run_stem(name, flags=()):
+    """The stem of a run's files: NAME, or NAME_conditional for a run with --conditional."""
+    return f"{name}_conditional" if "--conditional" in flags else name
 
 
 def _result_flags(argv):
@@ -412,14 +493,17 @@ def current_run(name, script, out, train, threads, flags=(), keys=ROW_KEYS, samp
     """(metrics, samples or None) of OUT/NAME's default run (plus `flags`), made first when it is
     missing, damaged or stale and train is set; None when there is none. A damaged metrics or
     samples file is one line naming it and counts as missing."""
+    stem = run_stem(name, flags)
+
     def usable():
-        metrics, problem = read_metrics(out / f"{name}_metrics.json", keys)
+        metrics, problem = read_metrics(out / f"{stem}_metrics.json", keys)
         pixels = None
         if metrics is not None and samples:
-            pixels, problem = read_samples(out / f"{name}_samples.npy")
-            problem = problem and f"{out / f'{name}_samples.npy'} {problem}"
+            path = common.output_paths(out, stem, stem != name)["npy"]
+            pixels, problem = (read_labelled_samples if stem != name else read_samples)(path)
+            problem = problem and f"{path} {problem}"
         elif problem:
-            problem = f"{out / f'{name}_metrics.json'} {problem}" if problem != "is missing" else None
+            problem = f"{out / f'{stem}_metrics.json'} {problem}" if problem != "is missing" else None
         return (None if problem else metrics), pixels, problem
 
     metrics, pixels, problem = usable()
@@ -574,9 +658,9 @@ def markdown(rows, accuracy):
     return "\n".join(lines + notes) + "\n"
 
 
-def picture(panels, path):
-    """One 8x8 grid of 64 samples per family, side by side, each labelled."""
-    images = [common.labelled(common.image_grid(torch.from_numpy(s[:64]), scale=3), name)
+def picture(panels, path, nrow=8, count=64):
+    """One grid of `count` samples in rows of `nrow` per family, side by side, each labelled."""
+    images = [common.labelled(common.image_grid(torch.from_numpy(s[:count]), nrow=nrow, scale=3), name)
               for name, s in panels]
     height = max(i.shape[0] for i in images)
     gap = np.full((height, 8), 255, np.uint8)
@@ -590,6 +674,91 @@ def picture(panels, path):
     width = max(r.shape[1] for r in rows)
     rows = [np.pad(r, ((0, 8), (0, width - r.shape[1])), constant_values=255) for r in rows]
     common.save_image(path, np.concatenate(rows, 0))
+
+
+def conditional_board(out, train, threads, seed):
+    """Every family's --conditional run beside a per-class GaussianMixture and the real val digits:
+    OUT/conditional.md, .json and .png."""
+    pixels, classes = common.load_digits_arrays()
+    splits, labels = common.split_arrays(pixels.astype(np.float64)), common.split_arrays(classes)
+    rows, panels = [], []
+    for name, script in SCRIPTS.items():
+        found = current_run(name, script, out, train, threads, ("--conditional",), keys=CONDITIONAL_KEYS)
+        if found is None:
+            print(f"leaderboard: no conditional run of {name}; skipped", file=sys.stderr)
+            continue
+        metrics, (x, y) = found
+        rows.append(dict(model=name, current=is_current(metrics, script, ("--conditional",)),
+                         **{k: metrics.get(k) for k in CONDITIONAL_KEYS},
+                         generative_classifier_accuracy=metrics.get("generative_classifier_accuracy"),
+                         train_cpu_seconds=metrics.get("train_cpu_seconds"), sampling=metrics.get("sampling")))
+        panels.append((name, x, y))
+    nll, predicted, x, y, fit_seconds, sample_seconds = conditional_gaussian_mixture(splits, labels, 100, seed)
+    quality = common.conditional_quality(x, y, out)
+    rows.append(dict(model="GaussianMixture per class", current=True, test_nll_nats=nll, nll_kind="upper_bound",
+                     train_seconds=fit_seconds, sample_seconds=sample_seconds, epochs_run=None,
+                     generative_classifier_accuracy=float((predicted == labels["test"]).mean()),
+                     **{k: quality[k] for k in CONDITIONAL_QUALITY}))
+    panels.append(("GMM per class", x, y))
+    real_x, real_y = splits["val"].astype(np.float32), labels["val"]
+    real = common.conditional_quality(real_x, real_y, out)
+    rows.append(dict(model="Real digits (val split)", current=True, test_nll_nats=None, nll_kind=None,
+                     train_seconds=None, sample_seconds=None, epochs_run=None, generative_classifier_accuracy=None,
+                     **{k: real[k] for k in CONDITIONAL_QUALITY}))
+    order = np.argsort(real_y, kind="stable")
+    panels.append(("Real (val)", real_x[order], real_y[order]))
+    table = conditional_markdown(rows, real["classifier_test_accuracy"])
+    with signals_deferred():
+        common.publish_table(out / "conditional.md", table)
+        common.save_json(out / "conditional.json", rows)
+        picture([(name, _class_rows(x, y)) for name, x, y in panels], out / "conditional.png", nrow=10, count=100)
+    print(table)
+
+
+CONDITIONAL_QUALITY = ("class_accuracy", "frechet_mean_over_classes", "frechet_worst", "frechet_worst_class",
+                       "copy_rate", "frechet_distance")
+CONDITIONAL_KEYS = dict(test_nll_nats="number?", nll_kind="str?", train_seconds="number", sample_seconds="number",
+                        epochs_run="int", class_accuracy="number", frechet_mean_over_classes="number",
+                        frechet_worst="number", frechet_worst_class="int", copy_rate="number",
+                        frechet_distance="number")
+
+
+def _class_rows(x, y, per_class=10):
+    """The first `per_class` samples of each class, class by class: row c of a 10-wide grid is class c."""
+    return np.concatenate([x[y == c][:per_class] for c in np.unique(y)])
+
+
+def conditional_markdown(rows, accuracy):
+    lines = ["| model | class accuracy | per-class Frechet, mean | worst (class) | Frechet, all | copy rate "
+             "| test NLL -log p(x \\| y) | NLL kind | generative classifier accuracy | train s | s / 1000 samples |",
+             "|---|---|---|---|---|---|---|---|---|---|---|"]
+    for r in rows:
+        worst = "-" if r["frechet_worst"] is None else f"{r['frechet_worst']:.2f} ({r['frechet_worst_class']})"
+        lines.append(
+            f"| {r['model']}{'' if r['current'] else ' (stale)'} | {fmt(r['class_accuracy'], 3)} "
+            f"| {fmt(r['frechet_mean_over_classes'])} | {worst} | {fmt(r['frechet_distance'])} "
+            f"| {fmt(r['copy_rate'], 3)} | {fmt(r['test_nll_nats'])} | {r['nll_kind'] or '-'} "
+            f"| {fmt(r['generative_classifier_accuracy'], 3)} | {fmt(r['train_seconds'], 0)} "
+            f"| {fmt(r['sample_seconds'], 2)} |")
+    deep = [r for r in rows if r["model"] in SCRIPTS]
+    short = [r["model"] for r in deep if r["class_accuracy"] < 0.95]
+    lines += [
+        "",
+        f"Class accuracy: the fraction of 1000 samples (100 per class) that the digit classifier (an MLP "
+        f"trained on the train split, test accuracy {accuracy:.3f}) assigns to the class asked for; for the "
+        f"real val digits, its accuracy on them. Per-class Frechet: each class's samples against that class's "
+        f"~45 test digits in the classifier's 32 features (for the last row the val digits of each class), the mean over the ten "
+        f"classes and the worst class; small reference sets make these larger than the pooled Frechet "
+        f"distance (all samples against all 447 test digits). Copy rate as on the leaderboard. Test NLL: "
+        f"-log p(x | y) in nats per image with the true class. Generative classifier: argmax_y log p(x | y) "
+        f"+ log p(y), p(y) the train split's class frequencies, on the 447 test digits (a bound where the "
+        f"family has one: see each family's class_log_likelihoods); the discriminative MLP scores "
+        f"{accuracy:.3f}.",
+        "",
+        "Every family's class accuracy is at least 0.95." if deep and not short else
+        f"Class accuracy below 0.95: {', '.join(short)}." if deep else "No conditional runs found.",
+    ]
+    return "\n".join(lines) + "\n"
 
 
 # -----------------------------------------------------------------------------
@@ -661,6 +830,9 @@ def main(argv=None):
     parser.add_argument("--threads", type=common.positive_int, default=common.DEFAULT_THREADS,
                         help="CPU threads for the model runs (default %(default)s)")
     parser.add_argument("--seed", type=common.nonnegative_int, default=0, help="baselines' seed (default 0)")
+    parser.add_argument("--conditional", action="store_true",
+                        help="only the conditional table: every family's --conditional run (trained when "
+                             "missing), written to OUT/conditional.md")
     parser.add_argument("--seeds", type=common.seed_int, nargs="+", default=None, metavar="SEED",
                         help="only the seed table: every family's default run with each seed (e.g. 0 1 2), "
                              "written to OUT/seeds.md; seeds other than 0 run in OUT/seeds/seedN")
@@ -675,6 +847,9 @@ def leaderboard(args, out):
     torch.set_num_threads(args.threads)
     if args.seeds is not None:
         seed_table(out, list(dict.fromkeys(args.seeds)), not args.no_train, args.threads)
+        return
+    if args.conditional:
+        conditional_board(out, not args.no_train, args.threads, args.seed)
         return
 
     pixels, _ = common.load_digits_arrays()

@@ -35,7 +35,13 @@ mlp), or a small bidirectional transformer over the 64 positions with a learned 
 embedding (--network transformer). On validation the MLP memorises the 1000 training digits
 however it is regularised, and the transformer is too slow on a CPU to train or sample in the time
 these scripts take; the convolutions share their weights across the grid, as the ARM's do.
-Nothing depends on the class labels.
+
+Conditional model (--conditional): p(x | y) with the class y as one more learned embedding added to
+the network's input (at every grid position, to the MLP's first layer, or to every token), so that
+p(x_i | z, y), and with it the bound, the training estimates and the sampler, are the unconditional
+model's given y. The generative classifier argmax_y log p(x | y) + log p(y) uses a cheaper estimate
+of the ten bounds than the test NLL's (class_log_likelihoods): the 64 levels m in
+--classify-strata strata, one random m and one random mask in each, the same masks for every class.
 
 Sampling: start fully masked and unmask in --sample-steps K rounds, round(64 (k / K)^power)
 pixels unmasked after round k, chosen uniformly among the masked ones, each drawn from its own
@@ -145,7 +151,8 @@ def unmask(logits_fn, z, steps, mask_index, temperature=1.0, power=1.0):
 
 
 # -----------------------------------------------------------------------------
-# networks: z (B, 64) long, values 0..16 or MASK -> logits (B, 64, 17)
+# networks: z (B, 64) long, values 0..16 or MASK, and a conditional model's class embedding
+# (B, width) added to the input (None: unconditional) -> logits (B, 64, 17)
 
 
 class ResidualBlock(nn.Module):
@@ -177,8 +184,10 @@ class MaskedMLP(nn.Module):
         self.out = nn.Linear(hidden, common.NUM_PIXELS * common.NUM_LEVELS)
         nn.init.normal_(self.embed.weight, std=1 / math.sqrt(common.NUM_PIXELS))
 
-    def forward(self, z):
+    def forward(self, z, label=None):
         h = self.embed(z + self.offsets) + self.bias  # (B, H)
+        if label is not None:
+            h = h + label
         h = self.out(F.silu(self.norm(self.blocks(h))))  # (B, 64 * 17)
         return h.view(len(z), common.NUM_PIXELS, common.NUM_LEVELS)
 
@@ -207,8 +216,10 @@ class MaskedConvNet(nn.Module):
         self.blocks = nn.Sequential(*(ConvBlock(channels, 2 ** (b % 3), dropout) for b in range(blocks)))
         self.out = nn.Conv2d(channels, common.NUM_LEVELS, 1)
 
-    def forward(self, z):
+    def forward(self, z, label=None):
         h = self.embed(z).transpose(1, 2).reshape(len(z), -1, SIDE, SIDE) + self.position  # (B, C, 8, 8)
+        if label is not None:
+            h = h + label[:, :, None, None]
         h = self.out(F.silu(self.blocks(h)))  # (B, 17, 8, 8)
         return h.flatten(2).transpose(1, 2)  # (B, 64, 17)
 
@@ -227,8 +238,9 @@ class MaskedTransformer(nn.Module):
         self.norm = nn.LayerNorm(width)
         self.out = nn.Linear(width, common.NUM_LEVELS)
 
-    def forward(self, z):
-        h = self.encoder(self.embed(z) + self.position)  # (B, 64, W)
+    def forward(self, z, label=None):
+        h = self.embed(z) + self.position  # (B, 64, W)
+        h = self.encoder(h if label is None else h + label[:, None])
         return self.out(self.norm(h))  # (B, 64, 17)
 
 
@@ -237,7 +249,7 @@ class MaskedTransformer(nn.Module):
 
 
 @dataclasses.dataclass(frozen=True)
-class MDMConfig:
+class MDMConfig(common.ModelConfig):
     # residual convolutions: the best validation bound of the three networks (README, MDM's choices)
     network: str = common.option("conv", "the network that gives p(x_i | z): residual convolutions, a residual "
                                  "MLP on one-hot inputs, or a bidirectional transformer",
@@ -266,6 +278,11 @@ class MDMSampling:
                                        type=common.positive_float)
     masks_per_level: int = common.option(4, "random masks for each of the 64 levels m of the test bound",
                                          type=common.positive_int, quick=1)
+    # more strata classify better on validation, at a cost linear in them: 32 cost about 1.25 test
+    # bounds (README, MDM's choices)
+    classify_strata: int = common.option(32, "conditional runs only: strata of the 64 levels m for the generative "
+                                         "classifier's bound, one random m and mask in each",
+                                         type=common.positive_int)
     compare_samplers: bool = common.option(True, "do not time and score the sampler at the other round counts "
                                            "(8, 16, 32) and the exact one (metrics other_samplers)",
                                            flag="--no-compare-samplers")
@@ -286,13 +303,21 @@ class MDM(common.DigitsModel):
             self.net = MaskedConvNet(c.hidden, c.blocks, c.dropout)
         else:
             self.net = MaskedTransformer(c.hidden, c.blocks, c.heads, c.dropout)
+        if c.conditional:
+            self.classes = nn.Embedding(common.NUM_CLASSES, c.hidden)
 
-    def logits(self, z):
-        """z (B, 64) long, 0..16 or MASK -> logits (B, 64, 17) of p(x_i | z) (used where z is masked)."""
-        return self.net(z)
+    def logits(self, z, y=None):
+        """z (B, 64) long, 0..16 or MASK (and y (B,) the classes of a conditional model) -> logits
+        (B, 64, 17) of p(x_i | z) or p(x_i | z, y) (used where z is masked)."""
+        if self.conditional and y is None:
+            raise ValueError("a conditional MDM needs the class labels y")
+        return self.net(z, self.classes(y) if self.conditional else None)
+
+    def given(self, y):  # logits_fn of z alone: the model given y if conditional
+        return (lambda z: self.logits(z, y)) if self.conditional else self.logits
 
     def loss(self, x, y):
-        """An unbiased estimate of the bound, mean over the batch; y is ignored."""
+        """An unbiased estimate of the bound, mean over the batch (of p(x | y) if conditional)."""
         target = x.round().long()
         n, d = target.shape
         if self.config.loss_form == "discrete":
@@ -304,7 +329,7 @@ class MDM(common.DigitsModel):
             t = t[torch.randperm(n, device=target.device)]
             hidden = torch.rand(n, d, device=target.device) < t[:, None]
             weight = 1 / t
-        return (weight * masked_cross_entropy(self.logits, target, hidden, MASK)).mean()
+        return (weight * masked_cross_entropy(self.given(y), target, hidden, MASK)).mean()
 
     def eval_loss(self, x, y):
         """The discrete bound with one m in each of VAL_STRATA strata of levels per image (common
@@ -317,22 +342,45 @@ class MDM(common.DigitsModel):
         total = 0.0
         for stratum in range(VAL_STRATA):
             m = stratum * width + 1 + torch.randint(width, (n,), device=target.device)  # (B,)
-            total = total + width * masked_cross_entropy(self.logits, target, random_subset(all_pixels, m), MASK) / m
+            total = total + width * masked_cross_entropy(self.given(y), target, random_subset(all_pixels, m),
+                                                         MASK) / m
         return total.mean()
 
-    def bound_terms(self, x, missing=None, masks_per_level=None):
-        """order_agnostic_terms (B, 64, R) of x (B, 64) pixels, every pixel missing by default."""
+    def bound_terms(self, x, y=None, missing=None, masks_per_level=None):
+        """order_agnostic_terms (B, 64, R) of x (B, 64) pixels (given y (B,) if conditional), every
+        pixel missing by default."""
         target = x.round().long()
         missing = torch.ones_like(target, dtype=torch.bool) if missing is None else missing
-        return order_agnostic_terms(self.logits, target, missing, masks_per_level or self.sampling.masks_per_level,
-                                    MASK)
+        masks_per_level = masks_per_level or self.sampling.masks_per_level
+        given = self.given(None if y is None else y.repeat(masks_per_level))  # as the rows are repeated
+        return order_agnostic_terms(given, target, missing, masks_per_level, MASK)
 
-    def test_nll(self, x):
-        return self.bound_terms(x).mean(2).sum(1)
+    def test_nll(self, x, y=None):
+        return self.bound_terms(x, y).mean(2).sum(1)
+
+    def class_log_likelihoods(self, x):
+        """(B, 64) -> (B, 10) minus a bound on -log p(x | y = c) for each class c: the discrete bound
+        with the levels m in classify_strata strata of equal width w, one random m and one random
+        mask M in each, sum over strata of w (1/m) sum_{i in M} -log p(x_i | x outside M, c)
+        (unbiased for the bound, cheaper and noisier than the test NLL's estimate). Every class is
+        scored with the same masks, so the noise of the masks is shared and cancels between them."""
+        target = x.round().long()
+        n, d = target.shape
+        strata = min(self.sampling.classify_strata, d)
+        edges = [round(k * d / strata) for k in range(strata + 1)]  # stratum k: levels edges[k] + 1..edges[k + 1]
+        classes = torch.arange(common.NUM_CLASSES, device=x.device).repeat_interleave(n)  # (10 B,)
+        repeated = target.repeat(common.NUM_CLASSES, 1)  # (10 B, 64), class by class
+        total = 0.0
+        for low, high in zip(edges, edges[1:]):
+            m = 1 + low + torch.randint(high - low, (n,), device=x.device)  # (B,)
+            hidden = random_subset(torch.ones_like(target, dtype=torch.bool), m).repeat(common.NUM_CLASSES, 1)
+            nll = masked_cross_entropy(self.given(classes), repeated, hidden, MASK)  # (10 B,)
+            total = total + (high - low) * nll / m.repeat(common.NUM_CLASSES)
+        return -total.view(common.NUM_CLASSES, n).T
 
     def conditional_bound(self, x, missing, masks_per_level=None):
         """(B,) upper bound on -log p(x_missing | x_observed), nats; missing (B, 64) bool."""
-        return self.bound_terms(x, missing, masks_per_level).mean(2).sum(1)
+        return self.bound_terms(x, missing=missing, masks_per_level=masks_per_level).mean(2).sum(1)
 
     @torch.no_grad()
     def complete(self, x, missing, steps=None):
@@ -342,14 +390,14 @@ class MDM(common.DigitsModel):
         z = x.round().long().masked_fill(missing, MASK)
         return unmask(self.logits, z, steps or common.NUM_PIXELS, MASK).float()
 
-    def sample_with(self, n, steps, power=None, temperature=None):
+    def sample_with(self, n, steps, power=None, temperature=None, y=None):
         z = torch.full((n, common.NUM_PIXELS), MASK, dtype=torch.long, device=self.device)
         s = self.sampling
-        return unmask(self.logits, z, steps, MASK, temperature or s.temperature, power or s.power).float()
+        return unmask(self.given(y), z, steps, MASK, temperature or s.temperature, power or s.power).float()
 
     @torch.no_grad()
-    def sample(self, n):
-        return self.sample_with(n, self.sampling.sample_steps)
+    def sample(self, n, y=None):
+        return self.sample_with(n, self.sampling.sample_steps, y=y)
 
     def samplers(self):
         """Other round counts at the same schedule, and the exact sampler: 64 equal rounds of one
@@ -366,7 +414,8 @@ class MDM(common.DigitsModel):
     def extra_metrics(self, splits, labels):
         """Standard errors of the test bound, from a second, independent estimate (module docstring)."""
         with torch.no_grad():
-            terms = common.batched(self.bound_terms, splits["test"])  # (N, 64, R)
+            given = [labels["test"]] if self.conditional else []  # -log p(x | y) for a conditional model
+            terms = common.batched(self.bound_terms, splits["test"], *given)  # (N, 64, R)
         per_image = terms.mean(2).sum(1).double()  # (N,)
         n, r = len(per_image), terms.shape[2]
         result = dict(test_nll_replicate_nats=float(per_image.mean()),

@@ -389,7 +389,7 @@ def evaluate(model, images, seed, device, batch_size):
     (N,) float64."""
     x = torch.from_numpy(np.ascontiguousarray(images, np.float32)).to(device)
     with common.seeded(seed, device), torch.no_grad():
-        return common.batched(lambda b: model.ood_score(b).double(), x, batch_size).cpu().numpy()
+        return common.batched(lambda b: model.ood_score(b).double(), x, batch_size=batch_size).cpu().numpy()
 
 
 def family_statistics(model, scoring, inputs, seed, device):

@@ -41,6 +41,15 @@ Samplers: the reverse-time SDE by Euler-Maruyama on a uniform t grid, with optio
 corrector steps (predictor-corrector, Song et al. 2021), or the probability-flow ODE by Heun's
 method; both end with the denoiser's E[x0 | z_e] and return the pixel value whose box holds it.
 
+Conditional model (--conditional): p(x | y) for the ten digit classes, trained with label dropout
+for classifier-free guidance (Ho & Salimans 2022): a class embedding (NUM_CLASSES + 1 rows, the
+last "no label") is added to the time embedding and every training label is replaced by "no
+label" with probability --label-dropout, so one network learns eps(z, t, y) and eps(z, t). The
+samplers use eps = (1 + w) eps(z, t, y) - w eps(z, t), w = --guidance (w = 0: the plain
+conditional sampler). The test NLL is the ODE bound above with y given, -log p(x | y), unguided.
+class_log_likelihoods (the generative classifier) uses the cheaper continuous-time variational
+bound instead, on stratified log-SNRs with the same dequantization and noise for every class.
+
 Run:  python score_based_generative_model.py                    # defaults, writes results/SBGM_*
       python score_based_generative_model.py --sampler sde      # reverse-time SDE samples
       python score_based_generative_model.py --sde vp           # the variance preserving SDE
@@ -204,7 +213,7 @@ def sample_reverse_sde(eps_fn, sde, z1, t_eps, steps, corrector_steps=0, snr=0.1
 
 
 @dataclasses.dataclass(frozen=True)
-class SBGMConfig:
+class SBGMConfig(common.ModelConfig):
     sde: str = common.option("ve", "forward SDE, variance exploding or preserving (ve: the better validation "
                              "bound)", choices=sorted(SDES))
     output: str = common.option("levels", "network output: logits over the 17 values with the exact box "
@@ -215,11 +224,15 @@ class SBGMConfig:
                                    type=common.unit_interval)
     t_eps: float = common.option(1e-5, "smallest time of the bound, the likelihood and the samplers, in (0, 1)",
                                  type=common.positive_float)
+    label_dropout: float = common.option(0.15, "conditional runs only: probability that a training label is "
+                                         "replaced by 'no label' (classifier-free guidance)",
+                                         type=common.unit_interval)
 
 
 # default sampler steps (10 and 20 with --quick): 20 Heun steps of the ODE draw samples about as
 # close to the validation split as 50, 10 do not
 SAMPLE_STEPS = dict(ode=20, sde=250)
+GUIDANCE = 0.75  # default classifier-free guidance weight of conditional runs (chosen on validation)
 QUICK_SAMPLE_STEPS = dict(ode=10, sde=20)
 
 
@@ -239,6 +252,9 @@ class SBGMSampling:
     snr: float = common.option(0.16, "signal-to-noise ratio of the Langevin corrector", type=common.positive_float)
     compare_samplers: bool = common.option(True, "do not time and score the ODE sampler with 10 and 50 steps "
                                            "(metrics other_samplers)", flag="--no-compare-samplers")
+    guidance: float = common.option(GUIDANCE, "conditional runs only: classifier-free guidance weight w, "
+                                    "eps = (1 + w) eps(z, t, y) - w eps(z, t); 0: the plain conditional sampler",
+                                    type=common.nonnegative_float)
 
 
 class SBGM(common.DigitsModel):
@@ -256,16 +272,20 @@ class SBGM(common.DigitsModel):
         # (z scaled to unit variance, normalized log-SNR in [0, 1]) -> 64 x (17 logits or eps); starts
         # at eps = 0 (eps) or a uniform prior over the values (levels)
         per_pixel = common.NUM_LEVELS if config.output == "levels" else 1
+        embedding = common.FourierTimeEmbedding()
+        if self.conditional:
+            embedding = common.WithClass(embedding, 128)
         self.net = common.ResidualMLP(common.NUM_PIXELS, common.NUM_PIXELS * per_pixel, config.hidden, config.blocks,
-                                      config.dropout, common.FourierTimeEmbedding(), 128)
+                                      config.dropout, embedding, 128)
         ends = self.sde.log_snr(torch.tensor([config.t_eps, 1.0], dtype=torch.float64))
         self.lam_max, self.lam_min = float(ends[0]), float(ends[1])  # log-SNR range of the bound
 
-    def eps(self, z, t):
-        """Noise prediction eps(z, t) = -sigma_t score(z, t); z (B, 64), t (B,) -> (B, 64)."""
+    def eps(self, z, t, y=None):
+        """Noise prediction eps(z, t) = -sigma_t score(z, t); z (B, 64), t (B,) -> (B, 64); y (B,)
+        the classes (NULL_CLASS: no label) of a conditional model, None otherwise."""
         alpha, sigma = self.sde.marginal(t)
         u = (self.sde.log_snr(t) - self.lam_min) / (self.lam_max - self.lam_min)  # in [0, 1]
-        out = self.net(z * (alpha**2 + sigma**2).rsqrt()[:, None], u)  # input of unit scale
+        out = self.net(z * (alpha**2 + sigma**2).rsqrt()[:, None], u if y is None else (u, y))  # input of unit scale
         if self.config.output == "eps":
             return out
         logits = out.view(len(z), common.NUM_PIXELS, common.NUM_LEVELS)
@@ -275,18 +295,23 @@ class SBGM(common.DigitsModel):
         """Dequantize and scale: x0 = pixels_to_pm1(x + u - 0.5), in the boxes c_k +- 1/16."""
         return common.pixels_to_pm1(common.dequantize(x) - 0.5)
 
-    def bound(self, x):
-        """(B,) continuous-time variational bound on -log P(x), nats on the discrete pixels."""
+    def bound(self, x, y=None):
+        """(B,) continuous-time variational bound on -log P(x) (-log P(x | y) given classes y),
+        nats on the discrete pixels."""
         x0 = self.to_pm1(x)
-        n, d = x0.shape
+        n = len(x0)
         shift = torch.rand(1, device=x0.device)
         u = ((shift + torch.arange(n, device=x0.device) / n) % 1)[torch.randperm(n, device=x0.device)]
         lam = self.lam_min + (self.lam_max - self.lam_min) * u  # evenly spaced log-SNR, shuffled
+        return self.bound_at(x0, lam, torch.randn_like(x0), y)
+
+    def bound_at(self, x0, lam, noise, y=None):
+        """(B,) the bound from one draw: x0 (B, 64) dequantized, log-SNR lam (B,), noise (B, 64)."""
+        d = x0.shape[1]
         t = self.sde.time_of_log_snr(lam)
         alpha, sigma = self.sde.marginal(t)
-        noise = torch.randn_like(x0)
         z = alpha[:, None] * x0 + sigma[:, None] * noise  # (B, 64)
-        diffusion = 0.5 * (self.lam_max - self.lam_min) * ((noise - self.eps(z, t)) ** 2).sum(1)
+        diffusion = 0.5 * (self.lam_max - self.lam_min) * ((noise - self.eps(z, t, y)) ** 2).sum(1)
         # prior term KL(N(alpha_1 x0, sigma_1^2) || N(0, var)) per pixel, summed
         alpha1, sigma1 = (float(v) for v in self.sde.marginal(torch.tensor(1.0, dtype=torch.float64)))
         var = self.sde.prior_var()
@@ -296,32 +321,64 @@ class SBGM(common.DigitsModel):
         return diffusion + prior + decoder - common.PM1_LOGDET
 
     def loss(self, x, y):
-        return self.bound(x).mean()
+        """The bound; a conditional model's labels dropped to NULL_CLASS with probability
+        --label-dropout (classifier-free guidance)."""
+        return self.bound(x, common.drop_labels(y, self.config.label_dropout) if self.conditional else None).mean()
 
     def eval_loss(self, x, y, repeats=4):
-        return torch.stack([self.bound(x).mean() for _ in range(repeats)]).mean()
+        y = y if self.conditional else None  # p(x | y) with every label kept
+        return torch.stack([self.bound(x, y).mean() for _ in range(repeats)]).mean()
 
-    def test_nll(self, x, chunk=64):
-        """(B,) -log p(x0) - PM1_LOGDET by the probability-flow ODE, one dequantization per image."""
+    def test_nll(self, x, y=None, chunk=64):
+        """(B,) -log p(x0) - PM1_LOGDET (-log p(x0 | y) given classes y (B,)) by the
+        probability-flow ODE, one dequantization per image."""
         x0 = self.to_pm1(x)
 
-        def eps_div(z, t):
-            return common.value_and_divergence(self.eps, z, t, self.sampling.divergence)
+        def log_p(x0_chunk, *y_chunk):
+            def eps_div(z, t):
+                if not y_chunk:
+                    return common.value_and_divergence(self.eps, z, t, self.sampling.divergence)
+                ty = torch.stack([t, y_chunk[0].to(t.dtype)], 1)  # (B, 2): the class rides with the time
+                return common.value_and_divergence(lambda z_, ty_: self.eps(z_, ty_[:, 0], ty_[:, 1].long()),
+                                                   z, ty, self.sampling.divergence)
+            return ode_log_likelihood(eps_div, self.sde, x0_chunk, self.config.t_eps, self.sampling.ode_steps)
 
-        log_p = common.batched(lambda x0_chunk: ode_log_likelihood(
-            eps_div, self.sde, x0_chunk, self.config.t_eps, self.sampling.ode_steps), x0, chunk)
-        return -log_p - common.PM1_LOGDET
+        return -common.batched(log_p, x0, *([] if y is None else [y]), batch_size=chunk) - common.PM1_LOGDET
 
     @torch.no_grad()
-    def sample(self, n, sampling=None):
+    def class_log_likelihoods(self, x, draws=16):
+        """(B, 10) minus the continuous-time variational bound (of training, not test_nll's ODE: ten
+        ODE solves would take minutes) given each class, its log-SNR integral estimated on `draws`
+        strata of [lam_min, lam_max], one lam each, with the same dequantization, lam and noise for
+        every class, so that the estimate's noise hardly moves the differences between classes."""
+        x0 = self.to_pm1(x)
+        n, k = len(x0), common.NUM_CLASSES
+        classes = torch.arange(k, device=x0.device).repeat_interleave(n)  # (10 B,) class-major
+        total = 0
+        for i in range(draws):
+            lam = self.lam_min + (self.lam_max - self.lam_min) * (i + torch.rand(n, device=x0.device)) / draws
+            noise = torch.randn_like(x0)
+            total = total + self.bound_at(x0.repeat(k, 1), lam.repeat(k), noise.repeat(k, 1), classes) / draws
+        return -total.view(k, n).T
+
+    def guided_eps(self, y, guidance):
+        """The samplers' eps_fn(z, t): eps(z, t) for y None, else the classifier-free guided
+        (1 + w) eps(z, t, y) - w eps(z, t) (common.guided; w = 0: one call, eps(z, t, y))."""
+        if y is None:
+            return self.eps
+        return lambda z, t: common.guided(lambda labels: self.eps(z, t, labels), y, guidance)
+
+    @torch.no_grad()
+    def sample(self, n, y=None, sampling=None):
         s, t_eps = sampling or self.sampling, self.config.t_eps
+        eps_fn = self.guided_eps(y, s.guidance)
         z1 = torch.randn(n, common.NUM_PIXELS, device=self.device) * math.sqrt(self.sde.prior_var())
         if s.sampler == "ode":
-            z, t = sample_probability_flow(self.eps, self.sde, z1, t_eps, s.sample_steps)
+            z, t = sample_probability_flow(eps_fn, self.sde, z1, t_eps, s.sample_steps)
         else:
-            z, t = sample_reverse_sde(self.eps, self.sde, z1, t_eps, s.sample_steps, s.corrector_steps, s.snr)
+            z, t = sample_reverse_sde(eps_fn, self.sde, z1, t_eps, s.sample_steps, s.corrector_steps, s.snr)
         alpha, sigma = self.sde.marginal(t)
-        x0 = (z - sigma[:, None] * self.eps(z, t)) / alpha[:, None]  # E[x0 | z_e] (Tweedie)
+        x0 = (z - sigma[:, None] * eps_fn(z, t)) / alpha[:, None]  # E[x0 | z_e] (Tweedie)
         return torch.floor((x0 + 1) * 8 + 0.5).clamp(0, common.PIXEL_MAX)  # the value whose box holds x0
 
     @torch.no_grad()
@@ -358,10 +415,11 @@ class SBGM(common.DigitsModel):
                 for steps in (10, 50) if chosen != ("ode", steps)}
 
     def extra_metrics(self, splits, labels):
-        """The SDE's variational bound on the test split (the training objective), 10 draws of the
-        noise per image."""
+        """The SDE's variational bound on the test split (the training objective; given the
+        classes for a conditional model), 10 draws of the noise per image."""
+        y = labels["test"] if self.conditional else None
         with common.seeded(0, self.device), torch.no_grad():
-            bound = torch.stack([self.bound(splits["test"]) for _ in range(10)]).mean()
+            bound = torch.stack([self.bound(splits["test"], y) for _ in range(10)]).mean()
         return dict(test_variational_bound_nats=float(bound))
 
 

@@ -36,6 +36,16 @@ Samples are true samples of the model: z ~ p(z), then every pixel drawn from its
 The reconstruction grid and the latent interpolations (OUT/VAE_reconstructions.png,
 OUT/VAE_interpolations.png) show decoder means E[x | z] at the encoder means.
 
+Conditional model (--conditional): the CVAE of Sohn et al. 2015, with the one-hot class y an input
+of the encoder q(z | x, y) and of the decoder p(x | z, y), trained on the ELBO of log p(x | y).
+The prior follows the VampPrior's argument (the best prior is the aggregate posterior, here the
+aggregate posterior of each class): component k of the mog / VampPrior belongs to class k mod 10,
+and p(z | y) is the mixture of class y's components (the VampPrior's pseudo-inputs u_k encoded
+with their class, q(z | u_k, k mod 10)); --prior standard is Sohn's N(0, I) for every class. Then
+-log p(x | y) is bounded by the importance-weighted bound with y given, and the generative
+classifier's log p(x | y = c) by the same bound with fewer draws (CLASSIFY_SAMPLES), the same
+noise for every class. With two stochastic layers y enters q(z2 | x, y), p(z2 | y) and the decoder.
+
 Run:  python variational_autoencoder.py            # defaults, writes results/VAE_*
       python variational_autoencoder.py --help
 """
@@ -52,6 +62,7 @@ import common
 LOG_2PI = math.log(2 * math.pi)
 LOGVAR_MIN, LOGVAR_MAX = -8.0, 4.0  # variances of every Gaussian are kept in [3e-4, 55]
 IWAE_CHUNK = 4096  # (draw, image) pairs per decoder call of the IWAE bound: memory, and fastest on CPU
+CLASSIFY_SAMPLES = 100  # importance samples of each class's bound in class_log_likelihoods (10 bounds per image)
 
 
 # -----------------------------------------------------------------------------
@@ -121,7 +132,7 @@ class ConvDecoder(nn.Module):
 
 
 @dataclass(frozen=True)
-class VAEConfig:
+class VAEConfig(common.ModelConfig):
     # the convolutional decoder and the VampPrior are the defaults chosen on the validation split (see
     # the module docstring; the numbers are in README, the VAE's choices)
     latent: int = common.option(16, "dimension of z (of z1 and of z2 with two stochastic layers)",
@@ -166,14 +177,15 @@ class VAE(common.DigitsModel):
         c = self.config
         L, H, P, V = c.latent, c.hidden, common.NUM_PIXELS, common.NUM_LEVELS
         hierarchical = c.stochastic_layers == 2
-        self.encoder_top = GaussianHead(P, H, L, c.dropout)  # q(z | x), or q(z2 | x)
+        Y = common.NUM_CLASSES if c.conditional else 0  # the one-hot class, an input of a CVAE
+        self.encoder_top = GaussianHead(P + Y, H, L, c.dropout)  # q(z | x), or q(z2 | x) (and y)
         if hierarchical:
             self.encoder_z1 = GaussianHead(P + L, H, L, c.dropout)  # q(z1 | x, z2)
             self.prior_z1 = GaussianHead(L, H, L, c.dropout)  # p(z1 | z2)
         if c.decoder == "mlp":  # p(x | z) or p(x | z1, z2)
-            self.decoder = mlp(L * c.stochastic_layers, H, P * V, c.dropout)
+            self.decoder = mlp(L * c.stochastic_layers + Y, H, P * V, c.dropout)
         else:
-            self.decoder = ConvDecoder(L * c.stochastic_layers, c.channels, c.dropout)
+            self.decoder = ConvDecoder(L * c.stochastic_layers + Y, c.channels, c.dropout)
         if c.prior == "mog":
             self.mog_means = nn.Parameter(torch.randn(c.components, L))
             self.mog_logvars = nn.Parameter(torch.zeros(c.components, L))
@@ -189,33 +201,54 @@ class VAE(common.DigitsModel):
     def encoder_input(x):
         return x / common.PIXEL_MAX  # 0..16 -> [0, 1]
 
-    def top_prior_params(self):
-        """(means (C, L), logvars (C, L), log weights (C,)) of a mixture prior."""
+    def with_label(self, h, y):
+        """A CVAE's network input: h (..., B, D) and the one-hot classes y (B,) -> (..., B, D + 10);
+        h itself for a model of p(x)."""
+        if not self.conditional:
+            return h
+        return torch.cat([h, F.one_hot(y, common.NUM_CLASSES).to(h).expand(*h.shape[:-1], -1)], -1)
+
+    def component_classes(self):
+        """(C,) the class of each mixture component of a conditional prior: k mod 10."""
+        return torch.arange(self.config.components, device=self.device) % common.NUM_CLASSES
+
+    def top_prior_params(self, y=None):
+        """(means (C, L), logvars (C, L), log weights (C,)) of a mixture prior; for a conditional
+        model log weights (B, C) of p(z | y), the components of other classes at weight 0."""
         c = self.config
         if c.prior == "mog":
-            return self.mog_means, self.mog_logvars.clamp(LOGVAR_MIN, LOGVAR_MAX), F.log_softmax(self.mog_logits, 0)
-        u = common.PIXEL_MAX * torch.sigmoid(self.pseudo_inputs)  # (C, 64)
-        means, logvars = self.encoder_top(self.encoder_input(u))
-        return means, logvars, torch.full((c.components,), -math.log(c.components), device=u.device)
+            means, logvars = self.mog_means, self.mog_logvars.clamp(LOGVAR_MIN, LOGVAR_MAX)
+            log_weights = F.log_softmax(self.mog_logits, 0)
+        else:
+            u = common.PIXEL_MAX * torch.sigmoid(self.pseudo_inputs)  # (C, 64)
+            means, logvars = self.encoder_top(self.with_label(self.encoder_input(u), self.component_classes()))
+            log_weights = torch.full((c.components,), -math.log(c.components), device=u.device)
+        if self.conditional:
+            log_weights = log_weights.masked_fill(self.component_classes() != y[:, None], -math.inf)
+            log_weights = log_weights - torch.logsumexp(log_weights, -1, keepdim=True)  # (B, C)
+        return means, logvars, log_weights
 
-    def log_prior(self, z):
-        """log p(z) of the top layer, z (..., L) -> (...)."""
+    def log_prior(self, z, y=None):
+        """log p(z) (log p(z | y)) of the top layer, z (..., B, L) -> (..., B)."""
         if self.config.prior == "standard":
             return log_normal(z, torch.zeros_like(z), torch.zeros_like(z))
-        return log_normal_mixture(z, *self.top_prior_params())
+        return log_normal_mixture(z, *self.top_prior_params(y))
 
-    def sample_prior(self, n):
-        """(n, L) draws of the top layer z ~ p(z)."""
+    def sample_prior(self, n, y=None):
+        """(n, L) draws of the top layer z ~ p(z) (z ~ p(z | y), y (n,))."""
         L = self.config.latent
         if self.config.prior == "standard":
             return torch.randn(n, L, device=self.device)
-        means, logvars, log_weights = self.top_prior_params()
-        component = torch.multinomial(log_weights.exp(), n, replacement=True)  # (n,)
+        means, logvars, log_weights = self.top_prior_params(y)
+        if self.conditional:
+            component = torch.multinomial(log_weights.exp(), 1)[:, 0]  # (n,), one of y's components
+        else:
+            component = torch.multinomial(log_weights.exp(), n, replacement=True)  # (n,)
         return reparameterize(means[component], logvars[component], 1)[0]
 
-    def decoder_logits(self, z):
-        """z (..., L * layers) -> logits (..., 64, 17) of the 64 categoricals."""
-        return self.decoder(z).unflatten(-1, (common.NUM_PIXELS, common.NUM_LEVELS))
+    def decoder_logits(self, z, y=None):
+        """z (..., B, L * layers) (and y (B,)) -> logits (..., B, 64, 17) of the 64 categoricals."""
+        return self.decoder(self.with_label(z, y)).unflatten(-1, (common.NUM_PIXELS, common.NUM_LEVELS))
 
     @staticmethod
     def log_likelihood(logits, x):
@@ -223,13 +256,14 @@ class VAE(common.DigitsModel):
         index = x.round().long().expand(*logits.shape[:-1]).unsqueeze(-1)  # (k, B, 64, 1)
         return (logits.gather(-1, index).squeeze(-1) - torch.logsumexp(logits, -1)).sum(-1)
 
-    def terms(self, x, k=1):
+    def terms(self, x, k=1, y=None):
         """k draws z ~ q(z | x) per image -> (log p(x | z), log q(z | x) - log p(z)), each (k, B):
-        the reconstruction term and the one-sample KL estimate; log w = their difference."""
-        mean, logvar = self.encoder_top(self.encoder_input(x))  # (B, L) each
+        the reconstruction term and the one-sample KL estimate; log w = their difference. A
+        conditional model: q(z | x, y), p(z | y), p(x | z, y), y (B,)."""
+        mean, logvar = self.encoder_top(self.with_label(self.encoder_input(x), y))  # (B, L) each
         z = reparameterize(mean, logvar, k)  # (k, B, L)
         log_q = log_normal(z, mean, logvar)
-        log_p = self.log_prior(z)
+        log_p = self.log_prior(z, y)
         if self.config.stochastic_layers == 2:  # z above is z2
             h = torch.cat([self.encoder_input(x).expand(k, -1, -1), z], -1)  # (k, B, 64 + L)
             mean1, logvar1 = self.encoder_z1(h)
@@ -237,20 +271,25 @@ class VAE(common.DigitsModel):
             log_q = log_q + log_normal(z1, mean1, logvar1)
             log_p = log_p + log_normal(z1, *self.prior_z1(z))
             z = torch.cat([z1, z], -1)
-        return self.log_likelihood(self.decoder_logits(z), x), log_q - log_p
+        return self.log_likelihood(self.decoder_logits(z, y), x), log_q - log_p
 
-    def chunked_terms(self, x, k):
-        """terms(x, k) computed in chunks of at most IWAE_CHUNK (draw, image) pairs: (k, B) each."""
+    def chunked_terms(self, x, k, y=None):
+        """terms(x, k, y) computed in chunks of at most IWAE_CHUNK (draw, image) pairs: (k, B) each."""
         chunk = max(1, IWAE_CHUNK // len(x))
-        rec, kl = zip(*(self.terms(x, min(chunk, k - start)) for start in range(0, k, chunk)))
+        rec, kl = zip(*(self.terms(x, min(chunk, k - start), y) for start in range(0, k, chunk)))
         return torch.cat(rec), torch.cat(kl)
 
-    def log_weights(self, x, k):
-        """(k, B) importance log-weights log w_k = log p(x, z_k) - log q(z_k | x), z_k ~ q(z | x)."""
-        rec, kl = self.chunked_terms(x, k)
+    def log_weights(self, x, k, y=None):
+        """(k, B) importance log-weights log w_k = log p(x, z_k) - log q(z_k | x), z_k ~ q(z | x)
+        (given y: log p(x, z_k | y) - log q(z_k | x, y))."""
+        rec, kl = self.chunked_terms(x, k, y)
         return rec - kl
 
     # --- the contract
+
+    def given(self, y):
+        """The labels a conditional model conditions on; None (ignored) for a model of p(x)."""
+        return y if self.conditional else None
 
     def kl_weight(self):
         if not self.config.kl_warmup:
@@ -259,13 +298,13 @@ class VAE(common.DigitsModel):
 
     def loss(self, x, y):
         """-ELBO, one z per image, mean over the batch (nats/image)."""
-        rec, kl = self.terms(x)
+        rec, kl = self.terms(x, y=self.given(y))
         return (kl - rec).mean()
 
     def training_objective(self, x, y):
         """The base class's hook: minimise the KL-warmed-up, free-bits objective, log the -ELBO
         and the KL. Counts the training steps of the warm-up (called once per step)."""
-        rec, kl = self.terms(x)
+        rec, kl = self.terms(x, y=self.given(y))
         rec, kl = rec.mean(), kl.mean()
         # the -ELBO once warm-up is over (and while the KL exceeds the free bits)
         if self.config.free_bits:  # (a one-sample KL estimate may be negative: no clamp when off)
@@ -278,19 +317,32 @@ class VAE(common.DigitsModel):
 
     def eval_loss(self, x, y):
         """-ELBO averaged over 10 draws of z per image (a steadier validation objective)."""
-        return -self.log_weights(x, 10).mean()
+        return -self.log_weights(x, 10, self.given(y)).mean()
 
     @staticmethod
     def iwae_bound(log_w):
         """(k, B) log-weights -> (B,) -log (1/k sum_k w_k), the importance-weighted bound (nats)."""
         return -(torch.logsumexp(log_w, 0) - math.log(len(log_w)))
 
-    def iwae_nll(self, x, k):
-        return self.iwae_bound(self.log_weights(x, k))
+    def iwae_nll(self, x, k, y=None):
+        return self.iwae_bound(self.log_weights(x, k, y))
 
-    def test_nll(self, x):
-        """(B,) IWAE bound with K = --iwae-samples draws of z per image."""
-        return self.iwae_nll(x, self.sampling.iwae_samples)
+    def test_nll(self, x, y=None):
+        """(B,) IWAE bound with K = --iwae-samples draws of z per image (of -log p(x | y) given y)."""
+        return self.iwae_nll(x, self.sampling.iwae_samples, self.given(y))
+
+    @torch.no_grad()
+    def class_log_likelihoods(self, x):
+        """(B, 10) the IWAE bound on log p(x | y = c) for each class, with K = CLASSIFY_SAMPLES
+        (fewer than the test NLL's, to classify the test split in seconds) and the same noise eps
+        of z = mu + sigma * eps for every class (common random numbers)."""
+        seed = int(torch.randint(2**31 - 1, ()))  # from the caller's seeded stream
+        columns = []
+        for c in range(common.NUM_CLASSES):
+            with common.seeded(seed, x.device):
+                y = torch.full((len(x),), c, dtype=torch.long, device=x.device)
+                columns.append(-self.iwae_nll(x, CLASSIFY_SAMPLES, y))
+        return torch.stack(columns, 1)
 
     def ood_score(self, x):
         """(B,) IWAE bound with K = 64: ood.py scores thousands of inputs, and K = 64 already
@@ -298,17 +350,18 @@ class VAE(common.DigitsModel):
         return self.iwae_nll(x, 64)
 
     @torch.no_grad()
-    def decode_latent(self, z):
+    def decode_latent(self, z, y=None):
         """Top-layer z (n, L) -> categorical logits (n, 64, 17); a second layer draws z1 ~ p(z1 | z2)."""
         if self.config.stochastic_layers == 2:
             mean1, logvar1 = self.prior_z1(z)
             z = torch.cat([reparameterize(mean1, logvar1, 1)[0], z], -1)
-        return self.decoder_logits(z)
+        return self.decoder_logits(z, y)
 
     @torch.no_grad()
-    def sample(self, n):
-        """True samples: z ~ p(z), then x_i ~ Categorical(softmax(logits_i)) for every pixel."""
-        logits = self.decode_latent(self.sample_prior(n))  # (n, 64, 17)
+    def sample(self, n, y=None):
+        """True samples: z ~ p(z) (p(z | y)), then x_i ~ Categorical(softmax(logits_i)) for every
+        pixel (of p(x | z, y))."""
+        logits = self.decode_latent(self.sample_prior(n, y), y)  # (n, 64, 17)
         return torch.distributions.Categorical(logits=logits).sample().float()
 
     @torch.no_grad()
@@ -367,10 +420,14 @@ class VAE(common.DigitsModel):
     @torch.no_grad()
     def extra_metrics(self, splits, labels):
         """The -ELBO and its reconstruction and KL terms on test and val, each averaged over 100
-        draws of z per image."""
+        draws of z per image (of p(x | y), given the labels, for a conditional model)."""
         metrics = dict(iwae_samples=self.sampling.iwae_samples)
+        if self.conditional:
+            metrics.update(classify_iwae_samples=CLASSIFY_SAMPLES)
         for split in ("test", "val"):
-            rec, kl = (torch.cat(t, 1) for t in zip(*(self.chunked_terms(x, 100) for x in splits[split].split(512))))
+            given = labels[split].split(512) if self.conditional else [None] * len(splits[split].split(512))
+            rec, kl = (torch.cat(t, 1) for t in zip(*(self.chunked_terms(x, 100, y)
+                                                      for x, y in zip(splits[split].split(512), given))))
             metrics.update({f"{split}_neg_elbo_nats": (kl - rec).mean().item(),
                             f"{split}_reconstruction_nats": -rec.mean().item(), f"{split}_kl_nats": kl.mean().item()})
         return metrics
@@ -379,7 +436,10 @@ class VAE(common.DigitsModel):
     def extra_images(self, splits):
         """Reconstructions: rows of 8 test digits, each above its reconstruction (decoder means at
         the encoder means). Interpolations: 8 pairs of test digits, each row the first digit, 8
-        decoder means along the straight line between the two encoder means, the second digit."""
+        decoder means along the straight line between the two encoder means, the second digit. None
+        for a conditional model (its encoder needs the labels, which this hook is not given)."""
+        if self.conditional:
+            return {}
         test = splits["test"]
         digits = test[:32]
         recon = self.pixel_means(self.decoder_logits(self.encode_means(digits)))
@@ -406,7 +466,11 @@ def main(argv=None):
     common.add_options(parser, "VAE", VAEConfig)
     common.add_options(parser, "VAE evaluation (free to change with --sample-only)", VAESampling)
     args = common.parse_args(parser, argv)
-    common.run(args, VAE, common.options_from(args, VAEConfig), common.options_from(args, VAESampling))
+    config = common.options_from(args, VAEConfig)
+    if config.conditional and config.prior != "standard" and config.components < common.NUM_CLASSES:
+        parser.error(f"argument --components: a conditional {config.prior} prior needs at least one component "
+                     f"per class ({common.NUM_CLASSES}), got {config.components}")
+    common.run(args, VAE, config, common.options_from(args, VAESampling))
 
 
 if __name__ == "__main__":

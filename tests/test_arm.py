@@ -1,8 +1,12 @@
-"""ARM: causality of the conditionals, exact normalisation, and a smoke test of the script."""
+"""ARM: causality of the conditionals, exact normalisation, and a smoke test of the script; the
+class-conditional model's biases in the full pass and the cached sampler, its NLLs per class, and
+its smoke test."""
 
 import itertools
+import json
 import math
 
+import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
@@ -135,3 +139,76 @@ def test_members_conditionals_are_the_mean_of_their_probabilities():
     # training: each member on its own NLL
     own = torch.stack([-F.log_softmax(net.logits(x), -1).gather(2, x.unsqueeze(2)).sum((1, 2)) for net in model.nets])
     assert model.loss(x.float(), None).item() == pytest.approx(own.mean().item(), rel=1e-5)
+
+
+# --- the conditional model (--conditional)
+
+
+def tiny_conditional_arm(members=1):
+    torch.manual_seed(0)
+    model = ARM.build(channels=8, layers=3, width=2, dropout=0.0, members=members, conditional=True)
+    with torch.no_grad():
+        for parameter in model.parameters():  # the class biases start at zero: make them matter
+            parameter.add_(0.3 * torch.randn_like(parameter))
+    return model.eval()
+
+
+def test_unconditional_model_has_no_class_parameters():
+    assert not any("classes" in name for name, _ in ARM.build().named_parameters())
+    assert any("classes" in name for name, _ in ARM.build(conditional=True).named_parameters())
+
+
+def test_conditional_cached_logits_equal_the_full_pass_and_stay_causal():
+    model = tiny_conditional_arm(members=2)
+    torch.manual_seed(1)
+    x, y = torch.randint(0, 17, (6, 64)), torch.randint(0, 10, (6,))
+    with torch.no_grad():
+        full = model.logits(x, y)
+        caches, previous = model.empty_caches(6, y), None
+        for i in range(64):
+            assert torch.allclose(model.next_logits(previous, i, caches), full[:, i], atol=1e-5), f"position {i}"
+            previous = x[:, i]
+        changed = x.clone()
+        changed[:, 20:] = torch.randint(0, 17, changed[:, 20:].shape)
+        assert torch.allclose(model.logits(changed, y)[:, :20], full[:, :20], atol=1e-6)
+        assert not torch.allclose(model.logits(x, (y + 1) % 10)[:, 0], full[:, 0])  # the class reaches pixel 0
+
+
+def test_conditional_nll_depends_on_the_class_and_class_log_likelihoods_are_the_ten_nlls():
+    model = tiny_conditional_arm()
+    x = torch.randint(0, 17, (5, 64)).float()
+    with torch.no_grad():
+        scores = model.class_log_likelihoods(x)  # (5, 10)
+        assert scores.shape == (5, 10)
+        for c in range(10):
+            assert torch.allclose(scores[:, c], -model.test_nll(x, torch.full((5,), c)), atol=1e-4)
+    assert not torch.allclose(model.test_nll(x, torch.zeros(5, dtype=torch.long)),
+                              model.test_nll(x, torch.ones(5, dtype=torch.long)))
+    with pytest.raises(ValueError, match="class labels"):
+        model.test_nll(x)
+
+
+def test_conditional_samples_follow_the_full_passes_given_the_class():
+    model = tiny_conditional_arm()
+    y = torch.tensor([3, 7, 3, 7, 0])
+    torch.manual_seed(3)
+    with torch.no_grad():
+        x = torch.zeros(5, 64, dtype=torch.long)
+        for i in range(64):
+            x[:, i] = torch.multinomial(F.softmax(model.logits(x, y)[:, i], dim=-1), 1).squeeze(1)
+    torch.manual_seed(3)
+    samples = model.sample(5, y)
+    assert samples.shape == (5, 64) and torch.equal(samples, x.float())
+
+
+def test_conditional_smoke_writes_the_conditional_files(tmp_path):
+    assert run_main(arm_script.main, ["--quick", "--no-progress", "--out", str(tmp_path), "--channels", "8",
+                                      "--layers", "2", "--members", "1", "--conditional", "--digits", "3,7"]) == 0
+    assert not (tmp_path / "ARM.pt").exists() and (tmp_path / "ARM_conditional.pt").exists()
+    metrics = json.loads((tmp_path / "ARM_conditional_metrics.json").read_text())
+    assert metrics["conditional"] and 0 <= metrics["class_accuracy"] <= 1
+    assert 0 <= metrics["generative_classifier_accuracy"] <= 1 and metrics["test_nll_nats"] > 0
+    samples = np.load(tmp_path / "ARM_conditional_samples.npz")
+    x, y = samples["x"], samples["y"]
+    assert x.dtype == np.float32 and x.shape == (metrics["num_samples"], 64) and y.dtype == np.int64
+    assert sorted(set(y.tolist())) == [3, 7] and (y == 3).sum() == (y == 7).sum() == len(y) // 2

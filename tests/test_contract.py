@@ -25,6 +25,7 @@ TINY = {
     "FM": dict(hidden=16, blocks=1, ode_steps=2, compare_samplers=False),
     "MDM": dict(hidden=8, blocks=1, masks_per_level=1, compare_samplers=False),
 }
+CONDITIONAL_TINY = {"VAE": dict(components=10)}  # a conditional VampPrior needs a pseudo-input per class
 NAMES = [family.name for family in common.FAMILIES]
 
 
@@ -101,4 +102,51 @@ def test_damaged_weights_are_refused_by_their_checksum(tmp_path):
     shipped["weights"]["nets.0.head.bias"][0] += 1.0  # one number changed inside the tensor data
     torch.save(shipped, path)
     with pytest.raises(common.UsageError, match="checksum"):
+        common.load_trained(cls, tmp_path)
+
+
+@pytest.mark.parametrize("name", NAMES)
+def test_every_family_has_a_conditional_model(name, tmp_path):
+    """--conditional for every family: the loss uses the labels, sample(n, y) draws n samples of the
+    classes y, test_nll(x, y) and class_log_likelihoods where a likelihood exists, and the weights
+    come back from OUT/NAME_conditional.pt only as a conditional model."""
+    cls = common.model_class(name)
+    torch.manual_seed(0)
+    model = cls.build(conditional=True, **{**TINY.get(name, {}), **CONDITIONAL_TINY.get(name, {})})
+    assert model.conditional and model.output_name == f"{name}_conditional"
+    splits, labels = (load(torch.device("cpu"), quick=True) for load in (common.load_splits, common.load_label_splits))
+    x, y = splits["train"][:16], labels["train"][:16]
+    model.train_step(x, y, model.configure_optimizer(1e-3))  # a step first: class weights may start at zero
+    torch.manual_seed(1)
+    loss = model.loss(x, y)
+    torch.manual_seed(1)
+    other = model.loss(x, (y + 1) % 10)
+    assert loss.shape == () and math.isfinite(loss.item()) and loss.item() != other.item(), "the labels are unused"
+    model.eval()
+    asked = torch.tensor([3, 7, 7, 0, 9])
+    torch.manual_seed(1)
+    samples = model.sample(5, asked)
+    assert samples.shape == (5, 64) and samples.min() >= 0 and samples.max() <= 16
+    if model.nll_kind:
+        with torch.no_grad():
+            nll = model.test_nll(x[:3], y[:3])
+            scores = model.class_log_likelihoods(x[:3])
+        assert nll.shape == (3,) and torch.isfinite(nll).all() and (nll > 0).all()
+        assert scores.shape == (3, 10) and torch.isfinite(scores).all()
+        assert not torch.allclose(scores[:, 0], scores[:, 1]), "every class gives the same likelihood"
+    metrics = model.extra_metrics({k: v[:8] for k, v in splits.items()}, {k: v[:8] for k, v in labels.items()})
+    assert isinstance(metrics, dict)
+    model.extra_images({k: v[:8] for k, v in splits.items()})
+
+    state = common.TrainState(epoch=1, best_epoch=1, best_val=1.0, best_weights=common._cpu_state(model),
+                              history=dict(train=[1.0], val=[1.0]))
+    common.save_weights(tmp_path / f"{name}_conditional.pt", name, common.dataclasses.asdict(model.config), state)
+    loaded = common.load_trained(cls, tmp_path, sampling=model.sampling, conditional=True)
+    assert loaded.conditional and loaded.config == model.config
+    torch.manual_seed(2)
+    expected = model.sample(3, asked[:3])
+    torch.manual_seed(2)
+    assert torch.equal(loaded.sample(3, asked[:3]), expected)
+    (tmp_path / f"{name}_conditional.pt").rename(tmp_path / f"{name}.pt")
+    with pytest.raises(common.UsageError, match="load it with --conditional"):
         common.load_trained(cls, tmp_path)

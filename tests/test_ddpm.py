@@ -2,9 +2,11 @@
 discretized decoder's normalisation, the bound against known entropies, both samplers on a known
 distribution, the hybrid loss, and a smoke test of the script."""
 
+import dataclasses
 import json
 import math
 
+import numpy as np
 import pytest
 import torch
 
@@ -278,9 +280,81 @@ def test_smoke_every_output_and_sample_only_with_the_other_sampler(tmp_path):
     for sampler in ("ancestral", "ddim"):  # both timed and scored on num_samples (64 with --quick)
         timing = metrics["other_samplers"][sampler]
         assert timing["seconds"] > 0 and timing["cpu_seconds"] > 0 and timing["frechet_distance"] > 0
-    assert metrics["sampling"] == dict(sampler="ddim", ddim_steps=10) and metrics["num_samples"] == 64
+    assert metrics["sampling"] == dict(sampler="ddim", ddim_steps=10, guidance=ddpm_script.GUIDANCE)
+    assert metrics["num_samples"] == 64
     assert run_main(ddpm_script.main, TINY + ["--out", str(tmp_path), "--sample-only",
                                               "--sampler", "ancestral"]) == 0
     again = json.loads((tmp_path / "DDPM_metrics.json").read_text())
     assert again["sampling"]["sampler"] == "ancestral"
     assert again["test_nll_nats"] == pytest.approx(metrics["test_nll_nats"])  # same weights, same seed
+
+
+# --- conditional model (--conditional) --------------------------------------------------
+
+
+def conditional_ddpm(**overrides):
+    """A tiny conditional DDPM whose output layer and per-class grid priors are random, so that
+    the class changes eps (untrained, the zero output layer and zero priors would ignore it)."""
+    model = tiny_ddpm(conditional=True, **overrides)
+    with torch.no_grad():
+        torch.nn.init.normal_(model.net.out.weight, std=0.3)
+        torch.nn.init.normal_(model.prior_logits, std=1.0)
+    return model
+
+
+def test_unconditional_model_has_no_class_parameters():
+    """The default model is p(x): no class embedding and one grid prior (its weights and random
+    draws are those of the code before --conditional)."""
+    names = set(tiny_ddpm().state_dict())
+    assert not any("classes" in name for name in names) and tiny_ddpm().prior_logits.shape == (64, 17)
+    conditional = tiny_ddpm(conditional=True)
+    assert conditional.prior_logits.shape == (11, 64, 17)
+    assert conditional.net.embedding.classes.weight.shape == (11, 128)
+
+
+@pytest.mark.parametrize("sampler", ["ddim", "ancestral"])
+def test_guidance_zero_is_the_plain_conditional_sampler(sampler):
+    """w = 0 draws exactly what the sampler with eps(x_t, t, y) alone draws; w > 0 differs, and
+    the samples have the asked labels' count and shape."""
+    model = conditional_ddpm(sampler=sampler, guidance=0.0)
+    y = torch.tensor([3, 7, 3, 7, 0])
+    torch.manual_seed(5)
+    guided_zero = model.sample(5, y)
+    plain = conditional_ddpm(sampler=sampler)
+    plain.guided_network = lambda xt, t, labels: plain.network(xt, t, labels)
+    torch.manual_seed(5)
+    assert torch.equal(plain.sample(5, y), guided_zero)
+    assert guided_zero.shape == (5, 64) and set(guided_zero.unique().tolist()) <= set(range(17))
+    model.sampling = dataclasses.replace(model.sampling, guidance=1.0)
+    torch.manual_seed(5)
+    assert not torch.equal(model.sample(5, y), guided_zero)
+
+
+def test_conditional_nll_depends_on_the_class_and_class_log_likelihoods_match_it():
+    """test_nll(x, y) changes with y; class_log_likelihoods with every step taken exactly (no
+    strata) is -test_nll(x, c) for each c with the same draws, and by default gives (B, 10)."""
+    model = conditional_ddpm(num_steps=20)
+    x = torch.randint(0, 17, (4, 64)).float()
+    three, five = (torch.full((4,), c) for c in (3, 5))
+    torch.manual_seed(1)
+    nll_three = model.test_nll(x, three)
+    torch.manual_seed(1)
+    assert not torch.allclose(model.test_nll(x, five), nll_three)
+    torch.manual_seed(2)
+    scores = model.class_log_likelihoods(x, exact=20, strata=0)
+    assert scores.shape == (4, 10)
+    for c in range(10):
+        torch.manual_seed(2)
+        assert torch.allclose(scores[:, c], -model.test_nll(x, torch.full((4,), c)), rtol=1e-5)
+    assert model.class_log_likelihoods(x).shape == (4, 10)
+
+
+def test_smoke_conditional_run_writes_the_conditional_files(tmp_path):
+    assert run_main(ddpm_script.main, TINY + ["--out", str(tmp_path), "--conditional", "--digits", "3,7"]) == 0
+    assert not (tmp_path / "DDPM.pt").exists() and (tmp_path / "DDPM_conditional.pt").is_file()
+    metrics = json.loads((tmp_path / "DDPM_conditional_metrics.json").read_text())
+    assert metrics["conditional"] and 0 <= metrics["class_accuracy"] <= 1
+    assert 0 <= metrics["generative_classifier_accuracy"] <= 1 and math.isfinite(metrics["test_nll_nats"])
+    samples = np.load(tmp_path / "DDPM_conditional_samples.npz")
+    assert samples["x"].shape == (64, 64) and samples["x"].dtype == np.float32
+    assert samples["y"].dtype == np.int64 and sorted(samples["y"].tolist()) == [3] * 32 + [7] * 32

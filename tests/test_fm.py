@@ -2,9 +2,11 @@
 ODE likelihood against closed-form densities (Gaussian to Gaussian, and the untrained model's
 smoothed uniform), the samplers against a Gaussian, and smoke, resume and sample-only runs."""
 
+import dataclasses
 import json
 import math
 
+import numpy as np
 import pytest
 import torch
 
@@ -190,3 +192,83 @@ def test_resume_continues_like_an_uninterrupted_run(tmp_path):
 def test_bad_ode_end_exits_2(tmp_path, capsys):
     assert run_main(fm_script.main, TINY + ["--out", str(tmp_path), "--ode-end", "1.5"]) == 2
     assert "--ode-end" in capsys.readouterr().err
+
+
+# --- the conditional model (--conditional)
+
+
+def tiny_conditional_fm(**sampling):
+    torch.manual_seed(0)
+    model = FM.build(conditional=True, hidden=16, blocks=1, **sampling).double().eval()
+    torch.nn.init.normal_(model.net.out.weight, std=0.3)  # not the uniform start: a real dependence on x and y
+    return model
+
+
+def test_unconditional_model_has_no_class_parameters():
+    assert not any("classes" in name for name, _ in FM.build().named_parameters())
+    assert any("classes" in name for name, _ in FM.build(conditional=True).named_parameters())
+
+
+def test_guidance_zero_is_the_plain_conditional_sampler_and_guidance_changes_the_samples():
+    model = tiny_conditional_fm().float()
+    y = torch.tensor([0, 3, 7, 9])
+
+    def draw(guidance):
+        model.sampling = dataclasses.replace(model.sampling, guidance=guidance)
+        torch.manual_seed(5)
+        return model.sample(4, y)
+
+    torch.manual_seed(5)
+    x0 = torch.randn(4, 64)
+    with torch.no_grad():
+        plain = sample_ode(lambda x, t: model.velocity(x, t, y), x0, model.sampling.sample_steps, "midpoint")
+    plain = torch.floor((plain + 1) * 8 + 0.5).clamp(0, 16)
+    assert torch.equal(draw(0.0), plain)
+    assert not torch.equal(draw(2.0), plain)
+
+
+def test_conditional_nll_depends_on_the_class_and_is_row_by_row():
+    """test_nll(x, y): the exact divergence vmapped with each row's own class; another class, another NLL."""
+    model = tiny_conditional_fm()
+    x = common.load_splits(torch.device("cpu"), quick=True)["val"][:2].double()
+    y = torch.tensor([1, 2])
+    with torch.no_grad():
+        x1 = model.to_pm1(x)
+        together = model.ode_nll(x1, y, 1, "exact")
+        alone = torch.cat([model.ode_nll(x1[i:i + 1], y[i:i + 1], 1, "exact") for i in range(2)])
+        other = model.ode_nll(x1, (y + 5) % 10, 1, "exact")
+    assert torch.allclose(together, alone, atol=1e-9)
+    assert (together - other).abs().min() > 1e-3
+
+
+def test_class_log_likelihoods_hutchinson_is_unbiased_and_shares_its_noise_across_classes():
+    """The classifier's estimate: over many probes its mean is the exact-divergence NLL on the same
+    steps; with the class embedding made equal for every class, the ten columns are identical
+    (the same dequantization and the same probes for every class)."""
+    model = tiny_conditional_fm(classify_steps=1)
+    x = common.load_splits(torch.device("cpu"), quick=True)["val"][:2].double()
+    y = torch.tensor([3, 8])
+    torch.manual_seed(0)
+    with torch.no_grad():
+        x1 = model.to_pm1(x)
+        exact = model.ode_nll(x1, y, 1, "exact")
+        probes = model.ode_nll(x1.repeat(200, 1), y.repeat(200), 1, "hutchinson").view(200, 2)
+        assert torch.allclose(probes.mean(0), exact, atol=4 * probes.std(0).max().item() / math.sqrt(200))
+        assert model.class_log_likelihoods(x).shape == (2, 10)
+        model.net.embedding.classes.weight.copy_(model.net.embedding.classes.weight[:1].expand(11, -1))
+        same = model.class_log_likelihoods(x)
+    assert torch.equal(same, same[:, :1].expand(2, 10))
+
+
+def test_conditional_smoke_writes_the_conditional_files(tmp_path):
+    assert run_main(fm_script.main, TINY + ["--out", str(tmp_path), "--conditional", "--digits", "3,7",
+                                            "--guidance", "1"]) == 0
+    assert not (tmp_path / "FM.pt").exists() and (tmp_path / "FM_conditional.pt").exists()
+    metrics = json.loads((tmp_path / "FM_conditional_metrics.json").read_text())
+    assert metrics["conditional"] and 0 <= metrics["class_accuracy"] <= 1
+    assert math.isfinite(metrics["test_nll_nats"]) and 0 <= metrics["generative_classifier_accuracy"] <= 1
+    assert metrics["other_samplers"] == {}
+    samples = np.load(tmp_path / "FM_conditional_samples.npz")
+    assert samples["x"].dtype == np.float32 and samples["x"].shape == (len(samples["y"]), 64)
+    assert samples["y"].dtype == np.int64 and set(samples["y"].tolist()) == {3, 7}
+    assert (samples["y"] == 3).sum() == (samples["y"] == 7).sum()

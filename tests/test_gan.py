@@ -1,6 +1,7 @@
 """GAN: the losses against their closed forms, the generator's shape and range, one adversarial
 step moving each network the right way (and only that network), a discriminator separating two
-shifted Gaussians, the translation augmentation, and smoke, resume and sample-only runs."""
+shifted Gaussians, the translation augmentation, the conditional model (projection discriminator,
+class-conditional samples), and smoke, resume and sample-only runs."""
 
 import json
 
@@ -215,6 +216,75 @@ def test_translation_is_differentiable():
     y = torch.rand(4, 64, requires_grad=True)
     translate(y).sum().backward()
     assert y.grad is not None and y.grad.max() == 1 and y.grad.min() >= 0
+
+
+# --- the conditional model ---------------------------------------------------------------
+
+
+def test_unconditional_model_has_no_class_parameters():
+    model = tiny_gan()
+    assert not hasattr(model, "class_embedding") and model.generator[0].in_features == 4
+    conditional = tiny_gan(conditional=True)
+    assert conditional.generator[0].in_features == 4 + 10
+    assert conditional.class_embedding.weight.shape == (10, 16)
+
+
+def test_conditional_samples_have_the_asked_count_shape_and_need_labels():
+    model = tiny_gan(conditional=True)
+    y = torch.tensor([3, 7, 7, 0, 9])
+    torch.manual_seed(4)
+    samples = model.sample(5, y)
+    assert samples.shape == (5, 64) and samples.min() >= 0 and samples.max() <= 16
+    torch.manual_seed(4)  # the same noise, other classes: other images
+    assert not torch.allclose(model.sample(5, torch.tensor([1, 2, 3, 4, 5])), samples)
+    torch.manual_seed(4)  # G([z, onehot(y)]) on the pixel scale
+    z = model.noise(5)
+    assert torch.allclose((model.generate(z, y) + 1) * 8, samples, atol=1e-5)
+    for bad in (None, torch.tensor([3.0, 7.0]), torch.tensor([10, 1]), torch.tensor([-1, 1])):
+        with pytest.raises(ValueError, match="class labels"):
+            model.sample(2, bad)
+
+
+def test_projection_discriminator_is_psi_of_phi_plus_the_class_vector_projection():
+    model = tiny_gan(conditional=True).eval()  # eval: spectral norm's power iteration stands still
+    v, a, b = torch.rand(6, 64) * 2 - 1, torch.tensor([0, 1, 2, 3, 4, 5]), torch.tensor([9, 8, 7, 6, 5, 4])
+    with torch.no_grad():
+        phi = model.discriminator[:-1](v)  # (6, 16)
+        e = model.class_embedding.weight  # (10, 16), spectrally normalised
+        psi = model.discriminator[-1](phi).squeeze(1)
+        assert torch.allclose(model.critic(v, a), psi + (e[a] * phi).sum(1), atol=1e-6)
+        assert torch.allclose(model.critic(v, a) - model.critic(v, b), ((e[a] - e[b]) * phi).sum(1), atol=1e-6)
+
+
+def test_conditional_steps_move_the_class_vectors_with_d_only():
+    model = tiny_gan(conditional=True)
+    optimizer = model.configure_optimizer(1e-3)
+    x, y = torch.randint(0, 17, (32, 64)).float(), torch.randint(0, 10, (32,))
+    real, e_before = gan_script.common.pixels_to_pm1(x), flat(model.class_embedding)
+    model.discriminator_step(real, model.noise(32), optimizer, y)
+    e_after, g_before = flat(model.class_embedding), flat(model.generator)
+    assert not torch.equal(e_after, e_before)
+    model.generator_step(model.noise(32), optimizer, y)
+    assert torch.equal(flat(model.class_embedding), e_after) and not torch.equal(flat(model.generator), g_before)
+    values = model.train_step(x, y, optimizer)
+    assert set(values) == {"loss", "generator"} and all(np.isfinite(v) for v in values.values())
+    with pytest.raises(ValueError, match="class labels"):
+        model.train_step(x, None, optimizer)
+
+
+def test_conditional_smoke_run_writes_the_conditional_files(tmp_path):
+    assert run_main(gan_script.main, TINY + ["--conditional", "--digits", "3,7", "--num-samples", "100",
+                                             "--out", str(tmp_path)]) == 0
+    for suffix in (".pt", "_metrics.json", "_samples.npz", "_samples.png", "_loss_val_curve.png", "_training.gif"):
+        assert (tmp_path / f"GAN_conditional{suffix}").is_file(), suffix
+    assert not (tmp_path / "GAN.pt").exists() and not (tmp_path / "GAN_samples.npy").exists()
+    metrics = json.loads((tmp_path / "GAN_conditional_metrics.json").read_text())
+    assert metrics["conditional"] and metrics["digits"] == [3, 7] and metrics["test_nll_nats"] is None
+    assert 0 <= metrics["class_accuracy"] <= 1 and np.isfinite(metrics["frechet_mean_over_classes"])
+    samples = np.load(tmp_path / "GAN_conditional_samples.npz")
+    assert samples["x"].dtype == np.float32 and samples["x"].shape == (100, 64)
+    assert samples["y"].dtype == np.int64 and samples["y"].tolist() == [3] * 50 + [7] * 50
+    assert samples["x"].min() >= 0 and samples["x"].max() <= 16
 
 
 # --- the script -------------------------------------------------------------------------

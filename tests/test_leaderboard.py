@@ -72,7 +72,7 @@ def test_readme_copies_of_results_tables_equal_the_files():
     readme = (common.ROOT / "README.md").read_text()
     pattern = r"<!-- results/(\S+): written by the script that writes the file -->\n(.*?)<!-- end results/\1 -->"
     blocks = re.findall(pattern, readme, re.S)
-    assert {name for name, _ in blocks} >= {"leaderboard.md", "seeds.md", "ood.md", "benchmark.md"}
+    assert {name for name, _ in blocks} >= {"leaderboard.md", "seeds.md", "ood.md", "benchmark.md", "conditional.md"}
     for name, text in blocks:
         assert text == (common.ROOT / "results" / name).read_text().rstrip("\n") + "\n", name
 

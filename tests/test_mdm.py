@@ -2,13 +2,15 @@
 levels (above the NLL of an arbitrary conditional model, equal to it for the true conditionals of a
 joint), the sampler's distribution on the toy (one pixel at a time, all at once, and completion
 given observed pixels), masking and loss shapes, the two training estimates against the bound,
-complete() keeping observed pixels, and smoke, resume and sample-only runs of the script."""
+complete() keeping observed pixels, and smoke, resume and sample-only runs of the script; the
+class-conditional model's labels, its cheap bound per class, and its smoke run."""
 
 import itertools
 import json
 import math
 
 import pytest
+import numpy as np
 import torch
 
 import common
@@ -229,7 +231,7 @@ def test_complete_keeps_observed_pixels_and_fills_the_rest():
     assert bound.shape == (8,) and (bound > 0).all() and (bound < model.test_nll(x)).all()
 
 
-def test_labels_are_ignored():
+def test_labels_are_ignored_by_the_unconditional_model():
     torch.manual_seed(0)
     model = MDM.build(hidden=16, blocks=1)
     x = common.load_splits(torch.device("cpu"), quick=True)["train"][:8]
@@ -239,7 +241,66 @@ def test_labels_are_ignored():
     assert torch.equal(a, model.loss(x, torch.arange(8)))
 
 
+@pytest.mark.parametrize("network", ["mlp", "conv", "transformer"])
+def test_conditional_model_uses_its_labels(network):
+    assert not any("classes" in name for name, _ in MDM.build(network=network, hidden=16).named_parameters())
+    torch.manual_seed(0)
+    model = MDM.build(network=network, hidden=16, blocks=1, heads=2, dropout=0.0, conditional=True,
+                      masks_per_level=2).eval()
+    x = common.load_splits(torch.device("cpu"), quick=True)["test"][:6]
+    zeros, ones = torch.zeros(6, dtype=torch.long), torch.ones(6, dtype=torch.long)
+    with torch.no_grad():
+        torch.manual_seed(1)
+        a = model.test_nll(x, zeros)
+        torch.manual_seed(1)
+        assert a.shape == (6,) and not torch.allclose(a, model.test_nll(x, ones))
+        torch.manual_seed(1)
+        assert torch.equal(a, model.test_nll(x, zeros))  # the same masks, the same bound
+    with pytest.raises(ValueError, match="class labels"):
+        model.test_nll(x)
+    torch.manual_seed(2)
+    assert model.sample(4, torch.tensor([3, 7, 3, 7])).shape == (4, 64)
+
+
+def test_class_log_likelihoods_share_their_masks_and_estimate_the_bound():
+    torch.manual_seed(0)
+    model = MDM.build(hidden=16, blocks=1, dropout=0.0, conditional=True, classify_strata=4).eval()
+    x = common.load_splits(torch.device("cpu"), quick=True)["test"][:3]
+    with torch.no_grad():
+        torch.manual_seed(1)
+        scores = model.class_log_likelihoods(x)
+        assert scores.shape == (3, 10)
+        # column c is the stratified estimate with class c, the masks drawn once for all classes
+        torch.manual_seed(1)
+        target, expected = x.long(), torch.zeros(3, 10)
+        for low in range(0, 64, 16):
+            m = 1 + low + torch.randint(16, (3,))
+            hidden = random_subset(torch.ones_like(target, dtype=torch.bool), m)
+            for c in range(10):
+                expected[:, c] -= 16 * mdm_script.masked_cross_entropy(
+                    lambda z: model.logits(z, torch.full((3,), c)), target, hidden, MASK) / m
+        assert torch.allclose(scores, expected, rtol=1e-5)
+        # unbiased for the bound: many draws against the test NLL's estimate with many masks
+        draws = torch.stack([model.class_log_likelihoods(x) for _ in range(100)])  # (100, 3, 10)
+        bound = torch.stack([model.test_nll(x, torch.full((3,), c)) for c in (0, 5)], 1)  # (3, 2)
+        mean, stderr = -draws.mean(0)[:, [0, 5]], draws.std(0)[:, [0, 5]] / 10
+        assert ((mean - bound).abs() < 5 * stderr + 1.0).all()
+
+
 # --- the script ---------------------------------------------------------------------
+
+
+def test_conditional_smoke_writes_the_conditional_files(tmp_path):
+    assert run_main(mdm_script.main, TINY + ["--out", str(tmp_path), "--conditional", "--digits", "3,7"]) == 0
+    assert not (tmp_path / "MDM.pt").exists() and (tmp_path / "MDM_conditional.pt").exists()
+    metrics = json.loads((tmp_path / "MDM_conditional_metrics.json").read_text())
+    assert metrics["conditional"] and 0 <= metrics["class_accuracy"] <= 1 and metrics["other_samplers"] == {}
+    assert 0 <= metrics["generative_classifier_accuracy"] <= 1 and metrics["test_nll_stderr_nats"] > 0
+    samples = np.load(tmp_path / "MDM_conditional_samples.npz")
+    x, y = samples["x"], samples["y"]
+    assert x.dtype == np.float32 and x.shape == (metrics["num_samples"], 64) and y.dtype == np.int64
+    assert sorted(set(y.tolist())) == [3, 7] and (y == 3).sum() == (y == 7).sum() == len(y) // 2
+
 
 
 def test_smoke_every_output_and_sample_only_with_other_steps(tmp_path):

@@ -1,11 +1,13 @@
 """RealNVP: invertibility, log-determinants against autograd Jacobians (flow, linear mixing,
 dequantizer), a density that integrates to one, the dequantization bound (uniform and variational,
-plain and importance-weighted), and a smoke test of the script (with --sample-only)."""
+plain and importance-weighted), the conditional model's density, classifier scores and samples, and
+smoke tests of the script (with --sample-only, and --conditional)."""
 
 import dataclasses
 import json
 import math
 
+import numpy as np
 import pytest
 import torch
 
@@ -309,3 +311,47 @@ def test_smoke_every_output_and_sample_only_at_another_temperature(tmp_path):
 def test_bad_alpha_is_a_usage_error(capsys):
     assert run_main(realnvp_script.main, TINY + ["--alpha", "0.5"]) == 2
     assert "--alpha" in capsys.readouterr().err
+
+
+# --- the conditional model -------------------------------------------------------
+
+
+@pytest.mark.parametrize("class_input", ["base", "couplings", "both"])
+def test_conditional_density_class_log_likelihoods_and_samples(class_input):
+    """log p(v | y) = log N(f(v; y); mu_y, sigma_y^2) + log|det|; the bound depends on y;
+    class_log_likelihoods equals -test_nll(x, c) for every c with the same seed; samples of the
+    asked classes, which depend on the class."""
+    model = tiny_flow(conditional=True, class_input=class_input, nll_draws=3)
+    torch.manual_seed(0)
+    v, y = pixels_in_range(4), torch.tensor([0, 3, 7, 9])
+    with torch.no_grad():
+        z, log_det = model(v, y)
+        mean, std = (model.base_mean[y], model.base_log_std[y].exp()) if class_input != "couplings" else (0.0, 1.0)
+        expected = torch.distributions.Normal(mean, std).log_prob(z).sum(1) + log_det
+        assert torch.allclose(model.log_prob(v, y), expected)
+        assert not torch.allclose(model.log_prob(v, y), model.log_prob(v, (y + 1) % 10))
+        x = v.floor()
+        torch.manual_seed(1)
+        scores = model.class_log_likelihoods(x)
+        assert scores.shape == (4, 10)
+        for c in range(10):
+            torch.manual_seed(1)
+            assert torch.allclose(scores[:, c], -model.test_nll(x, torch.full((4,), c)))
+        model.float()  # the sampler draws float32 noise
+        torch.manual_seed(2)
+        samples = model.sample(4, y)
+        torch.manual_seed(2)
+        others = model.sample(4, (y + 1) % 10)
+    assert samples.shape == (4, 64) and torch.equal(samples, samples.round()) and not torch.equal(samples, others)
+
+
+def test_conditional_smoke_run_draws_the_asked_digits(tmp_path):
+    assert run_main(realnvp_script.main, TINY + ["--conditional", "--digits", "3,7", "--out", str(tmp_path)]) == 0
+    assert (tmp_path / "RealNVP_conditional.pt").is_file() and not (tmp_path / "RealNVP.pt").exists()
+    metrics = json.loads((tmp_path / "RealNVP_conditional_metrics.json").read_text())
+    assert metrics["conditional"] and 0 <= metrics["class_accuracy"] <= 1
+    assert math.isfinite(metrics["test_nll_nats"]) and 0 <= metrics["generative_classifier_accuracy"] <= 1
+    drawn = np.load(tmp_path / "RealNVP_conditional_samples.npz")
+    assert drawn["x"].shape == (64, 64) and drawn["x"].dtype == np.float32
+    assert drawn["y"].dtype == np.int64 and (np.bincount(drawn["y"], minlength=10)[[3, 7]] == 32).all()
+    assert np.bincount(drawn["y"], minlength=10).sum() == 64

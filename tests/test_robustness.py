@@ -311,7 +311,7 @@ def test_nan_samples_are_one_line_exit_1_and_leave_every_file_as_it_was(trained,
 
 def test_a_validation_frechet_of_nan_samples_is_nan_not_a_scipy_error(tmp_path):
     class Sampler:
-        val_objective = common.VAL_FRECHET
+        val_objective, conditional = common.VAL_FRECHET, False
 
         def sample(self, n):
             return torch.full((n, 64), float("nan"))

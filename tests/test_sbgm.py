@@ -3,8 +3,10 @@ against analytic densities, the box posterior against quadrature, the samplers a
 Gaussian, and smoke tests of the script."""
 
 import dataclasses
+import json
 import math
 
+import numpy as np
 import pytest
 import torch
 
@@ -268,3 +270,85 @@ def test_other_samplers_are_the_ode_at_other_step_counts():
     torch.manual_seed(3)
     assert torch.equal(model.samplers()["ode_10"](16), expected)
     assert not SBGM.build(hidden=16, blocks=1, compare_samplers=False).samplers()
+
+
+# --- conditional model (--conditional) --------------------------------------------------
+
+
+def conditional_sbgm(**overrides):
+    """A tiny conditional SBGM with a random output layer, so that the class changes eps (the
+    zero output layer of an untrained one would ignore it)."""
+    torch.manual_seed(0)
+    model = SBGM.build(conditional=True, hidden=16, blocks=1, **overrides).eval()
+    with torch.no_grad():
+        torch.nn.init.normal_(model.net.out.weight, std=0.3)
+    return model
+
+
+def test_unconditional_model_has_no_class_parameters():
+    """The default model is p(x): no class embedding (its weights and random draws are those of
+    the code before --conditional)."""
+    assert not any("classes" in name for name in SBGM.build(hidden=16, blocks=1).state_dict())
+    assert conditional_sbgm().net.embedding.classes.weight.shape == (11, 128)
+
+
+@pytest.mark.parametrize("sampler", ["ode", "sde"])
+def test_guidance_zero_is_the_plain_conditional_sampler(sampler):
+    """w = 0 draws exactly what the sampler with eps(z, t, y) alone draws; w > 0 differs, and
+    the samples have the asked labels' count and shape."""
+    model = conditional_sbgm(sampler=sampler, sample_steps=5, guidance=0.0)
+    y = torch.tensor([3, 7, 3, 7, 0])
+    torch.manual_seed(5)
+    guided_zero = model.sample(5, y)
+    plain = conditional_sbgm(sampler=sampler, sample_steps=5)
+    plain.guided_eps = lambda labels, weight: (lambda z, t: plain.eps(z, t, labels))
+    torch.manual_seed(5)
+    assert torch.equal(plain.sample(5, y), guided_zero)
+    assert guided_zero.shape == (5, 64) and set(guided_zero.unique().tolist()) <= set(range(17))
+    model.sampling = dataclasses.replace(model.sampling, guidance=1.0)
+    torch.manual_seed(5)
+    assert not torch.equal(model.sample(5, y), guided_zero)
+
+
+@pytest.mark.parametrize("divergence", ["hutchinson", "exact"])
+def test_conditional_nll_depends_on_the_class_of_each_row(divergence):
+    """test_nll(x, y) (the ODE, with either divergence) changes with y; with the exact divergence
+    (random only in the dequantization) changing row 1's class changes row 1's NLL alone, across
+    chunks: each class travels with its image."""
+    model = conditional_sbgm(ode_steps=1, divergence=divergence, output="eps")  # eps: a quick exact divergence
+    x = torch.randint(0, 17, (3, 64)).float()
+    torch.manual_seed(1)
+    nll = model.test_nll(x, torch.tensor([3, 5, 3]), chunk=2)
+    torch.manual_seed(1)
+    other = model.test_nll(x, torch.tensor([3, 8, 3]), chunk=2)
+    assert not torch.allclose(other[1], nll[1])
+    if divergence == "exact":
+        assert torch.equal(other[[0, 2]], nll[[0, 2]])
+
+
+def test_class_log_likelihoods_is_minus_the_variational_bound_given_each_class():
+    """(B, 10), column c an unbiased estimate of -E[bound(x, c)] (Monte Carlo, 5 standard errors)."""
+    model = conditional_sbgm()
+    x = torch.randint(0, 17, (2, 64)).float()
+    torch.manual_seed(2)
+    scores = model.class_log_likelihoods(x.repeat(100, 1), draws=4).view(100, 2, 10)
+    assert scores.shape == (100, 2, 10)
+    for c in (0, 4):
+        with torch.no_grad():
+            bounds = torch.stack([model.bound(x.repeat(200, 1), torch.full((400,), c)) for _ in range(2)])
+        bounds = bounds.view(-1, 2)
+        estimate = -scores[..., c].mean(0)
+        standard_error = (scores[..., c].var(0) / 100 + bounds.var(0) / len(bounds)).sqrt()
+        assert ((estimate - bounds.mean(0)).abs() < 5 * standard_error).all()
+
+
+def test_smoke_conditional_run_writes_the_conditional_files(tmp_path):
+    assert run_main(sbgm_script.main, ["--quick", "--no-progress", "--out", str(tmp_path), "--hidden", "16",
+                                       "--blocks", "1", "--conditional", "--digits", "3,7"]) == 0
+    assert not (tmp_path / "SBGM.pt").exists() and (tmp_path / "SBGM_conditional.pt").is_file()
+    metrics = json.loads((tmp_path / "SBGM_conditional_metrics.json").read_text())
+    assert metrics["conditional"] and 0 <= metrics["class_accuracy"] <= 1
+    assert 0 <= metrics["generative_classifier_accuracy"] <= 1 and math.isfinite(metrics["test_nll_nats"])
+    samples = np.load(tmp_path / "SBGM_conditional_samples.npz")
+    assert samples["x"].shape == (64, 64) and samples["x"].dtype == np.float32
+    assert samples["y"].dtype == np.int64 and sorted(samples["y"].tolist()) == [3] * 32 + [7] * 32

@@ -2,8 +2,10 @@
 known scores, a score network trained on Gaussian data against the analytic score, and a smoke
 test of the script."""
 
+import dataclasses
 import json
 
+import numpy as np
 import pytest
 import torch
 
@@ -183,5 +185,56 @@ def test_sample_only_takes_other_langevin_settings_on_the_same_weights(tmp_path)
     assert run_main(scm_script.main, [*TINY, "--out", str(tmp_path), "--sample-only", "--langevin-steps", "3",
                                       "--step-size", "1e-5", "--no-denoise"]) == 0
     metrics = json.loads((tmp_path / "ScM_metrics.json").read_text())
-    assert metrics["sampling"] == dict(langevin_steps=3, step_size=1e-5, denoise=False)
+    assert metrics["sampling"] == dict(langevin_steps=3, step_size=1e-5, denoise=False,
+                                       guidance=scm_script.ScMSampling.guidance)
     assert "langevin_steps" not in metrics["config"] and metrics["stopped"] == "sample_only"
+
+
+# --- the conditional model (--conditional)
+
+
+def test_unconditional_model_has_no_class_inputs():
+    assert ScoreMatching.build().net.blocks[0].cond.in_features == 30
+    assert ScoreMatching.build(conditional=True).net.blocks[0].cond.in_features == 30 + common.NUM_CLASSES + 1
+
+
+def test_guidance_zero_is_the_plain_conditional_sampler_and_guidance_changes_the_samples():
+    torch.manual_seed(0)
+    model = ScoreMatching.build(conditional=True, hidden=16, blocks=1, noise_levels=4, langevin_steps=2).eval()
+    y = torch.tensor([0, 3, 7, 9])
+
+    def draw(guidance):
+        model.sampling = dataclasses.replace(model.sampling, guidance=guidance)
+        torch.manual_seed(5)
+        return model.sample(4, y)
+
+    torch.manual_seed(5)
+    x = torch.rand(4, 64) * 2 - 1
+    s = model.sampling
+    with torch.no_grad():
+        plain = annealed_langevin(lambda x, levels: model.score(x, levels, y), x, model.sigmas, s.langevin_steps,
+                                  s.step_size, s.denoise)
+    assert torch.equal(draw(0.0), common.pm1_to_pixels(plain))
+    assert not torch.equal(draw(2.0), common.pm1_to_pixels(plain))
+
+
+def test_conditional_score_depends_on_the_class():
+    torch.manual_seed(0)
+    model = ScoreMatching.build(conditional=True, hidden=16, blocks=1, noise_levels=4)
+    x, levels = torch.randn(3, 64), torch.tensor([0, 2, 3])
+    with torch.no_grad():
+        assert (model.score(x, levels, torch.tensor([1, 2, 3])) - model.score(x, levels, torch.tensor([4, 5, 10]))
+                ).abs().min() > 0
+
+
+def test_conditional_smoke_writes_the_conditional_files(tmp_path):
+    assert run_main(scm_script.main, [*TINY, "--out", str(tmp_path), "--conditional", "--digits", "3,7",
+                                      "--guidance", "1"]) == 0
+    assert not (tmp_path / "ScM.pt").exists() and (tmp_path / "ScM_conditional.pt").exists()
+    metrics = json.loads((tmp_path / "ScM_conditional_metrics.json").read_text())
+    assert metrics["conditional"] and 0 <= metrics["class_accuracy"] <= 1 and metrics["test_nll_nats"] is None
+    assert metrics["generative_classifier_accuracy"] is None and metrics["test_dsm_loss"] > 0
+    samples = np.load(tmp_path / "ScM_conditional_samples.npz")
+    assert samples["x"].dtype == np.float32 and samples["x"].shape == (len(samples["y"]), 64)
+    assert samples["y"].dtype == np.int64 and set(samples["y"].tolist()) == {3, 7}
+    assert (samples["y"] == 3).sum() == (samples["y"] == 7).sum()

@@ -1,6 +1,7 @@
 """VAE: the mixture density, the ELBO and the importance-weighted bound against quadrature on a
 1-D latent (and a 2-D one for the hierarchical VAE), true samples against the model's marginal,
-KL warm-up, the pictures, and smoke, resume and sample-only runs of the script."""
+KL warm-up, the pictures, the conditional model (CVAE), and smoke, resume and sample-only runs of
+the script."""
 
 import json
 import math
@@ -243,3 +244,55 @@ def test_conv_decoder_puts_each_pixels_logits_at_its_raster_position():
     for row, col in ((0, 0), (0, 7), (3, 5), (7, 1)):
         assert torch.allclose(logits.reshape(10, 64, 17)[:, row * 8 + col], grid[:, :, row, col])
     assert model.log_weights(images(n=2), 3).shape == (3, 2)
+
+
+# --- the conditional model (CVAE) ------------------------------------------------------------
+
+
+@pytest.mark.parametrize("prior,layers", [("standard", 1), ("vampprior", 1), ("mog", 2)])
+def test_conditional_prior_samples_and_class_log_likelihoods(prior, layers):
+    """p(z | y) is a distribution over class y's components only; samples have the asked count and
+    shape; the bound depends on y; class_log_likelihoods is the IWAE bound of each class with the
+    same noise (CLASSIFY_SAMPLES draws)."""
+    torch.manual_seed(0)
+    model = VAE.build(conditional=True, latent=2, hidden=16, channels=4, prior=prior, components=20,
+                      stochastic_layers=layers).eval()
+    x, y = images(n=4), torch.tensor([0, 3, 7, 9])
+    if prior != "standard":
+        weights = model.top_prior_params(y)[2].exp()  # (4, 20)
+        assert torch.allclose(weights.sum(1), torch.ones(4))
+        assert (weights[model.component_classes()[None] != y[:, None]] == 0).all()
+    with torch.no_grad():
+        samples = model.sample(6, torch.tensor([3, 3, 7, 7, 1, 0]))
+        assert samples.shape == (6, 64) and torch.equal(samples, samples.round())
+        torch.manual_seed(1)
+        nll = model.test_nll(x, y)
+        torch.manual_seed(1)
+        assert not torch.allclose(nll, model.test_nll(x, (y + 1) % 10))
+        torch.manual_seed(2)
+        scores = model.class_log_likelihoods(x)
+        assert scores.shape == (4, 10)
+        for c in (0, 5):
+            torch.manual_seed(2)
+            seed = int(torch.randint(2**31 - 1, ()))
+            torch.manual_seed(seed)
+            expected = -model.iwae_nll(x, vae_script.CLASSIFY_SAMPLES, torch.full((4,), c))
+            assert torch.allclose(scores[:, c], expected)
+
+
+def test_conditional_smoke_run_draws_the_asked_digits(tmp_path):
+    flags = TINY + ["--components", "10", "--conditional", "--digits", "3,7", "--out", str(tmp_path)]
+    assert run_main(vae_script.main, flags) == 0
+    assert (tmp_path / "VAE_conditional.pt").is_file() and not (tmp_path / "VAE.pt").exists()
+    metrics = json.loads((tmp_path / "VAE_conditional_metrics.json").read_text())
+    assert metrics["conditional"] and 0 <= metrics["class_accuracy"] <= 1
+    assert math.isfinite(metrics["test_nll_nats"]) and 0 <= metrics["generative_classifier_accuracy"] <= 1
+    drawn = np.load(tmp_path / "VAE_conditional_samples.npz")
+    assert drawn["x"].shape == (64, 64) and drawn["x"].dtype == np.float32
+    assert drawn["y"].dtype == np.int64 and sorted(np.bincount(drawn["y"]).nonzero()[0]) == [3, 7]
+    assert (np.bincount(drawn["y"])[[3, 7]] == 32).all()
+
+
+def test_conditional_prior_needs_a_component_per_class(capsys):
+    assert run_main(vae_script.main, TINY + ["--conditional"]) == 2  # TINY has 5 components
+    assert "--components" in capsys.readouterr().err

@@ -1,0 +1,215 @@
+"""Class-conditional models, what common.py and leaderboard.py do for every family: the generative
+classifier against the Bayes rule, the classes a conditional run draws, the measures of its
+samples, the refusal of a checkpoint of the other kind, and the flags that pick the classes."""
+
+import json
+import math
+from dataclasses import dataclass
+
+import numpy as np
+import pytest
+import torch
+
+import common
+import leaderboard
+from conftest import run_main
+
+
+@dataclass(frozen=True)
+class ToyConfig(common.ModelConfig):
+    pass
+
+
+class TwoGaussians(common.DigitsModel):
+    """p(x | y) = N(x; mu_y, s^2 I) for the classes 0 and 1 (every other class: mean 100, far
+    away), in 64 dimensions; noise: a stochastic estimate of -log p(x | y), as an upper bound of
+    a family's with its own noise, to check that every class sees the same draws."""
+
+    name, nll_kind = "Toy", "exact"
+    Config = ToyConfig
+
+    def __init__(self, means, scale, noise=0.0):
+        super().__init__(ToyConfig(conditional=True))
+        self.means, self.scale, self.noise = means, scale, noise
+
+    def test_nll(self, x, y=None):
+        d = (x - self.means[y]) / self.scale
+        exact = 0.5 * (d**2).sum(1) + x.shape[1] * math.log(self.scale * math.sqrt(2 * math.pi))
+        return exact + self.noise * torch.randn(len(x)).abs()  # one draw per image, the same for each class
+
+
+def test_the_generative_classifier_is_the_bayes_rule_on_two_gaussians():
+    torch.manual_seed(0)
+    means = torch.full((10, 64), 100.0)
+    means[0], means[1] = 0.0, 0.25
+    model = TwoGaussians(means, scale=1.0)
+    train_labels = torch.tensor([0] * 300 + [1] * 100)  # p(y = 0) = 0.75
+    x = torch.cat([means[0] + torch.randn(500, 64), means[1] + torch.randn(500, 64)])
+    predicted = common.generative_classifier(model, x, train_labels)
+    # Bayes: class 1 when log N(x; mu_1) + log 1/4 > log N(x; mu_0) + log 3/4, i.e. along mu_1 - mu_0
+    # (every coordinate 0.25): 0.25 sum(x) - 64 * 0.25^2 / 2 > log 3
+    bayes = (0.25 * x.sum(1) - 64 * 0.25**2 / 2 > math.log(3)).long()
+    assert torch.equal(predicted, bayes)
+    assert 0 < int(predicted.sum()) < 1000  # both classes predicted: the test can fail either way
+
+
+def test_every_class_likelihood_is_drawn_with_the_same_noise():
+    torch.manual_seed(0)
+    means = torch.zeros(10, 64)
+    means[1] = 0.01  # nearly the same class: noise alone would decide if it differed between classes
+    model = TwoGaussians(means, scale=1.0, noise=50.0)
+    x = torch.randn(64, 64)
+    scores = model.class_log_likelihoods(x)
+    exact = TwoGaussians(means, scale=1.0).class_log_likelihoods(x)
+    assert scores.shape == (64, 10)
+    assert torch.allclose(scores - scores[:, :1], exact - exact[:, :1], atol=1e-4)  # the noise cancels
+    assert not torch.allclose(scores, exact)
+
+
+def test_a_model_without_likelihood_is_no_classifier():
+    class NoLikelihood(TwoGaussians):
+        nll_kind = None
+
+        def test_nll(self, x, y=None):
+            raise NotImplementedError
+
+    model = NoLikelihood(torch.zeros(10, 64), 1.0)
+    assert common.generative_classifier(model, torch.zeros(3, 64), torch.tensor([0, 1])) is None
+
+
+def test_sample_labels_cycle_through_the_asked_digits():
+    model = TwoGaussians(torch.zeros(10, 64), 1.0)
+    assert common.sample_labels(model, 12, torch.device("cpu")).tolist() == [0, 1, 2, 3, 4, 5, 6, 7, 8, 9, 0, 1]
+    assert common.sample_labels(model, 5, torch.device("cpu"), (3, 7)).tolist() == [3, 7, 3, 7, 3]
+    model.config = ToyConfig(conditional=False)
+    assert common.sample_labels(model, 5, torch.device("cpu")) is None
+
+
+def test_draw_samples_hands_each_chunk_its_labels():
+    model = TwoGaussians(torch.zeros(10, 64), 1.0)
+    model.sample = lambda n, y: y[:, None].float().expand(n, 64)  # the class as every pixel
+    labels = torch.arange(2500) % 7
+    samples = common.draw_samples(model, 2500, 0, torch.device("cpu"), batch_size=1000, labels=labels)
+    assert samples.shape == (2500, 64) and torch.equal(samples[:, 0], labels.float())
+
+
+def test_conditional_quality_of_real_digits_and_of_wrong_labels(tmp_path):
+    pixels, classes = common.load_digits_arrays()
+    val, val_classes = common.split_arrays(pixels)["val"], common.split_arrays(classes)["val"]
+    right = common.conditional_quality(val, val_classes, "results")
+    wrong = common.conditional_quality(val, (val_classes + 1) % 10, "results")
+    classifier, _ = common.digit_classifier("results")
+    with torch.no_grad():
+        accuracy = (classifier(torch.from_numpy(val)).argmax(1).numpy() == val_classes).mean()
+    assert right["class_accuracy"] == pytest.approx(accuracy) and right["class_accuracy"] > 0.9
+    assert wrong["class_accuracy"] < 0.1
+    assert set(right["frechet_by_class"]) == set(range(10))
+    assert right["frechet_mean_over_classes"] < wrong["frechet_mean_over_classes"]
+    assert right["frechet_worst"] == max(right["frechet_by_class"].values())
+
+
+@pytest.mark.parametrize("text, ok", [("3,7", (3, 7)), ("0", (0,)), ("9, 1", (9, 1)), ("3,3", None),
+                                      ("10", None), ("3,x", None), ("", None), ("-1", None)])
+def test_digits_flag(text, ok):
+    import argparse
+
+    if ok is None:
+        with pytest.raises(argparse.ArgumentTypeError, match="distinct digits 0-9"):
+            common.digit_list(text)
+    else:
+        assert common.digit_list(text) == ok
+
+
+def test_digits_without_conditional_and_too_few_samples_are_refused(tmp_path, capsys):
+    import autoregressive_model
+
+    code = run_main(autoregressive_model.main, ["--quick", "--out", str(tmp_path), "--digits", "3,7"])
+    assert code == 2 and "add --conditional" in capsys.readouterr().err
+    code = run_main(autoregressive_model.main, ["--quick", "--out", str(tmp_path), "--conditional",
+                                                "--num-samples", "3"])
+    err = capsys.readouterr().err
+    assert code == 2 and "fewer than the 10 classes" in err and len(err.strip().splitlines()) == 1
+    code = run_main(autoregressive_model.main, ["--quick", "--out", str(tmp_path), "--conditional", "--digits", "3,11"])
+    assert code == 2 and "distinct digits 0-9" in capsys.readouterr().err
+    assert not list(tmp_path.iterdir())
+
+
+def _weights(path, conditional):
+    state = common.TrainState(epoch=1, best_epoch=1, best_val=1.0, best_weights={"w": torch.zeros(1)},
+                              history=dict(train=[1.0], val=[1.0]))
+    common.save_weights(path, "Toy", dict(conditional=conditional), state)
+
+
+def test_a_checkpoint_of_the_other_kind_is_refused_in_one_line(tmp_path):
+    _weights(tmp_path / "Toy.pt", conditional=False)
+    _weights(tmp_path / "Toy_conditional.pt", conditional=True)
+    with pytest.raises(common.UsageError, match=r"holds a model of p\(x\) \(trained without --conditional\)"):
+        common.load_checkpoint(tmp_path / "Toy.pt", "Toy", dict(conditional=True), "weights", "")
+    with pytest.raises(common.UsageError, match=r"holds a model of p\(x \| y\).*load it with --conditional"):
+        common.load_checkpoint(tmp_path / "Toy_conditional.pt", "Toy", dict(conditional=False), "weights", "")
+    with pytest.raises(common.UsageError, match="load it with --conditional"):
+        common.load_checkpoint(tmp_path / "Toy_conditional.pt", "Toy", None, "weights", "", conditional=False)
+    assert common.load_checkpoint(tmp_path / "Toy.pt", "Toy", dict(conditional=False), "weights", "")
+    older = tmp_path / "older.pt"  # weights made before conditional models: a model of p(x)
+    common.save_weights(older, "Toy", {}, common.TrainState(best_weights={"w": torch.zeros(1)}))
+    assert common.load_checkpoint(older, "Toy", dict(conditional=False), "weights", "")
+
+
+def test_sample_only_of_a_conditional_run_refuses_unconditional_weights(tmp_path, capsys):
+    import autoregressive_model
+
+    tiny = ["--quick", "--out", str(tmp_path), "--channels", "8", "--layers", "2", "--members", "1"]
+    assert run_main(autoregressive_model.main, tiny) == 0
+    (tmp_path / "ARM.pt").rename(tmp_path / "ARM_conditional.pt")  # a p(x) file under the conditional name
+    capsys.readouterr()
+    code = run_main(autoregressive_model.main, tiny + ["--conditional", "--sample-only"])
+    err = capsys.readouterr().err
+    assert code == 2 and "holds a model of p(x)" in err and len(err.strip().splitlines()) == 1
+
+
+def test_run_settings_and_stems_of_conditional_runs():
+    assert leaderboard._settings(("--seed", "1", "--conditional")) == {"seed": "1", "conditional": "True"}
+    assert leaderboard._settings(("--conditional", "--seed", "2")) == {"conditional": "True", "seed": "2"}
+    assert leaderboard.run_stem("ARM", ("--conditional",)) == "ARM_conditional"
+    assert leaderboard.run_stem("ARM", ("--seed", "1")) == "ARM"
+    metrics = dict(code_sha256=common.code_fingerprint(common.ROOT / "ddpm.py"), quick=False, interrupted=False,
+                   stopped="max_epochs", changed_settings=dict(conditional=True))
+    assert leaderboard.is_current(metrics, "ddpm.py", ("--conditional",))
+    assert not leaderboard.is_current(metrics, "ddpm.py")
+
+
+def test_labelled_samples_are_checked(tmp_path):
+    good = tmp_path / "good.npz"
+    np.savez(good, x=np.full((20, 64), 3, np.float32), y=np.arange(20) % 10)
+    (x, y), problem = leaderboard.read_labelled_samples(good)
+    assert problem is None and x.shape == (20, 64) and y.dtype == np.int64
+    for name, arrays, message in [
+            ("nolabels.npz", dict(x=np.zeros((4, 64), np.float32)), "not x and y"),
+            ("shape.npz", dict(x=np.zeros((4, 63), np.float32), y=np.zeros(4, np.int64)), "expected (N, 64)"),
+            ("range.npz", dict(x=np.full((4, 64), 17, np.float32), y=np.zeros(4, np.int64)), "not pixels"),
+            ("class.npz", dict(x=np.zeros((4, 64), np.float32), y=np.full(4, 12)), "classes 0..9")]:
+        np.savez(tmp_path / name, **arrays)
+        found, problem = leaderboard.read_labelled_samples(tmp_path / name)
+        assert found is None and message in problem
+    (tmp_path / "junk.npz").write_bytes(b"not a zip")
+    assert "unreadable" in leaderboard.read_labelled_samples(tmp_path / "junk.npz")[1]
+
+
+def test_the_per_class_gaussian_mixture_is_a_conditional_model():
+    pixels, classes = common.load_digits_arrays()
+    splits = common.split_arrays(pixels.astype(np.float64))
+    labels = common.split_arrays(classes)
+    nll, predicted, x, y, _, _ = leaderboard.conditional_gaussian_mixture(splits, labels, 20, 0, ks=(1,), regs=(0.1,))
+    assert x.shape == (200, 64) and y.tolist() == sorted(y.tolist()) and np.bincount(y).tolist() == [20] * 10
+    assert 0 <= x.min() and x.max() <= 16 and nll < 181.3
+    assert (predicted == labels["test"]).mean() > 0.85  # a Gaussian per class is a decent classifier
+
+
+def test_conditional_table_reports_the_families_below_the_target():
+    row = dict(model="ARM", current=True, class_accuracy=0.9, frechet_mean_over_classes=30.0, frechet_worst=50.0,
+               frechet_worst_class=8, frechet_distance=10.0, copy_rate=0.0, test_nll_nats=70.0, nll_kind="exact",
+               generative_classifier_accuracy=0.95, train_seconds=60.0, sample_seconds=1.0)
+    table = leaderboard.conditional_markdown([row], 0.919)
+    assert "| ARM | 0.900 | 30.00 | 50.00 (8) |" in table and "Class accuracy below 0.95: ARM." in table
+    assert "at least 0.95" in leaderboard.conditional_markdown([dict(row, class_accuracy=0.97)], 0.919)
+    json.dumps(row)
