@@ -61,6 +61,23 @@ def check_outputs(out, name, nll_kind):
     return metrics
 
 
+def check_conditional_outputs(out, name, digits, nll_kind):
+    """The files of a `--conditional --digits ...` run (64 samples shared by the digits) and none
+    of the default run's; returns the metrics."""
+    out = Path(out)
+    assert not (out / f"{name}.pt").exists() and not (out / f"{name}_samples.npy").exists()
+    assert (out / f"{name}_conditional.pt").is_file() and (out / f"{name}_conditional_samples.png").is_file()
+    metrics = json.loads((out / f"{name}_conditional_metrics.json").read_text())
+    assert metrics["conditional"] and metrics["digits"] == list(digits) and 0 <= metrics["class_accuracy"] <= 1
+    if nll_kind is not None:
+        assert 0 <= metrics["generative_classifier_accuracy"] <= 1 and math.isfinite(metrics["test_nll_nats"])
+    with np.load(out / f"{name}_conditional_samples.npz") as samples:
+        per_class = 64 // len(digits)
+        assert samples["x"].shape == (per_class * len(digits), 64) and samples["x"].dtype == np.float32
+        assert samples["y"].dtype == np.int64 and samples["y"].tolist() == [d for d in digits for _ in range(per_class)]
+    return metrics
+
+
 @pytest.fixture(autouse=True)
 def one_thread():
     """Tests run single-threaded: steady on a busy machine, where 2 threads made the EBM's SGLD

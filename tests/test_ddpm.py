@@ -6,13 +6,12 @@ import dataclasses
 import json
 import math
 
-import numpy as np
 import pytest
 import torch
 
 import common
 import ddpm as ddpm_script
-from conftest import check_outputs, run_main
+from conftest import check_conditional_outputs, check_outputs, run_main
 from ddpm import DDPM, discretized_gaussian_log_prob, gaussian_kl, make_betas
 
 
@@ -351,10 +350,4 @@ def test_conditional_nll_depends_on_the_class_and_class_log_likelihoods_match_it
 
 def test_smoke_conditional_run_writes_the_conditional_files(tmp_path):
     assert run_main(ddpm_script.main, TINY + ["--out", str(tmp_path), "--conditional", "--digits", "3,7"]) == 0
-    assert not (tmp_path / "DDPM.pt").exists() and (tmp_path / "DDPM_conditional.pt").is_file()
-    metrics = json.loads((tmp_path / "DDPM_conditional_metrics.json").read_text())
-    assert metrics["conditional"] and 0 <= metrics["class_accuracy"] <= 1
-    assert 0 <= metrics["generative_classifier_accuracy"] <= 1 and math.isfinite(metrics["test_nll_nats"])
-    samples = np.load(tmp_path / "DDPM_conditional_samples.npz")
-    assert samples["x"].shape == (64, 64) and samples["x"].dtype == np.float32
-    assert samples["y"].dtype == np.int64 and sorted(samples["y"].tolist()) == [3] * 32 + [7] * 32
+    check_conditional_outputs(tmp_path, "DDPM", (3, 7), "upper_bound")

@@ -3,16 +3,14 @@ against analytic densities, the box posterior against quadrature, the samplers a
 Gaussian, and smoke tests of the script."""
 
 import dataclasses
-import json
 import math
 
-import numpy as np
 import pytest
 import torch
 
 import common
 import score_based_generative_model as sbgm_script
-from conftest import check_outputs, run_main
+from conftest import check_conditional_outputs, check_outputs, run_main
 from score_based_generative_model import (SBGM, VESDE, VPSDE, ode_log_likelihood, sample_probability_flow,
                                           sample_reverse_sde)
 
@@ -345,10 +343,4 @@ def test_class_log_likelihoods_is_minus_the_variational_bound_given_each_class()
 def test_smoke_conditional_run_writes_the_conditional_files(tmp_path):
     assert run_main(sbgm_script.main, ["--quick", "--no-progress", "--out", str(tmp_path), "--hidden", "16",
                                        "--blocks", "1", "--conditional", "--digits", "3,7"]) == 0
-    assert not (tmp_path / "SBGM.pt").exists() and (tmp_path / "SBGM_conditional.pt").is_file()
-    metrics = json.loads((tmp_path / "SBGM_conditional_metrics.json").read_text())
-    assert metrics["conditional"] and 0 <= metrics["class_accuracy"] <= 1
-    assert 0 <= metrics["generative_classifier_accuracy"] <= 1 and math.isfinite(metrics["test_nll_nats"])
-    samples = np.load(tmp_path / "SBGM_conditional_samples.npz")
-    assert samples["x"].shape == (64, 64) and samples["x"].dtype == np.float32
-    assert samples["y"].dtype == np.int64 and sorted(samples["y"].tolist()) == [3] * 32 + [7] * 32
+    check_conditional_outputs(tmp_path, "SBGM", (3, 7), "upper_bound")
