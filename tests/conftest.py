@@ -61,6 +61,16 @@ def check_outputs(out, name, nll_kind):
     return metrics
 
 
+def guided_samples(model, y, guidance, seed=5):
+    """model.sample(len(y), y) with its sampling setting guidance = w (classifier-free guidance),
+    from torch seed `seed`: the draw the guidance tests compare."""
+    import dataclasses
+
+    model.sampling = dataclasses.replace(model.sampling, guidance=guidance)
+    torch.manual_seed(seed)
+    return model.sample(len(y), y)
+
+
 def check_conditional_outputs(out, name, digits, nll_kind):
     """The files of a `--conditional --digits ...` run (64 samples shared by the digits) and none
     of the default run's; returns the metrics."""

@@ -2,7 +2,6 @@
 ODE likelihood against closed-form densities (Gaussian to Gaussian, and the untrained model's
 smoothed uniform), the samplers against a Gaussian, and smoke, resume and sample-only runs."""
 
-import dataclasses
 import json
 import math
 
@@ -12,7 +11,7 @@ import torch
 
 import common
 import flow_matching as fm_script
-from conftest import check_outputs, run_main
+from conftest import check_outputs, guided_samples, run_main
 from flow_matching import FM, ode_log_likelihood, sample_ode
 
 TINY = ["--quick", "--no-progress", "--hidden", "16", "--blocks", "1"]
@@ -212,19 +211,13 @@ def test_unconditional_model_has_no_class_parameters():
 def test_guidance_zero_is_the_plain_conditional_sampler_and_guidance_changes_the_samples():
     model = tiny_conditional_fm().float()
     y = torch.tensor([0, 3, 7, 9])
-
-    def draw(guidance):
-        model.sampling = dataclasses.replace(model.sampling, guidance=guidance)
-        torch.manual_seed(5)
-        return model.sample(4, y)
-
     torch.manual_seed(5)
     x0 = torch.randn(4, 64)
     with torch.no_grad():
         plain = sample_ode(lambda x, t: model.velocity(x, t, y), x0, model.sampling.sample_steps, "midpoint")
     plain = torch.floor((plain + 1) * 8 + 0.5).clamp(0, 16)
-    assert torch.equal(draw(0.0), plain)
-    assert not torch.equal(draw(2.0), plain)
+    assert torch.equal(guided_samples(model, y, 0.0), plain)
+    assert not torch.equal(guided_samples(model, y, 2.0), plain)
 
 
 def test_conditional_nll_depends_on_the_class_and_is_row_by_row():

@@ -2,7 +2,6 @@
 known scores, a score network trained on Gaussian data against the analytic score, and a smoke
 test of the script."""
 
-import dataclasses
 import json
 
 import numpy as np
@@ -11,7 +10,7 @@ import torch
 
 import common
 import score_matching as scm_script
-from conftest import check_outputs, run_main
+from conftest import check_outputs, guided_samples, run_main
 from score_matching import ScoreMatching, annealed_langevin, dsm_loss, geometric_sigmas
 
 TINY = ["--quick", "--no-progress", "--hidden", "16", "--blocks", "1"]
@@ -202,20 +201,14 @@ def test_guidance_zero_is_the_plain_conditional_sampler_and_guidance_changes_the
     torch.manual_seed(0)
     model = ScoreMatching.build(conditional=True, hidden=16, blocks=1, noise_levels=4, langevin_steps=2).eval()
     y = torch.tensor([0, 3, 7, 9])
-
-    def draw(guidance):
-        model.sampling = dataclasses.replace(model.sampling, guidance=guidance)
-        torch.manual_seed(5)
-        return model.sample(4, y)
-
     torch.manual_seed(5)
     x = torch.rand(4, 64) * 2 - 1
     s = model.sampling
     with torch.no_grad():
         plain = annealed_langevin(lambda x, levels: model.score(x, levels, y), x, model.sigmas, s.langevin_steps,
                                   s.step_size, s.denoise)
-    assert torch.equal(draw(0.0), common.pm1_to_pixels(plain))
-    assert not torch.equal(draw(2.0), common.pm1_to_pixels(plain))
+    assert torch.equal(guided_samples(model, y, 0.0), common.pm1_to_pixels(plain))
+    assert not torch.equal(guided_samples(model, y, 2.0), common.pm1_to_pixels(plain))
 
 
 def test_conditional_score_depends_on_the_class():
