@@ -379,7 +379,8 @@ def markdown(rows, masks, families, seconds, cpu_seconds, skipped, diversity_dig
     lines += table("mse", "Mean squared error on the missing pixels (pixel units^2; lower is better):", 2, False)
     lines += table("missing_nll", "-log p(x_missing | x_observed) of the true missing pixels, nats per digit, where the "
                    "model gives it (ARM: exact, for masks whose missing pixels follow every observed one; "
-                   "GaussianMixture: upper bound by dequantization; independent pixels: exact):", 1, False)
+                   "MDM: its order-agnostic upper bound; GaussianMixture: upper bound by dequantization; independent "
+                   "pixels: exact):", 1, False)
     lines += table("diversity", f"Diversity: mean L2 distance (pixels) between {COPIES} completions of the same "
                    f"input, first {diversity_digits} test digits:", 2, None)
     if verdict_["best"]:

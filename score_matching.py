@@ -18,10 +18,13 @@ every block; its input is x~ / sqrt(sigma_data^2 + sigma^2), about unit variance
 (sigma_data = 0.54).
 
 Sampling is annealed Langevin dynamics: from uniform noise on [-1, 1]^64, for each level i run T
-steps of x <- x + alpha_i / 2 * s(x, sigma_i) + sqrt(alpha_i) z with the relative step
-alpha_i = eps * sigma_i^2 (Algorithm 1's eps / sigma_L^2 written as eps; T = 7, eps = 0.1),
-then one denoising step x <- x + sigma_L^2 s(x, sigma_L) (Tweedie's formula for E[x | x~]).
-Sample quality depends mostly on the total relative time L * T * eps (the defaults give 21).
+steps with the relative step alpha_i = eps * sigma_i^2 (Algorithm 1's eps / sigma_L^2 written as
+eps), then one denoising step x <- x + sigma_L^2 s(x, sigma_L) (Tweedie's formula for E[x | x~]).
+The step (--rule) is Song & Ermon's x <- x + alpha_i / 2 * s(x, sigma_i) + sqrt(alpha_i) z, or by
+default the consistent one of Jolicoeur-Martineau et al. 2021 ("Adversarial Score Matching and
+Improved Sampling for Image Generation"): the same drift, with the noise that leaves chains at the
+next step's level, sqrt(max(0, sigma'^2 - (1 - eps / 2)^2 sigma_i^2)) z, where Langevin's leaves
+more (T = 3, eps = 0.18). Sample quality depends mostly on the total relative time L * T * eps.
 --single-level (= --noise-levels 1) is the one-level model of intro_dgm: plain Langevin dynamics
 at a single sigma (0.1 unless --sigma-min says otherwise); it gives poorer digits, because chains
 started far from the data follow a score that was only learned near it.
@@ -74,23 +77,42 @@ def dsm_loss(score, v, sigmas, levels, noise):
     return 0.5 * (sigma * score(noisy, levels) + noise).pow(2).sum(1)  # target score: -z / sigma
 
 
-def annealed_langevin(score, x, sigmas, steps, step_size, denoise=True):
-    """Annealed Langevin dynamics (Song & Ermon 2019, Algorithm 1), then a Tweedie denoising step.
+RULES = ("langevin", "consistent")  # the Langevin step of annealed_langevin
+
+
+def annealed_langevin(score, x, sigmas, steps, step_size, denoise=True, rule="langevin", clamp=None):
+    """Annealed Langevin dynamics over the levels, `steps` steps at each, then a Tweedie denoising step.
 
     score: (x (B, D), levels (B,)) -> (B, D); x: (B, D) starting points; sigmas: (L,) decreasing.
-    At level i: alpha_i = step_size * sigma_i^2, and `steps` times
-    x <- x + alpha_i / 2 * s(x, sigma_i) + sqrt(alpha_i) z, z ~ N(0, I) (torch's global RNG).
+    A step at level i with alpha_i = step_size * sigma_i^2, z ~ N(0, I) (torch's global RNG), is
+      langevin   (Song & Ermon 2019, Algorithm 1): x <- x + alpha_i / 2 * s(x, sigma_i) + sqrt(alpha_i) z
+      consistent (Jolicoeur-Martineau et al. 2021, "Adversarial Score Matching and Improved Sampling
+                 for Image Generation", consistent annealed sampling, here with `steps` steps per level):
+                 x <- x + eta sigma_i^2 s(x, sigma_i) + sqrt(max(0, sigma'^2 - (1 - eta)^2 sigma_i^2)) z,
+                 eta = step_size / 2 (the same drift) and sigma' the level of the next step (sigma_L after
+                 the last): the noise that takes data at one point, noised to sigma_i, to exactly sigma',
+                 where Langevin's noise leaves more (for that data its chains settle at
+                 sigma_i^2 / (1 - step_size / 4)); none when the drift already leaves more than sigma'.
+    clamp: (x, sigma_i) -> x, applied before every step (inpainting's observed pixels).
     With denoise, the result is x + sigma_L^2 s(x, sigma_L) = E[x_clean | x] for the exact score.
     """
-    last = len(sigmas) - 1
-    for i in range(len(sigmas)):
-        levels = torch.full((len(x),), i, dtype=torch.long, device=x.device)
-        alpha = step_size * sigmas[i] ** 2
-        for _ in range(steps):
-            x = x + 0.5 * alpha * score(x, levels) + alpha.sqrt() * torch.randn_like(x)
+    if rule not in RULES:
+        raise ValueError(f"unknown Langevin rule {rule!r}; valid: {', '.join(RULES)}")
+    levels = [i for i in range(len(sigmas)) for _ in range(steps)]  # the level of every step
+    for k, i in enumerate(levels):
+        level = torch.full((len(x),), i, dtype=torch.long, device=x.device)
+        if clamp is not None:
+            x = clamp(x, sigmas[i])
+        if rule == "langevin":
+            alpha = step_size * sigmas[i] ** 2
+            x = x + 0.5 * alpha * score(x, level) + alpha.sqrt() * torch.randn_like(x)
+        else:
+            eta, after = step_size / 2, sigmas[levels[k + 1] if k + 1 < len(levels) else i]
+            noise = (after ** 2 - (1 - eta) ** 2 * sigmas[i] ** 2).clamp(min=0).sqrt()
+            x = x + eta * sigmas[i] ** 2 * score(x, level) + noise * torch.randn_like(x)
     if denoise:
-        levels = torch.full((len(x),), last, dtype=torch.long, device=x.device)
-        x = x + sigmas[last] ** 2 * score(x, levels)
+        last = torch.full((len(x),), len(sigmas) - 1, dtype=torch.long, device=x.device)
+        x = x + sigmas[-1] ** 2 * score(x, last)
     return x
 
 
@@ -102,10 +124,12 @@ DATA_SCALE = 0.54  # root mean square distance of a training image's pixels ([-1
 
 # defaults that depend on the number of levels, chosen by sample quality on the validation split.
 # Several levels (NCSN): the total relative Langevin time L * T * eps counts most (too little leaves
-# the chains short of the data, too much lets them drift where the learned score is poor).
+# the chains short of the data, too much lets them drift where the learned score is poor), so few
+# steps per level do as well as many; the consistent rule, whose chains keep each level's noise
+# rather than more, gives the sharper digits (precision) at the same Frechet distances.
 # One level: intro_dgm's sigma = 0.1 with as many Langevin steps in all (500) and the same relative step.
-DEFAULTS = dict(sigma_min=0.05, langevin_steps=7, step_size=0.1)
-SINGLE_LEVEL = dict(sigma_min=0.1, langevin_steps=500, step_size=0.1)
+DEFAULTS = dict(sigma_min=0.05, langevin_steps=3, step_size=0.18, rule="consistent")
+SINGLE_LEVEL = dict(sigma_min=0.1, langevin_steps=500, step_size=0.1, rule="langevin")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -134,6 +158,10 @@ class ScMSampling:
     step_size: float = common.option(
         None, "eps: the Langevin step at level i is eps * sigma_i^2 "
         f"(default {DEFAULTS['step_size']}; {SINGLE_LEVEL['step_size']} with one level)", type=common.positive_float)
+    rule: str = common.option(
+        None, "the step: langevin (Song & Ermon 2019: noise sqrt(eps) sigma_i) or consistent (Jolicoeur-Martineau "
+        "et al. 2021: the noise that leaves each step's chains at the next step's level) "
+        f"(default {DEFAULTS['rule']}; {SINGLE_LEVEL['rule']} with one level)", choices=RULES)
     denoise: bool = common.option(True, "skip the final denoising step x + sigma_L^2 s(x, sigma_L)")
     # w = 0.75: the best per-class validation Frechet distance of w in {0, 0.5, 0.75, 1, 1.5, 2} with class
     # accuracy over 0.95 (w = 0 draws the asked class too rarely)
@@ -269,25 +297,19 @@ class ScoreMatching(common.DigitsModel):
         s = self.sampling
         score = self.score if y is None else lambda x, levels: common.guided(  # classifier-free guidance
             lambda labels: self.score(x, levels, labels), y, s.guidance)
-        v = annealed_langevin(score, x, self.sigmas, s.langevin_steps, s.step_size, s.denoise)
+        v = annealed_langevin(score, x, self.sigmas, s.langevin_steps, s.step_size, s.denoise, s.rule)
         return common.pm1_to_pixels(v)
 
     @torch.no_grad()
     def complete(self, x, missing):
         """Inpainting by annealed Langevin dynamics with the observed pixels clamped to the data
         noised to the current level, v_o + sigma_i z (Song & Ermon 2019, their inpainting): the
-        sampler's levels, steps and step size move the missing pixels from uniform noise; then the
+        sampler's levels, steps, step size and rule move the missing pixels from uniform noise; then the
         Tweedie denoising step."""
         v, s = common.pixels_to_pm1(x), self.sampling
         u = torch.where(missing, torch.rand_like(v) * 2 - 1, v)
-        for i, sigma in enumerate(self.sigmas):
-            levels = torch.full((len(v),), i, dtype=torch.long, device=v.device)
-            alpha = s.step_size * sigma**2
-            for _ in range(s.langevin_steps):
-                u = torch.where(missing, u, v + sigma * torch.randn_like(v))
-                u = u + 0.5 * alpha * self.score(u, levels) + alpha.sqrt() * torch.randn_like(u)
-        if s.denoise:
-            u = u + self.sigmas[-1] ** 2 * self.score(u, levels)
+        clamp = lambda u, sigma: torch.where(missing, u, v + sigma * torch.randn_like(v))  # noqa: E731
+        u = annealed_langevin(self.score, u, self.sigmas, s.langevin_steps, s.step_size, s.denoise, s.rule, clamp)
         return torch.where(missing, common.pm1_to_pixels(u), x)
 
 

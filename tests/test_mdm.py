@@ -183,6 +183,31 @@ def test_rounds_unmask_as_many_pixels_as_scheduled():
         assert torch.equal(ends, total) and (revealed_after(total, 0, 16, power) == 0).all()
 
 
+
+def test_rows_alike_computes_the_fully_masked_round_once_and_draws_the_same_samples():
+    table = table_model(6)
+    sizes = []
+
+    def logits_fn(z):
+        sizes.append(len(z))
+        return table(z)
+
+    start = torch.full((500, D), MASK_TOY)
+    for steps, power in ((D, 1.0), (2, 1.0), (3, 2.0)):
+        torch.manual_seed(7)
+        plain = unmask(logits_fn, start, steps, MASK_TOY, power=power)
+        plain_sizes, sizes[:] = sizes[:], []
+        torch.manual_seed(7)
+        alike = unmask(logits_fn, start, steps, MASK_TOY, power=power, rows_alike=True)
+        assert torch.equal(plain, alike)  # the same random draws, the same conditionals
+        assert sizes[0] == 1 and sizes[1:] == plain_sizes[1:] and all(n == 500 for n in plain_sizes)
+        sizes.clear()
+    # with pixels already observed nothing is shared
+    observed = start.clone()
+    observed[:, 1] = torch.randint(L, (500,))
+    unmask(logits_fn, observed, D, MASK_TOY, rows_alike=True)
+    assert sizes and all(n == 500 for n in sizes)
+
 # --- masking, shapes, losses ---------------------------------------------------------
 
 
@@ -227,8 +252,25 @@ def test_complete_keeps_observed_pixels_and_fills_the_rest():
         filled = model.complete(x, missing, steps)
         assert filled.shape == x.shape and torch.equal(filled[~missing], x[~missing])
         assert torch.equal(filled, filled.round()) and filled.min() >= 0 and filled.max() <= 16
-    bound = model.conditional_bound(x, missing)
+    bound = model.missing_nll(x, missing)
     assert bound.shape == (8,) and (bound > 0).all() and (bound < model.test_nll(x)).all()
+
+
+def test_missing_nll_of_one_missing_pixel_is_its_exact_conditional():
+    """With a single pixel missing the order-agnostic bound has one term and no slack:
+    -log p(x_i | every other pixel), read off the network's logits."""
+    torch.manual_seed(0)
+    model = MDM.build(hidden=16, blocks=1).eval()
+    x = common.load_splits(torch.device("cpu"), quick=True)["test"][:6]
+    missing = torch.zeros(6, 64, dtype=torch.bool)
+    pixel = torch.tensor([0, 9, 27, 36, 50, 63])
+    missing[torch.arange(6), pixel] = True
+    target = x.round().long()
+    with torch.no_grad():
+        log_probs = torch.log_softmax(model.logits(target.masked_fill(missing, MASK)), -1)
+        expected = -log_probs[torch.arange(6), pixel, target[torch.arange(6), pixel]]
+        bound = model.missing_nll(x, missing)
+    torch.testing.assert_close(bound, expected)
 
 
 def test_labels_are_ignored_by_the_unconditional_model():

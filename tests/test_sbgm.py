@@ -11,8 +11,8 @@ import torch
 import common
 import score_based_generative_model as sbgm_script
 from conftest import check_conditional_outputs, check_outputs, guided_samples, run_main
-from score_based_generative_model import (SBGM, VESDE, VPSDE, ode_log_likelihood, sample_probability_flow,
-                                          sample_reverse_sde)
+from score_based_generative_model import (SBGM, VESDE, VPSDE, at_time, ode_log_likelihood, sample_dpm_solver,
+                                          sample_probability_flow, sample_reverse_sde)
 
 SDES = dict(vp=VPSDE(), ve=VESDE())
 EXACT_PRIOR_SDES = dict(vp=VPSDE(), ve=VESDE(sigma_max=1000.0))  # N(0, prior_var) ~ the marginal at t = 1
@@ -187,7 +187,7 @@ def test_untrained_levels_model_is_uniform_over_the_17_values(name):
     off). Each pixel's eps depends on that pixel only, so the Jacobian is diagonal and Hutchinson's
     r^T J r = sum_i J_ii r_i^2 is the exact divergence (and far cheaper than the exact path here)."""
     torch.manual_seed(0)
-    model = SBGM.build(sde=name, hidden=16, blocks=1, ode_steps=64, sample_steps=200).double().eval()
+    model = SBGM.build(sde=name, hidden=16, blocks=1, ode_steps=64, sampler="heun", sample_steps=200).double().eval()
     x = common.load_splits(torch.device("cpu"), quick=True)["val"][:8].double()
     with torch.no_grad():
         bound = torch.stack([model.bound(x.repeat(250, 1)).mean() for _ in range(4)]).mean()
@@ -205,20 +205,20 @@ def test_untrained_levels_model_is_uniform_over_the_17_values(name):
     assert bound.item() == pytest.approx(64 * math.log(17), abs=3.0)
     assert torch.equal(samples, samples.round()) and samples.min() >= 0 and samples.max() <= 16
     assert samples.mean().item() == pytest.approx(8.0, abs=0.1)
-    # 200 ODE steps: with the default 50, Heun's steps overshoot the edges of [-17/16, 17/16] and
+    # 200 Heun steps to t_eps: with 50, Heun's steps overshoot the edges of [-17/16, 17/16] and
     # the values 0 and 16 are drawn ~20% too often (std 5.04)
     assert samples.std().item() == pytest.approx(math.sqrt((17**2 - 1) / 12), abs=0.05)
 
 
 @pytest.mark.parametrize("name", sorted(SDES))
-@pytest.mark.parametrize("sampler", ["sde", "ode", "sde+corrector"])
+@pytest.mark.parametrize("sampler", ["sde", "heun", "sde+corrector"])
 def test_samplers_with_exact_gaussian_score_recover_the_gaussian(name, sampler):
     sde, d, t_eps = SDES[name], 4, 1e-3
     mean, cov = random_gaussian(d, seed=3)
     eps_fn = gaussian_eps(sde, mean, cov)
     torch.manual_seed(4)
     z1 = torch.randn(4000, d, dtype=torch.float64) * math.sqrt(sde.prior_var())
-    if sampler == "ode":
+    if sampler == "heun":
         z, t = sample_probability_flow(eps_fn, sde, z1, t_eps, steps=60)
     else:
         z, t = sample_reverse_sde(eps_fn, sde, z1, t_eps, steps=500,
@@ -230,14 +230,42 @@ def test_samplers_with_exact_gaussian_score_recover_the_gaussian(name, sampler):
     assert torch.allclose(torch.cov(y.T), cov, atol=0.02)
 
 
+@pytest.mark.parametrize("name", sorted(SDES))
+def test_dpm_solver_follows_the_closed_form_probability_flow_of_a_gaussian(name):
+    """For data N(mean, cov), cov = B diag(v) B^T, the probability-flow ODE in z~ = z / alpha and
+    s = log(sigma / alpha) is dz~/ds = z~ - E[x0 | z] = e^2s (cov + e^2s I)^-1 (z~ - mean), solved by
+    z~(s) = mean + B diag(sqrt((v + e^2s) / (v + e^2s1))) B^T (z~(s1) - mean). DPM-Solver++(2M) with
+    the exact eps lands on it, and its error falls as the square of the step (x4 per halving; its
+    first-order DDIM step alone gives x2)."""
+    sde, d = SDES[name], 6
+    mean, cov = random_gaussian(d, seed=5)
+    variances, basis = torch.linalg.eigh(cov)
+    torch.manual_seed(6)
+    z1 = torch.randn(50, d, dtype=torch.float64) * math.sqrt(sde.prior_var())
+    s1, s_end = -0.5 * at_time(sde.log_snr, 1.0), math.log(0.05)
+    x1 = z1 / at_time(lambda t: sde.marginal(t)[0], 1.0)
+    ratio = ((variances + math.exp(2 * s_end)) / (variances + math.exp(2 * s1))).sqrt()
+    exact = mean + (((x1 - mean) @ basis) * ratio) @ basis.T
+    errors = []
+    for steps in (16, 32, 64, 128):
+        x, s = sample_dpm_solver(gaussian_eps(sde, mean, cov), sde, z1, s_end, steps)
+        assert s == s_end
+        errors.append((x - exact).abs().max().item())
+    assert errors[-1] < 1e-3, errors
+    assert all(3.0 < coarse / fine < 5.0 for coarse, fine in zip(errors[1:], errors[2:])), errors
+    ddim = [(sample_dpm_solver(gaussian_eps(sde, mean, cov), sde, z1, s_end, steps, order=1)[0] - exact).abs().max()
+            for steps in (64, 128)]
+    assert 1.5 < ddim[0] / ddim[1] < 2.5 and ddim[1] > 3 * errors[-1]  # the test can tell the orders apart
+
+
 def test_smoke_every_output(tmp_path):
     assert run_main(sbgm_script.main, ["--quick", "--no-progress", "--out", str(tmp_path),
                                        "--hidden", "16", "--blocks", "1"]) == 0
     metrics = check_outputs(tmp_path, "SBGM", "upper_bound")
     assert metrics["test_nll_nats"] < 64 * math.log(17) * 1.2
     assert metrics["test_variational_bound_nats"] < 64 * math.log(17) * 1.2
-    # the ODE sampler at 10 and 50 steps beside the default (10 with --quick): timed and scored
-    assert set(metrics["other_samplers"]) == {"ode_50"}
+    # DPM-Solver++ at 4 and 16 steps and Heun at 20 beside the default (dpm_4 with --quick): timed and scored
+    assert set(metrics["other_samplers"]) == {"dpm_16", "heun_20"}
     assert all(r["seconds"] > 0 and r["frechet_distance"] > 0 for r in metrics["other_samplers"].values())
     # another sampler on the same checkpoint: settings are not part of the configuration
     assert run_main(sbgm_script.main, ["--quick", "--no-progress", "--out", str(tmp_path), "--hidden", "16",
@@ -255,18 +283,25 @@ def test_bad_t_eps_exits_2(tmp_path):
     assert run_main(sbgm_script.main, ["--quick", "--out", str(tmp_path), "--t-eps", "1.5"]) == 2
 
 
-def test_other_samplers_are_the_ode_at_other_step_counts():
-    """samplers() gives the ODE with 10 and 50 steps (not the default's own count), each the same
-    draw as sample() with that many steps."""
+@pytest.mark.parametrize("level", ["1e-6", "20"])
+def test_denoise_at_outside_the_sde_exits_2(tmp_path, level):
+    """--denoise-at below sigma~ at t_eps or above it at t = 1 (VE: about 1.2e-4 and 10)."""
+    assert run_main(sbgm_script.main, ["--quick", "--out", str(tmp_path), "--denoise-at", level]) == 2
+
+
+def test_other_samplers_are_the_odes_at_other_step_counts():
+    """samplers() gives DPM-Solver++ with 4 and 16 steps and Heun with 20 (not the default
+    itself), each the same draw as sample() with that sampler and count."""
     model = SBGM.build(hidden=16, blocks=1).eval()
-    assert set(model.samplers()) == {"ode_10", "ode_50"}
-    ten = SBGM(model.config, dataclasses.replace(model.sampling, sample_steps=10))
-    ten.load_state_dict(model.state_dict())
-    assert set(ten.samplers()) == {"ode_50"}
-    torch.manual_seed(3)
-    expected = ten.sample(16)
-    torch.manual_seed(3)
-    assert torch.equal(model.samplers()["ode_10"](16), expected)
+    assert set(model.samplers()) == {"dpm_4", "dpm_16", "heun_20"}
+    for name, sampler, steps in (("dpm_4", "dpm", 4), ("heun_20", "heun", 20)):
+        other = SBGM(model.config, dataclasses.replace(model.sampling, sampler=sampler, sample_steps=steps))
+        other.load_state_dict(model.state_dict())
+        assert name not in other.samplers() and len(other.samplers()) == 2
+        torch.manual_seed(3)
+        expected = other.sample(16)
+        torch.manual_seed(3)
+        assert torch.equal(model.samplers()[name](16), expected)
     assert not SBGM.build(hidden=16, blocks=1, compare_samplers=False).samplers()
 
 
@@ -290,7 +325,7 @@ def test_unconditional_model_has_no_class_parameters():
     assert conditional_sbgm().net.embedding.classes.weight.shape == (11, 128)
 
 
-@pytest.mark.parametrize("sampler", ["ode", "sde"])
+@pytest.mark.parametrize("sampler", ["dpm", "heun", "sde"])
 def test_guidance_zero_is_the_plain_conditional_sampler(sampler):
     """w = 0 draws exactly what the sampler with eps(z, t, y) alone draws; w > 0 differs, and
     the samples have the asked labels' count and shape."""

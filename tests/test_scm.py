@@ -153,6 +153,43 @@ def test_annealed_langevin_with_the_exact_score_reproduces_the_gaussian(denoise)
     assert torch.allclose(samples.var(0), variance, rtol=0.05)
 
 
+@pytest.mark.parametrize("steps, step_size", [(3, 0.18), (2, 1.0)])
+def test_consistent_rule_with_the_exact_score_follows_the_gaussian_oracle(steps, step_size):
+    """Data N(mu, diag(v)), exact scores, the consistent rule: each step
+    x <- x + eta sigma_i^2 s(x) + b z, eta = eps / 2, b^2 = max(0, sigma'^2 - (1 - eta)^2 sigma_i^2),
+    is linear, so the chains' mean and variance follow m <- m + eta sigma_i^2 (mu - m) / w,
+    V <- (1 - eta sigma_i^2 / w)^2 V + b^2 with w = v + sigma_i^2 (the oracle below). The first
+    case has b = 0 at every change of level (eta < 1 - sigma_{i+1} / sigma_i), the second none."""
+    torch.manual_seed(0)
+    mu = torch.tensor([0.5, -1.0, 0.0], dtype=torch.float64)
+    var = torch.tensor([0.3, 0.01, 0.0], dtype=torch.float64)
+    sigmas = geometric_sigmas(1.0, 0.1, 5).double()  # ratio 0.56
+    x = mu + (1 + var).sqrt() * torch.randn(40_000, 3, dtype=torch.float64)  # N(mu, v + sigma_1^2)
+    samples = annealed_langevin(gaussian_score(mu, var, sigmas), x, sigmas, steps, step_size, False, "consistent")
+    mean, variance, eta = mu.clone(), 1 + var, step_size / 2
+    levels = [i for i in range(len(sigmas)) for _ in range(steps)]
+    zero_noise = 0
+    for k, i in enumerate(levels):
+        after = sigmas[levels[k + 1]] if k + 1 < len(levels) else sigmas[i]
+        b2 = max(0.0, (after ** 2 - (1 - eta) ** 2 * sigmas[i] ** 2).item())
+        zero_noise += b2 == 0
+        gain = 1 - eta * sigmas[i] ** 2 / (var + sigmas[i] ** 2)
+        mean, variance = mu + gain * (mean - mu), gain ** 2 * variance + b2
+    assert zero_noise == (4 if step_size < 0.5 else 0)
+    assert torch.allclose(samples.mean(0), mean, atol=0.01)
+    assert torch.allclose(samples.var(0), variance, rtol=0.03)
+    if step_size == 1.0:  # a point (v = 0) started at the first level stays at each level's noise: sigma_L^2 at the end
+        assert variance[2].item() == pytest.approx(sigmas[-1].item() ** 2)
+    # Langevin's noise sqrt(eps) sigma_i leaves these chains wider than the consistent rule's
+    langevin = annealed_langevin(gaussian_score(mu, var, sigmas), x, sigmas, steps, step_size, False, "langevin")
+    assert (langevin.var(0) > 1.1 * samples.var(0)).all()
+
+
+def test_unknown_langevin_rule_names_the_valid_ones():
+    with pytest.raises(ValueError, match="langevin, consistent"):
+        annealed_langevin(lambda x, levels: -x, torch.zeros(2, 3), geometric_sigmas(1.0, 0.1, 2), 1, 0.1, rule="ula")
+
+
 def test_smoke_every_output(tmp_path):
     assert run_main(scm_script.main, [*TINY, "--out", str(tmp_path)]) == 0
     metrics = check_outputs(tmp_path, "ScM", None)
@@ -163,7 +200,7 @@ def test_smoke_every_output(tmp_path):
     assert "nll" not in json.dumps({k: v for k, v in metrics.items() if "dsm" in k}).lower()
     assert metrics["sigmas"][0] == pytest.approx(config.sigma_max)
     assert metrics["sigmas"][-1] == pytest.approx(scm_script.DEFAULTS["sigma_min"])
-    assert metrics["sampling"]["langevin_steps"] == 5  # --quick shrinks the sampler
+    assert metrics["sampling"]["langevin_steps"] == min(scm_script.DEFAULTS["langevin_steps"], 5)  # --quick: at most 5
 
 
 def test_single_level_flag(tmp_path):
@@ -184,8 +221,8 @@ def test_sample_only_takes_other_langevin_settings_on_the_same_weights(tmp_path)
     assert run_main(scm_script.main, [*TINY, "--out", str(tmp_path), "--sample-only", "--langevin-steps", "3",
                                       "--step-size", "1e-5", "--no-denoise"]) == 0
     metrics = json.loads((tmp_path / "ScM_metrics.json").read_text())
-    assert metrics["sampling"] == dict(langevin_steps=3, step_size=1e-5, denoise=False,
-                                       guidance=scm_script.ScMSampling.guidance)
+    assert metrics["sampling"] == dict(langevin_steps=3, step_size=1e-5, rule=scm_script.DEFAULTS["rule"],
+                                       denoise=False, guidance=scm_script.ScMSampling.guidance)
     assert "langevin_steps" not in metrics["config"] and metrics["stopped"] == "sample_only"
 
 
@@ -206,7 +243,7 @@ def test_guidance_zero_is_the_plain_conditional_sampler_and_guidance_changes_the
     s = model.sampling
     with torch.no_grad():
         plain = annealed_langevin(lambda x, levels: model.score(x, levels, y), x, model.sigmas, s.langevin_steps,
-                                  s.step_size, s.denoise)
+                                  s.step_size, s.denoise, s.rule)
     assert torch.equal(guided_samples(model, y, 0.0), common.pm1_to_pixels(plain))
     assert not torch.equal(guided_samples(model, y, 2.0), common.pm1_to_pixels(plain))
 
