@@ -125,9 +125,6 @@ class StepEmbedding(nn.Module):
 # -----------------------------------------------------------------------------
 # model
 
-GUIDANCE = 0.125  # default classifier-free guidance weight of conditional runs (chosen on validation)
-
-
 @dataclasses.dataclass(frozen=True)
 class DDPMConfig(common.ModelConfig):
     num_steps: int = common.option(1000, "diffusion steps T", type=common.positive_int, flag=("--num-steps", "-T"))
@@ -153,7 +150,8 @@ class DDPMConfig(common.ModelConfig):
 class DDPMSampling:
     sampler: str = common.option("ddim", "sampler for the samples, grid and GIF", choices=("ddim", "ancestral"))
     ddim_steps: int = common.option(50, "DDIM steps", type=common.positive_int, quick=10)
-    guidance: float = common.option(GUIDANCE, "conditional runs only: classifier-free guidance weight w, "
+    # w = 0.125: chosen on validation (README, the conditional methods table)
+    guidance: float = common.option(0.125, "conditional runs only: classifier-free guidance weight w, "
                                     "eps = (1 + w) eps(x, y) - w eps(x); 0: the plain conditional sampler",
                                     type=common.nonnegative_float)
 

@@ -43,8 +43,6 @@ from torch import nn
 
 import common
 
-NUM_CLASSES = 10
-
 # -----------------------------------------------------------------------------
 # SGLD sampler
 
@@ -71,11 +69,6 @@ def sgld(energy, x, steps, step_size, noise, bounds=None):
 def uniform_noise(n, dim, device):
     """n points uniform on [-1, 1]^dim: where chains start."""
     return torch.rand(n, dim, device=device) * 2 - 1
-
-
-def balanced_labels(n, device):
-    """(n,) labels 0, 1, ..., 9, 0, 1, ...: every class n // 10 or n // 10 + 1 times."""
-    return torch.arange(n, device=device) % NUM_CLASSES
 
 
 # -----------------------------------------------------------------------------
@@ -123,7 +116,7 @@ class EBM(common.DigitsModel):
         for w_in, w_out in zip(widths[:-1], widths[1:]):
             blocks += [nn.Linear(w_in, w_out), nn.SiLU()]
         # x -> f(x): 10 logits (conditional) or one scalar, -E(x) (unconditional)
-        self.net = nn.Sequential(*blocks, nn.Linear(widths[-1], NUM_CLASSES if self.conditional else 1))
+        self.net = nn.Sequential(*blocks, nn.Linear(widths[-1], common.NUM_CLASSES if self.conditional else 1))
         self.objective = ("train: CD of E(x, y) + energy reg. + CE" if self.conditional
                           else "train: CD of E(x) + energy reg.")
 
@@ -188,9 +181,11 @@ class EBM(common.DigitsModel):
         """Short-run SGLD from uniform noise: (n, 64) on the 0..16 scale. Conditional models draw
         sample i from E(x, y[i]) (y (n,) int64; balanced labels 0, 1, ..., 9, 0, ... when None);
         unconditional ones from E(x) and take no labels."""
-        if self.conditional and y is None:
-            y = balanced_labels(n, self.device)
-        return common.pm1_to_pixels(self.chains(n, y if self.conditional else None, self.steps()))
+        if not self.conditional:
+            y = None
+        elif y is None:
+            y = common.sample_labels(self, n, self.device)
+        return common.pm1_to_pixels(self.chains(n, y, self.steps()))
 
     @torch.no_grad()
     def complete(self, x, missing, steps=None):
@@ -200,10 +195,10 @@ class EBM(common.DigitsModel):
         Conditional: one chain per class on E(v, y), then one of the 10 completions v_y drawn with
         probability softmax_y(-E(v_y, y) / T), p(x, y) at the chain's own temperature
         T = noise^2 / (2 step_size) (in effect the class of lowest energy at the defaults)."""
-        classes = NUM_CLASSES if self.conditional else 1
+        classes = common.NUM_CLASSES if self.conditional else 1
         v = common.pixels_to_pm1(x).repeat_interleave(classes, 0)  # (B classes, 64)
         hidden = missing.repeat_interleave(classes, 0)
-        labels = balanced_labels(len(v), x.device) if self.conditional else None  # 0..9 for every input
+        labels = common.sample_labels(self, len(v), x.device)  # conditional: 0..9 for every input
         energy = self.chain_energy(labels)
         start = torch.where(hidden, uniform_noise(len(v), common.NUM_PIXELS, x.device), v)
         chains = self.langevin(lambda u: energy(torch.where(hidden, u, v)), start, steps or self.steps())
@@ -236,15 +231,15 @@ class EBM(common.DigitsModel):
     def extra_images(self, splits):
         """EBM_chains.png: ten chains (columns; conditional: one per class), rows at SGLD steps
         0, K/7, ..., K."""
-        labels = balanced_labels(NUM_CLASSES, self.device) if self.conditional else None
+        labels = common.sample_labels(self, common.NUM_CLASSES, self.device)
         energy = self.chain_energy(labels)
-        v = uniform_noise(NUM_CLASSES, common.NUM_PIXELS, self.device)
+        v = uniform_noise(common.NUM_CLASSES, common.NUM_PIXELS, self.device)
         total, rows = self.steps(), [v]
         marks = [round(total * i / 7) for i in range(8)]
         for a, b in zip(marks[:-1], marks[1:]):
             v = self.langevin(energy, v, b - a)
             rows.append(v)
-        return dict(chains=(common.pm1_to_pixels(torch.cat(rows)), NUM_CLASSES))
+        return dict(chains=(common.pm1_to_pixels(torch.cat(rows)), common.NUM_CLASSES))
 
 
 # -----------------------------------------------------------------------------

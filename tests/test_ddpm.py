@@ -278,7 +278,7 @@ def test_smoke_every_output_and_sample_only_with_the_other_sampler(tmp_path):
     for sampler in ("ancestral", "ddim"):  # both timed and scored on num_samples (64 with --quick)
         timing = metrics["other_samplers"][sampler]
         assert timing["seconds"] > 0 and timing["cpu_seconds"] > 0 and timing["frechet_distance"] > 0
-    assert metrics["sampling"] == dict(sampler="ddim", ddim_steps=10, guidance=ddpm_script.GUIDANCE)
+    assert metrics["sampling"] == dict(sampler="ddim", ddim_steps=10, guidance=ddpm_script.DDPMSampling().guidance)
     assert metrics["num_samples"] == 64
     assert run_main(ddpm_script.main, TINY + ["--out", str(tmp_path), "--sample-only",
                                               "--sampler", "ancestral"]) == 0
