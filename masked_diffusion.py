@@ -140,8 +140,9 @@ def unmask(logits_fn, z, steps, mask_index, temperature=1.0, power=1.0, rows_ali
     those still masked, each drawn from its own conditional (logits / temperature) given the
     unmasked ones. With power 1, temperature 1 and steps >= n_b (at most one pixel a round) this
     is exact ancestral sampling in a random order. Unmasked entries are never changed.
-    rows_alike: logits_fn treats every row the same way (an unconditional model), so while every
-    entry of z is masked all rows have the same conditionals: computed once, for one row."""
+    rows_alike: logits_fn treats every row the same way and deterministically (an unconditional
+    model in eval mode), so while every entry of z is masked all rows have the same conditionals:
+    computed once, for one row."""
     z = z.clone()
     total = (z == mask_index).sum(1)  # (B,)
     for k in range(1, steps + 1):
@@ -390,8 +391,8 @@ class MDM(common.DigitsModel):
 
     def missing_nll(self, x, missing, masks_per_level=1):
         """(B,) upper bound on -log p(x_missing | x_observed), nats; missing (B, 64) bool. One
-        random mask per level by default: an unbiased estimate of the bound at a quarter of the test
-        NLL's cost, whose noise averages out over the digits of a mask."""
+        random mask per level by default (the test NLL draws --masks-per-level): an unbiased estimate
+        of the bound, whose noise averages out over the digits of a mask."""
         return self.bound_terms(x, missing=missing, masks_per_level=masks_per_level).mean(2).sum(1)
 
     @torch.no_grad()
@@ -406,7 +407,7 @@ class MDM(common.DigitsModel):
         z = torch.full((n, common.NUM_PIXELS), MASK, dtype=torch.long, device=self.device)
         s = self.sampling
         return unmask(self.given(y), z, steps, MASK, temperature or s.temperature, power or s.power,
-                      rows_alike=not self.conditional).float()
+                      rows_alike=not self.conditional and not self.training).float()  # eval: no dropout
 
     @torch.no_grad()
     def sample(self, n, y=None):

@@ -176,12 +176,16 @@ def ode_velocity(eps_fn, sde, x_tilde, s):
     return math.exp(s) * eps_fn(alpha[:, None] * x_tilde, t)
 
 
+def ode_start(sde, z1):
+    """Where both ODE solvers start: s_1 = log(sigma_1 / alpha_1) and z~_1 = z_1 / alpha_1 (n, 64)."""
+    return -0.5 * at_time(sde.log_snr, 1.0), z1 / at_time(lambda t: sde.marginal(t)[0], 1.0)
+
+
 def sample_probability_flow(eps_fn, sde, z1, t_eps, steps):
     """Integrate the probability-flow ODE from z_1 (n, 64) to t_eps by Heun's method on equal steps of
     s = log(sigma / alpha); returns (z at t_eps, t_eps as a (n,) tensor)."""
-    s1, s0 = -0.5 * at_time(sde.log_snr, 1.0), -0.5 * at_time(sde.log_snr, t_eps)
-    grid = torch.linspace(s1, s0, steps + 1, dtype=torch.float64).tolist()
-    x = z1 / at_time(lambda t: sde.marginal(t)[0], 1.0)
+    s1, x = ode_start(sde, z1)
+    grid = torch.linspace(s1, -0.5 * at_time(sde.log_snr, t_eps), steps + 1, dtype=torch.float64).tolist()
     for s, s_next in zip(grid[:-1], grid[1:]):
         k1 = ode_velocity(eps_fn, sde, x, s)
         k2 = ode_velocity(eps_fn, sde, x + (s_next - s) * k1, s_next)
@@ -197,10 +201,11 @@ def sample_dpm_solver(eps_fn, sde, z1, s_end, steps, order=2):
     z~ - exp(s) eps, so over a step h = s' - s < 0 with D held fixed z~' = e^h z~ + (1 - e^h) D exactly
     (DDIM). The 2M step replaces D by the extrapolation (1 + 1 / 2r) D_i - 1 / 2r D_i-1 through the
     previous step's D, r = h_i-1 / h_i (the first step is DDIM's; order=1: DDIM throughout). Equal
-    steps of s from t = 1 to s_end = log(sigma~) of the last step; returns (z~ at s_end (n, 64), s_end)."""
-    s1 = -0.5 * at_time(sde.log_snr, 1.0)
+    steps of s from t = 1 to s_end = log(sigma~) of the last step; returns z~ at s_end (n, 64)."""
+    if order not in (1, 2):
+        raise ValueError(f"DPM-Solver++ order {order!r}; valid: 1, 2")
+    s1, x = ode_start(sde, z1)
     grid = torch.linspace(s1, s_end, steps + 1, dtype=torch.float64).tolist()
-    x = z1 / at_time(lambda t: sde.marginal(t)[0], 1.0)  # z~_1
     previous = None  # (D_i-1, h_i-1)
     for s, s_next in zip(grid[:-1], grid[1:]):
         t, alpha = time_and_alpha(sde, x, s)
@@ -212,7 +217,7 @@ def sample_dpm_solver(eps_fn, sde, z1, s_end, steps, order=2):
             extrapolated = (1 + 0.5 / r) * data - (0.5 / r) * previous[0]
         x = math.exp(h) * x - math.expm1(h) * extrapolated
         previous = (data, h)
-    return x, s_end
+    return x
 
 
 def sample_reverse_sde(eps_fn, sde, z1, t_eps, steps, corrector_steps=0, snr=0.16):
@@ -263,7 +268,7 @@ class SBGMConfig(common.ModelConfig):
 # default sampler steps (the second dict with --quick); the default sampler's steps and end chosen on validation
 SAMPLE_STEPS = dict(dpm=8, heun=20, sde=250)
 QUICK_SAMPLE_STEPS = dict(dpm=4, heun=10, sde=20)
-OTHER_SAMPLERS = ("dpm_4", "dpm_16", "heun_20")  # beside the default, in other_samplers: fewer and more steps
+OTHER_SAMPLERS = (("dpm", 4), ("dpm", 16), ("heun", 20))  # beside the default, in other_samplers: fewer and more steps
 
 
 @dataclasses.dataclass(frozen=True)
@@ -285,7 +290,8 @@ class SBGMSampling:
     corrector_steps: int = common.option(0, "Langevin corrector steps per reverse-SDE step",
                                          type=common.nonnegative_int)
     snr: float = common.option(0.16, "signal-to-noise ratio of the Langevin corrector", type=common.positive_float)
-    compare_samplers: bool = common.option(True, "do not time and score the samplers " + ", ".join(OTHER_SAMPLERS)
+    compare_samplers: bool = common.option(True, "do not time and score the samplers " + ", ".join(
+                                           f"{sampler}_{steps}" for sampler, steps in OTHER_SAMPLERS)
                                            + " (metrics other_samplers)", flag="--no-compare-samplers")
     # w = 0.5: with the dpm sampler, the lowest mean per-class validation Frechet distance of w in
     # {0.25, 0.375, 0.5, 0.75, 1} whose class accuracy is at least 0.98 (README, SBGM's choices)
@@ -411,13 +417,16 @@ class SBGM(common.DigitsModel):
         eps_fn = self.guided_eps(y, s.guidance)
         z1 = torch.randn(n, common.NUM_PIXELS, device=self.device) * math.sqrt(self.sde.prior_var())
         if s.sampler == "dpm":
-            x_tilde, s_end = sample_dpm_solver(eps_fn, self.sde, z1, math.log(s.denoise_at), s.sample_steps)
+            s_end = math.log(s.denoise_at)
+            x_tilde = sample_dpm_solver(eps_fn, self.sde, z1, s_end, s.sample_steps)
             t, alpha = time_and_alpha(self.sde, x_tilde, s_end)
             z = alpha[:, None] * x_tilde
         elif s.sampler == "heun":
             z, t = sample_probability_flow(eps_fn, self.sde, z1, t_eps, s.sample_steps)
-        else:
+        elif s.sampler == "sde":
             z, t = sample_reverse_sde(eps_fn, self.sde, z1, t_eps, s.sample_steps, s.corrector_steps, s.snr)
+        else:
+            raise ValueError(f"unknown sampler {s.sampler!r}; choose from {', '.join(SAMPLE_STEPS)}")
         alpha, sigma = self.sde.marginal(t)
         x0 = (z - sigma[:, None] * eps_fn(z, t)) / alpha[:, None]  # E[x0 | z] at the end (Tweedie)
         return torch.floor((x0 + 1) * 8 + 0.5).clamp(0, common.PIXEL_MAX)  # the value whose box holds x0
@@ -447,15 +456,15 @@ class SBGM(common.DigitsModel):
         return torch.where(missing, torch.floor((x0 + 1) * 8 + 0.5).clamp(0, common.PIXEL_MAX), x)
 
     def samplers(self):
-        """OTHER_SAMPLERS but the chosen one: DPM-Solver++ with fewer and more steps than the default,
-        and Heun's method of the same ODE (two calls a step, to t_eps; heun_20 the default before
-        DPM-Solver++): quality against seconds."""
+        """OTHER_SAMPLERS but the chosen one, as "sampler_steps": DPM-Solver++ with fewer and more
+        steps than the default, and Heun's method of the same ODE (two calls a step, to t_eps):
+        quality against seconds."""
         if not self.sampling.compare_samplers:
             return {}
-        chosen = f"{self.sampling.sampler}_{self.sampling.sample_steps}"
-        return {name: functools.partial(self.sample, sampling=dataclasses.replace(
-                    self.sampling, sampler=name.split("_")[0], sample_steps=int(name.split("_")[1])))
-                for name in OTHER_SAMPLERS if name != chosen}
+        chosen = (self.sampling.sampler, self.sampling.sample_steps)
+        return {f"{sampler}_{steps}": functools.partial(self.sample, sampling=dataclasses.replace(
+                    self.sampling, sampler=sampler, sample_steps=steps))
+                for sampler, steps in OTHER_SAMPLERS if (sampler, steps) != chosen}
 
     def extra_metrics(self, splits, labels):
         """The SDE's variational bound on the test split (the training objective; given the
@@ -481,7 +490,7 @@ def main(argv=None):
         parser.error(f"argument --t-eps: expected a number in (0, 1), got {config.t_eps}")
     sde = SDES[config.sde]()
     lowest, highest = (math.exp(-0.5 * at_time(sde.log_snr, t)) for t in (config.t_eps, 1.0))  # sigma / alpha
-    if not lowest <= sampling.denoise_at < highest:
+    if sampling.sampler == "dpm" and not lowest <= sampling.denoise_at < highest:
         parser.error(f"argument --denoise-at: expected a noise level in [{lowest:.3g}, {highest:.3g}) "
                      f"(t_eps to t = 1), got {sampling.denoise_at}")
     if sampling.sample_steps is None and args.quick:  # otherwise SBGM fills in SAMPLE_STEPS

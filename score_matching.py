@@ -38,8 +38,7 @@ of the class (a one-hot of NUM_CLASSES + 1 classes, the last "no label", beside 
 trained on the same loss with each label dropped to "no label" with probability --label-dropout, so
 that one network also gives s(x, sigma) and Langevin dynamics can follow the classifier-free guided
 score (Ho & Salimans 2022) (1 + w) s(x, sigma | y) - w s(x, sigma), w = --guidance (0.75, chosen on
-validation: the best per-class Frechet distance with class accuracy over 0.95; 0 is the plain
-conditional sampler).
+validation; 0 is the plain conditional sampler).
 
 Run:  python score_matching.py            # defaults, writes results/ScM_*
       python score_matching.py --conditional   # p(x | y), writes results/ScM_conditional_*
@@ -163,8 +162,10 @@ class ScMSampling:
         "et al. 2021: the noise that leaves each step's chains at the next step's level) "
         f"(default {DEFAULTS['rule']}; {SINGLE_LEVEL['rule']} with one level)", choices=RULES)
     denoise: bool = common.option(True, "skip the final denoising step x + sigma_L^2 s(x, sigma_L)")
-    # w = 0.75: the best per-class validation Frechet distance of w in {0, 0.5, 0.75, 1, 1.5, 2} with class
-    # accuracy over 0.95 (w = 0 draws the asked class too rarely)
+    # w = 0.75: chosen with the Langevin rule, the best per-class validation Frechet distance of w in
+    # {0, 0.5, 0.75, 1, 1.5, 2} with class accuracy over 0.95 (w = 0 draws the asked class too rarely);
+    # kept with the consistent rule, where w = 0.5 is within noise of it in Frechet distance and draws
+    # the asked class less often (README, ScM's choices)
     guidance: float = common.option(0.75, "conditional runs only: classifier-free guidance weight w, "
                                     "s = (1 + w) s(x, sigma | y) - w s(x, sigma) (0: the plain conditional sampler)",
                                     type=common.nonnegative_float)

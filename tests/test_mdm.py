@@ -183,7 +183,6 @@ def test_rounds_unmask_as_many_pixels_as_scheduled():
         assert torch.equal(ends, total) and (revealed_after(total, 0, 16, power) == 0).all()
 
 
-
 def test_rows_alike_computes_the_fully_masked_round_once_and_draws_the_same_samples():
     table = table_model(6)
     sizes = []
@@ -207,6 +206,7 @@ def test_rows_alike_computes_the_fully_masked_round_once_and_draws_the_same_samp
     observed[:, 1] = torch.randint(L, (500,))
     unmask(logits_fn, observed, D, MASK_TOY, rows_alike=True)
     assert sizes and all(n == 500 for n in sizes)
+
 
 # --- masking, shapes, losses ---------------------------------------------------------
 

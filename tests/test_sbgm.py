@@ -248,12 +248,11 @@ def test_dpm_solver_follows_the_closed_form_probability_flow_of_a_gaussian(name)
     exact = mean + (((x1 - mean) @ basis) * ratio) @ basis.T
     errors = []
     for steps in (16, 32, 64, 128):
-        x, s = sample_dpm_solver(gaussian_eps(sde, mean, cov), sde, z1, s_end, steps)
-        assert s == s_end
+        x = sample_dpm_solver(gaussian_eps(sde, mean, cov), sde, z1, s_end, steps)
         errors.append((x - exact).abs().max().item())
     assert errors[-1] < 1e-3, errors
     assert all(3.0 < coarse / fine < 5.0 for coarse, fine in zip(errors[1:], errors[2:])), errors
-    ddim = [(sample_dpm_solver(gaussian_eps(sde, mean, cov), sde, z1, s_end, steps, order=1)[0] - exact).abs().max()
+    ddim = [(sample_dpm_solver(gaussian_eps(sde, mean, cov), sde, z1, s_end, steps, order=1) - exact).abs().max()
             for steps in (64, 128)]
     assert 1.5 < ddim[0] / ddim[1] < 2.5 and ddim[1] > 3 * errors[-1]  # the test can tell the orders apart
 
@@ -284,9 +283,29 @@ def test_bad_t_eps_exits_2(tmp_path):
 
 
 @pytest.mark.parametrize("level", ["1e-6", "20"])
-def test_denoise_at_outside_the_sde_exits_2(tmp_path, level):
-    """--denoise-at below sigma~ at t_eps or above it at t = 1 (VE: about 1.2e-4 and 10)."""
+def test_denoise_at_outside_the_sde_exits_2(tmp_path, capsys, level):
+    """--denoise-at below sigma~ at t_eps or above it at t = 1 (VE: about 1.2e-4 and 10), named in
+    one line; the other samplers never stop early, so the flag does not bind them."""
     assert run_main(sbgm_script.main, ["--quick", "--out", str(tmp_path), "--denoise-at", level]) == 2
+    assert "argument --denoise-at: expected a noise level in" in capsys.readouterr().err
+
+
+def test_denoise_at_binds_only_the_dpm_sampler(tmp_path, capsys):
+    """A --t-eps whose noise level lies above the default --denoise-at is legal for the samplers
+    that run to t_eps (VP at t_eps = 0.1: sigma / alpha about 0.34 > 0.2)."""
+    flags = ["--quick", "--no-progress", "--out", str(tmp_path), "--sde", "vp", "--t-eps", "0.1", "--epochs", "1",
+             "--hidden", "16", "--blocks", "1"]
+    assert run_main(sbgm_script.main, flags + ["--sampler", "dpm"]) == 2
+    assert "--denoise-at" in capsys.readouterr().err
+    assert run_main(sbgm_script.main, flags + ["--sampler", "heun"]) == 0
+
+
+def test_an_unknown_sampler_or_order_is_refused():
+    model = SBGM.build(hidden=16, blocks=1).eval()
+    with pytest.raises(ValueError, match="unknown sampler 'ode'; choose from dpm, heun, sde"):
+        model.sample(2, sampling=dataclasses.replace(model.sampling, sampler="ode"))
+    with pytest.raises(ValueError, match="order 3"):
+        sample_dpm_solver(model.eps, model.sde, torch.zeros(2, 64), math.log(0.2), 2, order=3)
 
 
 def test_other_samplers_are_the_odes_at_other_step_counts():
