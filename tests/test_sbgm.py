@@ -308,6 +308,26 @@ def test_an_unknown_sampler_or_order_is_refused():
         sample_dpm_solver(model.eps, model.sde, torch.zeros(2, 64), math.log(0.2), 2, order=3)
 
 
+def test_dpm_sampler_denoises_at_its_stopping_level():
+    """The dpm sampler's network calls run down the grid of sigma / alpha from t = 1 to --denoise-at,
+    and the last call, Tweedie's E[x0 | z], is made at that level (not at t_eps)."""
+    model = SBGM.build(hidden=16, blocks=1).eval()
+    levels = []
+
+    def recording_eps(z, t, y=None):
+        alpha, sigma = model.sde.marginal(t)
+        levels.append((sigma / alpha)[0].item())
+        return torch.zeros_like(z)
+
+    model.eps = recording_eps
+    for denoise_at, steps in ((0.2, 8), (0.05, 3)):
+        levels.clear()
+        model.sample(4, sampling=dataclasses.replace(model.sampling, denoise_at=denoise_at, sample_steps=steps))
+        assert len(levels) == steps + 1
+        assert levels[-1] == pytest.approx(denoise_at, rel=1e-4)
+        assert all(a > b for a, b in zip(levels, levels[1:]))  # down the grid, one call a step
+
+
 def test_other_samplers_are_the_odes_at_other_step_counts():
     """samplers() gives DPM-Solver++ with 4 and 16 steps and Heun with 20 (not the default
     itself), each the same draw as sample() with that sampler and count."""
