@@ -71,9 +71,9 @@ def guided_samples(model, y, guidance, seed=5):
     return model.sample(len(y), y)
 
 
-def check_conditional_outputs(out, name, digits, nll_kind):
-    """The files of a `--conditional --digits ...` run (64 samples shared by the digits) and none
-    of the default run's; returns the metrics."""
+def check_conditional_outputs(out, name, digits, nll_kind, num_samples=64):
+    """The files of a `--conditional --digits ...` run (num_samples shared by the digits, class by
+    class) and none of the default run's; returns the metrics."""
     out = Path(out)
     assert not (out / f"{name}.pt").exists() and not (out / f"{name}_samples.npy").exists()
     assert (out / f"{name}_conditional.pt").is_file() and (out / f"{name}_conditional_samples.png").is_file()
@@ -82,7 +82,7 @@ def check_conditional_outputs(out, name, digits, nll_kind):
     if nll_kind is not None:
         assert 0 <= metrics["generative_classifier_accuracy"] <= 1 and math.isfinite(metrics["test_nll_nats"])
     with np.load(out / f"{name}_conditional_samples.npz") as samples:
-        per_class = 64 // len(digits)
+        per_class = num_samples // len(digits)
         assert samples["x"].shape == (per_class * len(digits), 64) and samples["x"].dtype == np.float32
         assert samples["y"].dtype == np.int64 and samples["y"].tolist() == [d for d in digits for _ in range(per_class)]
     return metrics

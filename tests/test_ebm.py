@@ -14,7 +14,7 @@ import torch.nn.functional as F
 
 import common
 import energy_based_model as ebm_script
-from conftest import check_outputs, run_main
+from conftest import check_conditional_outputs, check_outputs, run_main
 from energy_based_model import EBM, sgld
 
 TINY = ["--quick", "--no-progress", "--hidden", "16", "--layers", "1", "--sgld-steps", "5", "--sample-steps", "5"]
@@ -228,15 +228,6 @@ def test_smoke_every_output_resume_and_a_repeated_run_agree(tmp_path):
 def test_conditional_smoke_writes_the_conditional_files_only(tmp_path):
     """--quick --conditional --digits 3,7: JEM trained, samples of the two classes asked for, the
     classifier's accuracy and the generative classifier in the metrics, the default run's files absent."""
-    import json
-
-    import numpy as np
-
     assert run_main(ebm_script.main, TINY + ["--out", str(tmp_path), "--conditional", "--digits", "3,7"]) == 0
-    metrics = json.loads((tmp_path / "EBM_conditional_metrics.json").read_text())
-    assert metrics["conditional"] and metrics["digits"] == [3, 7] and 0 <= metrics["class_accuracy"] <= 1
+    metrics = check_conditional_outputs(tmp_path, "EBM", (3, 7), None)
     assert 0 <= metrics["generative_classifier_accuracy"] <= 1 and "test_accuracy" in metrics
-    with np.load(tmp_path / "EBM_conditional_samples.npz") as drawn:
-        assert drawn["x"].shape == (64, 64) and drawn["x"].dtype == np.float32
-        assert drawn["y"].tolist() == [3] * 32 + [7] * 32
-    assert not (tmp_path / "EBM.pt").exists() and not (tmp_path / "EBM_samples.npy").exists()

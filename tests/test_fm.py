@@ -5,13 +5,12 @@ smoothed uniform), the samplers against a Gaussian, and smoke, resume and sample
 import json
 import math
 
-import numpy as np
 import pytest
 import torch
 
 import common
 import flow_matching as fm_script
-from conftest import check_outputs, guided_samples, run_main
+from conftest import check_conditional_outputs, check_outputs, guided_samples, run_main
 from flow_matching import FM, ode_log_likelihood, sample_ode
 
 TINY = ["--quick", "--no-progress", "--hidden", "16", "--blocks", "1"]
@@ -256,12 +255,5 @@ def test_class_log_likelihoods_hutchinson_is_unbiased_and_shares_its_noise_acros
 def test_conditional_smoke_writes_the_conditional_files(tmp_path):
     assert run_main(fm_script.main, TINY + ["--out", str(tmp_path), "--conditional", "--digits", "3,7",
                                             "--guidance", "1"]) == 0
-    assert not (tmp_path / "FM.pt").exists() and (tmp_path / "FM_conditional.pt").exists()
-    metrics = json.loads((tmp_path / "FM_conditional_metrics.json").read_text())
-    assert metrics["conditional"] and 0 <= metrics["class_accuracy"] <= 1
-    assert math.isfinite(metrics["test_nll_nats"]) and 0 <= metrics["generative_classifier_accuracy"] <= 1
+    metrics = check_conditional_outputs(tmp_path, "FM", (3, 7), "upper_bound")
     assert metrics["other_samplers"] == {}
-    samples = np.load(tmp_path / "FM_conditional_samples.npz")
-    assert samples["x"].dtype == np.float32 and samples["x"].shape == (len(samples["y"]), 64)
-    assert samples["y"].dtype == np.int64 and set(samples["y"].tolist()) == {3, 7}
-    assert (samples["y"] == 3).sum() == (samples["y"] == 7).sum()
