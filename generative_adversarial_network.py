@@ -23,6 +23,9 @@ loss with spectral norm on D (Miyato et al. 2018), D's learning rate 4x G's (the
 update rule, Heusel et al. 2017) and Adam betas (0, 0.9), without which training collapsed onto a
 few digits; one D step per G step; two hidden layers of 512, whose curve is steadier than 256's;
 an EMA of the weights with decay 0.99; no augmentation; continuous samples (--round rounds them).
+The learning rate, 8e-4 for G (so 3.2e-3 for D), was chosen by what the Frechet distance misses:
+at an equal validation Frechet distance, samples from a lower rate more often lie off the digits
+(lower precision) and cover fewer of them.
 
 Conditional model (--conditional): G(z, y) and D(x, y) for the ten classes. The generator takes the
 class as a one-hot vector beside the noise, G([z, onehot(y)]) (Mirza & Osindero 2014); the
@@ -280,7 +283,7 @@ class GAN(common.DigitsModel):
 
 
 def main(argv=None):
-    parser = common.make_parser(__file__, __doc__, epochs=300, batch_size=64, lr=2e-4, patience=100,
+    parser = common.make_parser(__file__, __doc__, epochs=300, batch_size=64, lr=8e-4, patience=100,
                                 ema=0.99, gif_every=10)
     common.add_options(parser, "GAN", GANConfig)
     common.add_options(parser, "GAN sampling", GANSampling)

@@ -401,7 +401,7 @@ def read_labelled_samples(path, max_rows=common.MAX_SAMPLES):
     if x.dtype.kind not in "biuf" or y.dtype.kind not in "iu":
         return None, f"holds x {x.dtype} and y {y.dtype}, not pixels and class labels"
     x = x.astype(np.float32)
-    if not np.isfinite(x).all() or x.min() < 0 or x.max() > common.PIXEL_MAX or y.min() < 0 or y.max() > 9:
+    if not are_pixels(x) or y.min() < 0 or y.max() > 9:
         return None, "holds values that are not pixels on 0..16 or classes 0..9"
     return (x, y.astype(np.int64)), None
 
@@ -432,9 +432,14 @@ def read_samples(path, max_rows=common.MAX_SAMPLES):
     except (OSError, ValueError, EOFError) as error:
         return None, f"is unreadable ({str(error).splitlines()[0] if str(error) else type(error).__name__})"
     samples = samples.astype(np.float32)
-    if not np.isfinite(samples).all() or samples.min() < 0 or samples.max() > common.PIXEL_MAX:
+    if not are_pixels(samples):
         return None, "holds values that are not pixels on 0..16 (NaN, infinite or out of range)"
     return samples, None
+
+
+def are_pixels(x):
+    """Whether every value of the array x is finite and on the pixel range 0..16."""
+    return bool(np.isfinite(x).all() and x.min() >= 0 and x.max() <= common.PIXEL_MAX)
 
 
 # -----------------------------------------------------------------------------
@@ -612,8 +617,8 @@ def markdown(rows, accuracy):
             f"| {pm(r.get('frechet_distance_cnn'), r.get('frechet_distance_cnn_std'))} "
             f"| {pm(r.get('c2st_accuracy'), r.get('c2st_stderr'), 3)} | {fmt(r.get('precision'), 3)} "
             f"| {fmt(r.get('recall'), 3)} | {fmt(r.get('density'), 3)} | {fmt(r.get('coverage'), 3)} |")
-    others = [(r, name, o) for r in rows for name, o in sorted((r.get("other_samplers") or {}).items())
-              if isinstance(o, dict)]
+    others = [(r, name, o) for r in rows for name, o in (r.get("other_samplers") or {}).items()
+              if isinstance(o, dict)]  # in the order the family lists them
     if others:
         lines += ["", "Other samplers of the same weights (each family's `other_samplers`: 1000 samples, seconds "
                       "on the run's threads, Frechet distance (MLP) to the test digits; the default is the first "

@@ -1,6 +1,8 @@
 """Sample-quality metrics and the classical baselines of the leaderboard."""
 
+import json
 import math
+import re
 
 import numpy as np
 import pytest
@@ -67,8 +69,6 @@ def test_baselines_are_finite_and_in_the_expected_order(splits):
 
 def test_readme_copies_of_results_tables_equal_the_files():
     """README restates results/*.md only between readme_block markers, and each copy is the file."""
-    import re
-
     readme = (common.ROOT / "README.md").read_text()
     pattern = r"<!-- results/(\S+): written by the script that writes the file -->\n(.*?)<!-- end results/\1 -->"
     blocks = re.findall(pattern, readme, re.S)
@@ -87,3 +87,24 @@ def test_publish_table_rewrites_the_readme_block_only_for_the_repository_results
     assert (tmp_path / "results" / "t.md").read_text() == "| a |\n|---|\n"
     common.publish_table(tmp_path / "t.md", "other\n")  # not results/: README untouched
     assert "other" not in (tmp_path / "README.md").read_text()
+
+
+def test_other_samplers_are_listed_in_the_familys_order():
+    rows = json.loads((common.ROOT / "results" / "leaderboard.json").read_text())
+    sbgm = next(r for r in rows if r["model"] == "SBGM")
+    sbgm["other_samplers"] = {name: sbgm["other_samplers"][name] for name in ("heun_20", "dpm_4", "dpm_16")}
+    table = leaderboard.markdown(rows, 0.919)
+    listed = re.findall(r"^\| SBGM \| (\w+) \|", table, flags=re.M)
+    assert listed == ["heun_20", "dpm_4", "dpm_16"]  # as given, not by name (dpm_16 would precede dpm_4)
+
+
+@pytest.mark.parametrize("value, ok", [(0, True), (16, True), (8.5, True), (-0.1, False), (16.01, False),
+                                       (float("nan"), False), (float("inf"), False)])
+def test_pixels_are_finite_and_on_0_to_16(value, ok, tmp_path):
+    x = np.full((3, 64), 5, np.float32)
+    x[1, 7] = value
+    assert leaderboard.are_pixels(x) is ok
+    np.save(tmp_path / "s.npy", x)
+    np.savez(tmp_path / "s.npz", x=x, y=np.zeros(3, np.int64))
+    assert (leaderboard.read_samples(tmp_path / "s.npy")[1] is None) is ok
+    assert (leaderboard.read_labelled_samples(tmp_path / "s.npz")[1] is None) is ok
