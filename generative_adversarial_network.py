@@ -18,14 +18,15 @@ images a GAN can memorise or collapse onto a few digits: the metrics report the 
 class coverage of the samples. --augment translation shifts real and fake images alike by up to
 one pixel before D sees them (DiffAugment, Zhao et al. 2020).
 
-The defaults, each chosen by the validation Frechet distance (README, the GAN's choices): the hinge
+The other defaults, each chosen by the validation Frechet distance (README, the GAN's choices): the hinge
 loss with spectral norm on D (Miyato et al. 2018), D's learning rate 4x G's (the two time-scale
 update rule, Heusel et al. 2017) and Adam betas (0, 0.9), without which training collapsed onto a
 few digits; one D step per G step; two hidden layers of 512, whose curve is steadier than 256's;
 an EMA of the weights with decay 0.99; no augmentation; continuous samples (--round rounds them).
 The learning rate, 8e-4 for G (so 3.2e-3 for D), was chosen by what the Frechet distance misses:
 at an equal validation Frechet distance, samples from a lower rate more often lie off the digits
-(lower precision) and cover fewer of them.
+(lower precision) and cover fewer of them. The price: a little less recall, and more samples that
+are near-copies of training digits, most in the conditional model (README).
 
 Conditional model (--conditional): G(z, y) and D(x, y) for the ten classes. The generator takes the
 class as a one-hot vector beside the noise, G([z, onehot(y)]) (Mirza & Osindero 2014); the

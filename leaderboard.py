@@ -438,7 +438,7 @@ def read_samples(path, max_rows=common.MAX_SAMPLES):
 
 
 def are_pixels(x):
-    """Whether every value of the array x is finite and on the pixel range 0..16."""
+    """Whether every value of the non-empty array x is finite and on the pixel range 0..16."""
     return bool(np.isfinite(x).all() and x.min() >= 0 and x.max() <= common.PIXEL_MAX)
 
 
