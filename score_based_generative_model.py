@@ -279,7 +279,7 @@ class SBGMSampling:
                                     choices=("hutchinson", "exact"))
     sampler: str = common.option("dpm", "probability-flow ODE by DPM-Solver++(2M) (one network call per step) "
                                  "or by Heun's method (two), or the reverse-time SDE (Euler-Maruyama)",
-                                 choices=("dpm", "heun", "sde"))
+                                 choices=tuple(SAMPLE_STEPS))
     sample_steps: int = common.option(None, "sampler steps (default " + ", ".join(
                                       f"{SAMPLE_STEPS[k]} for {k}" for k in SAMPLE_STEPS) + "; with --quick " +
                                       ", ".join(f"{QUICK_SAMPLE_STEPS[k]} for {k}" for k in QUICK_SAMPLE_STEPS) + ")",
