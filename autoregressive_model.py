@@ -36,6 +36,7 @@ import torch.nn.functional as F
 from torch import nn
 
 import common
+from plumbing import runs
 
 SIDE = 8  # the digits are SIDE x SIDE pixels
 
@@ -89,7 +90,7 @@ class Stacks(nn.Module):
 @dataclass(frozen=True)
 class ARMConfig(common.ModelConfig):
     # the network's size: K members of C channels each; several small networks averaged beat fewer,
-    # wider ones on the validation NLL (README, the ARM's choices)
+    # wider ones on the validation NLL (docs/choices.md, ARM)
     channels: int = common.option(12, "channels of both stacks of each member", type=common.positive_int)
     layers: int = common.option(4, "gated residual layers after the first (masked) one",
                                 type=common.positive_int)
@@ -225,18 +226,8 @@ class ARM(common.DigitsModel):
         super().__init__(config, sampling)
         self.nets = nn.ModuleList(PixelCNN(self.config) for _ in range(self.config.members))
 
-    def logits(self, x, y=None):
-        """x: (B, 64) integer pixels (y (B,) classes if conditional) -> logits (B, 64, 17) of
-        p(x_i | x_<i) (or p(x_i | x_<i, y)), the members' mean."""
-        return mean_of_softmaxes([net.logits(x, y) for net in self.nets])
-
-    def nll(self, x, y=None):
-        """x: (B, 64) float pixels 0..16 -> (B,) -log p(x) (or -log p(x | y)) in nats."""
-        target = x.round().long()
-        return summed_cross_entropy(self.logits(target, y), target)
-
-    def given(self, y):  # the labels a network takes: y if conditional, None (ignored) if not
-        return y if self.conditional else None
+    # --- van den Oord et al. 2016 (Conditional PixelCNN), eqs. 1-4: p(x) = prod_i p(x_i | x_<i)
+    #     (given y), trained by its exact NLL, sampled ancestrally one pixel at a time ---
 
     def loss(self, x, y):
         """Each member is trained on its own NLL (the mean over members), so that they differ."""
@@ -251,19 +242,18 @@ class ARM(common.DigitsModel):
     def test_nll(self, x, y=None):
         return self.nll(x, y)
 
-    def class_log_likelihoods(self, x):
-        """Exact log p(x | y = c) for the ten classes: (B, 64) -> (B, 10), one pass of every image
-        under each class label."""
-        classes = torch.arange(common.NUM_CLASSES, device=x.device)
-        nll = self.nll(x.repeat(common.NUM_CLASSES, 1), classes.repeat_interleave(len(x)))  # (10 B,)
-        return -nll.view(common.NUM_CLASSES, len(x)).T
+    def nll(self, x, y=None):
+        """x: (B, 64) float pixels 0..16 -> (B,) -log p(x) (or -log p(x | y)) in nats."""
+        target = x.round().long()
+        return summed_cross_entropy(self.logits(target, y), target)
 
-    def empty_caches(self, n, y=None):  # one set per member (see PixelCNN.empty_caches)
-        return [net.empty_caches(n, y) for net in self.nets]
+    def logits(self, x, y=None):
+        """x: (B, 64) integer pixels (y (B,) classes if conditional) -> logits (B, 64, 17) of
+        p(x_i | x_<i) (or p(x_i | x_<i, y)), the members' mean."""
+        return mean_of_softmaxes([net.logits(x, y) for net in self.nets])
 
-    def next_logits(self, previous, i, caches):
-        """Logits (n, 17) of p(x_i | x_<i) at pixel i alone (see PixelCNN.next_logits)."""
-        return mean_of_softmaxes([net.next_logits(previous, i, cache) for net, cache in zip(self.nets, caches)])
+    def given(self, y):  # the labels a network takes: y if conditional, None (ignored) if not
+        return y if self.conditional else None
 
     @torch.no_grad()
     def sample(self, n, y=None):
@@ -277,7 +267,24 @@ class ARM(common.DigitsModel):
             x[:, i] = previous = torch.multinomial(probs, 1).squeeze(1)
         return x.float()
 
-    # --- inpainting (inpaint.py)
+    def empty_caches(self, n, y=None):  # one set per member (see PixelCNN.empty_caches)
+        return [net.empty_caches(n, y) for net in self.nets]
+
+    def next_logits(self, previous, i, caches):
+        """Logits (n, 17) of p(x_i | x_<i) at pixel i alone (see PixelCNN.next_logits)."""
+        return mean_of_softmaxes([net.next_logits(previous, i, cache) for net, cache in zip(self.nets, caches)])
+
+    def configure_optimizer(self, lr):
+        return torch.optim.AdamW(self.parameters(), lr=lr, weight_decay=self.config.weight_decay)
+
+    # --- Beyond the paper: the generative classifier, inpainting (complete, missing_nll) ---
+
+    def class_log_likelihoods(self, x):
+        """Exact log p(x | y = c) for the ten classes: (B, 64) -> (B, 10), one pass of every image
+        under each class label."""
+        classes = torch.arange(common.NUM_CLASSES, device=x.device)
+        nll = self.nll(x.repeat(common.NUM_CLASSES, 1), classes.repeat_interleave(len(x)))  # (10 B,)
+        return -nll.view(common.NUM_CLASSES, len(x)).T
 
     @torch.no_grad()
     def ancestral_with_observed(self, x, missing, particles):
@@ -330,9 +337,6 @@ class ARM(common.DigitsModel):
         log_p = F.log_softmax(self.logits(target), -1).gather(2, target[..., None]).squeeze(2)  # (B, 64)
         return -(log_p * missing).sum(1)
 
-    def configure_optimizer(self, lr):
-        return torch.optim.AdamW(self.parameters(), lr=lr, weight_decay=self.config.weight_decay)
-
 
 # -----------------------------------------------------------------------------
 # command line
@@ -340,12 +344,8 @@ class ARM(common.DigitsModel):
 
 def main(argv=None):
     # the small members learn slowly: a high learning rate, and a cap of 85 epochs for the time budget
-    # (the ensemble is still improving there: README, the ARM's choices); EMA 0.99 for evaluation
-    parser = common.make_parser(__file__, __doc__, epochs=85, batch_size=64, lr=7e-3, patience=8,
-                                ema=0.99, gif_every=5)
-    common.add_options(parser, "ARM", ARMConfig)
-    args = common.parse_args(parser, argv)
-    common.run(args, ARM, common.options_from(args, ARMConfig))
+    # (the ensemble is still improving there: docs/choices.md, ARM); EMA 0.99 for evaluation
+    runs.main(ARM, __doc__, argv, epochs=85, batch_size=64, lr=7e-3, patience=8, ema=0.99, gif_every=5)
 
 
 if __name__ == "__main__":

@@ -31,10 +31,11 @@ from torch.utils._python_dispatch import TorchDispatchMode
 from torch.utils.flop_counter import flop_registry
 
 import common
-import leaderboard
-from leaderboard import SCRIPTS, is_current
+import plumbing
+from plumbing import files, processes, registry, results, runs
 
-ROOT = common.ROOT
+ROOT = registry.ROOT
+SCRIPTS = registry.SCRIPTS  # name -> script (tests narrow it)
 BUSY_FAMILIES = ("ARM", "DDPM")
 # one CPU-bound process that also ends when benchmark.py is gone, however it ended (even SIGKILL)
 BUSY_LOOP = ("import os, sys\nwhile os.getppid() == int(sys.argv[1]):\n"
@@ -97,13 +98,13 @@ def step_speed(model, optimizer, train, labels, batch_size, device, min_seconds=
 def speed_row(name, script, out, splits, labels, device, peaks):
     """One family: what its default run recorded, and its training step timed here at each thread
     count of `peaks` (thread count -> matmul FLOP/s)."""
-    metrics, _ = leaderboard.read_metrics(out / f"{name}_metrics.json", SPEED_KEYS)  # checked in main
+    metrics, _ = results.read_metrics(out / f"{name}_metrics.json", SPEED_KEYS)  # checked in main
     flags = metrics["train_flags"]
     steps = {}
     for threads, peak in peaks.items():
         torch.set_num_threads(threads)
         common.set_seed(0)
-        model = common.model_class(name).build().to(device)  # the defaults: the run's config if current
+        model = registry.model_class(name).build().to(device)  # the defaults: the run's config if current
         flops, step_seconds = step_speed(model, model.configure_optimizer(flags["lr"]), splits["train"],
                                          labels["train"], flags["batch_size"], device)
         steps[threads] = dict(step_ms=1000 * step_seconds, achieved_gflops=flops / step_seconds / 1e9,
@@ -118,7 +119,7 @@ def speed_row(name, script, out, splits, labels, device, peaks):
                 seconds_per_1000_samples=metrics["sample_seconds"] * 1000 / metrics["num_samples"],
                 peak_memory_mb=metrics["peak_memory_mb"], step_mflop=flops / 1e6, steps=steps,
                 step_share_of_epoch=min(1.0, steps_per_epoch * step_at_run / epoch_seconds),
-                current=is_current(metrics, script))
+                current=results.is_current(metrics, script))
 
 
 def speed_table(out, device, thread_counts):
@@ -178,8 +179,8 @@ def default_run(name, script, out, flags=()):
         for cache in out.glob("_digit_*.pt"):
             shutil.copy(cache, scratch)
         command = [sys.executable, str(ROOT / script), "--no-progress", "--out", scratch, *flags]
-        code = leaderboard.run_child(command, cwd=ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-        metrics, problem = leaderboard.read_metrics(Path(scratch) / f"{name}_metrics.json", BUSY_KEYS)
+        code = processes.run_child(command, cwd=ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+        metrics, problem = results.read_metrics(Path(scratch) / f"{name}_metrics.json", BUSY_KEYS)
         if code != 0 or problem:
             raise RunFailed(f"{script} {' '.join(flags)} beside the busy core "
                             + (f"exited with status {code}" if code else f"wrote a metrics file that {problem}"))
@@ -191,16 +192,16 @@ def busy_table(out, families=BUSY_FAMILIES):
     thread count and with 2 threads forced, against the idle default run in OUT."""
     rows = []
     for name in families:
-        idle, _ = leaderboard.read_metrics(out / f"{name}_metrics.json", BUSY_KEYS)  # checked in main
+        idle, _ = results.read_metrics(out / f"{name}_metrics.json", BUSY_KEYS)  # checked in main
         for threads in ("auto", "2"):
-            hog = leaderboard.spawn([sys.executable, "-c", BUSY_LOOP, str(os.getpid())], how="kill")
+            hog = processes.spawn([sys.executable, "-c", BUSY_LOOP, str(os.getpid())], how="kill")
             try:
                 time.sleep(1.0)  # let it show in the idle-core measurement
                 print(f"benchmark: {name} beside a busy core, --threads {threads}", flush=True)
                 busy = default_run(name, SCRIPTS[name], out, ["--threads", threads])
             finally:
                 hog.kill()
-                leaderboard.finish(hog)
+                processes.finish(hog)
             rows.append(dict(model=name, threads_flag=threads, threads=busy["threads"],
                              idle_train_seconds=idle["train_seconds"], idle_threads=idle["threads"],
                              idle_epochs=idle["epochs_run"], busy_train_seconds=busy["train_seconds"],
@@ -218,9 +219,9 @@ def busy_table(out, families=BUSY_FAMILIES):
 
 
 def write(out, stem, table, data):
-    with leaderboard.signals_deferred():  # both files complete, then a signal's exit 130
-        common.publish_table(out / f"{stem}.md", table)
-        common.save_json(out / f"{stem}.json", data)
+    with processes.SIGNALS.held():  # both files complete, then a signal's exit 130
+        files.publish_table(out / f"{stem}.md", table, registry.ROOT)
+        files.save_json(out / f"{stem}.json", data)
     print(table)
 
 
@@ -236,10 +237,10 @@ def usable_runs(out, families, keys):
     usable = []
     for name in families:
         path = out / f"{name}_metrics.json"
-        metrics, problem = leaderboard.read_metrics(path, keys)
+        metrics, problem = results.read_metrics(path, keys)
         if metrics is not None and keys is SPEED_KEYS:
             flags = metrics["train_flags"]
-            if not (leaderboard._kind_ok(flags.get("lr"), "number") and leaderboard._kind_ok(flags.get("batch_size"), "int")
+            if not (results.kind_ok(flags.get("lr"), "number") and results.kind_ok(flags.get("batch_size"), "int")
                     and flags["batch_size"] > 0 and flags["lr"] > 0):
                 problem = "has wrong values: train_flags needs lr and batch_size"
         if metrics is not None and not problem and (metrics["epochs_run"] < 1 or metrics["train_seconds"] <= 0
@@ -253,37 +254,37 @@ def usable_runs(out, families, keys):
 
 
 def main(argv=None):
-    parser = common.Parser(prog="benchmark.py", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = runs.Parser(prog="benchmark.py", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--out", type=Path, default=None,
                         help="folder of the default runs and of the tables (default: the project's results/; "
                              "a relative path is taken from the current directory)")
     parser.add_argument("--device", default="cpu", choices=("cpu", "cuda", "mps"),
                         help="device of the timed training steps (default %(default)s)")
-    parser.add_argument("--threads", type=common.thread_count, nargs="+", default=[1, common.MAX_AUTO_THREADS],
+    parser.add_argument("--threads", type=common.thread_count, nargs="+", default=[1, runs.MAX_AUTO_THREADS],
                         metavar="N", help="CPU thread counts of the timed training steps (default 1 2)")
     parser.add_argument("--busy", action="store_true",
                         help=f"only time {' and '.join(BUSY_FAMILIES)}'s default runs beside one CPU-bound process")
     args = parser.parse_args(argv)
-    out = leaderboard.out_folder(args.out)
-    leaderboard.tool("benchmark.py", lambda: benchmark(args, out),
+    out = results.out_folder(args.out)
+    processes.tool("benchmark.py", lambda: benchmark(args, out),
                      "its child runs were stopped and their scratch folders removed; the files in --out are whole")
 
 
 def benchmark(args, out):
-    device = common.choose_device(args.device)  # a refused device: one line, before anything runs
+    device = runs.choose_device(args.device)  # a refused device: one line, before anything runs
     families = list(BUSY_FAMILIES) if args.busy else list(SCRIPTS)
     usable = usable_runs(out, families, BUSY_KEYS if args.busy else SPEED_KEYS)
     missing = [n for n in families if n not in usable]
     if missing:
-        raise common.UsageError(f"no usable default runs of {', '.join(missing)} in {out}; make them with: "
+        raise plumbing.UsageError(f"no usable default runs of {', '.join(missing)} in {out}; make them with: "
                                 f"python leaderboard.py --out {out}")
-    common.check_out(out)
+    files.check_out(out)
     if args.busy:
         try:
             busy_table(out, families)
         except RunFailed as error:
             print(f"benchmark.py: error: {error}; no table written", file=sys.stderr)
-            raise SystemExit(common.EXIT_NONFINITE) from None
+            raise SystemExit(plumbing.EXIT_NONFINITE) from None
     else:
         speed_table(out, device, sorted(set(args.threads)))
 

@@ -53,6 +53,7 @@ import torch
 from torch import nn
 
 import common
+from plumbing import runs
 
 # -----------------------------------------------------------------------------
 # noise schedules and the discretized decoder
@@ -150,7 +151,7 @@ class DDPMConfig(common.ModelConfig):
 class DDPMSampling:
     sampler: str = common.option("ddim", "sampler for the samples, grid and GIF", choices=("ddim", "ancestral"))
     ddim_steps: int = common.option(50, "DDIM steps", type=common.positive_int, quick=10)
-    # w = 0.125: chosen on validation (README, the conditional methods table)
+    # w = 0.125: chosen on validation (docs/conditional.md, the methods table)
     guidance: float = common.option(0.125, "conditional runs only: classifier-free guidance weight w, "
                                     "eps = (1 + w) eps(x, y) - w eps(x); 0: the plain conditional sampler",
                                     type=common.nonnegative_float)
@@ -201,70 +202,9 @@ class DDPM(common.DigitsModel):
         classes = (common.NUM_CLASSES + 1,) if self.conditional else ()
         self.prior_logits = nn.Parameter(torch.zeros(*classes, common.NUM_PIXELS, common.NUM_LEVELS))
 
-    # --- forward process
-
-    def _at(self, buffer, t):  # (T,) buffer at steps t (B,) 0-based -> (B, 1)
-        return buffer[t][:, None]
-
-    def q_sample(self, x0, t, noise):
-        """x_t = sqrt(abar_t) x_0 + sqrt(1 - abar_t) noise ~ q(x_t | x_0); t (B,) 0-based (t - 1)."""
-        return self._at(self.sqrt_abar, t) * x0 + self._at(self.sqrt_one_minus_abar, t) * noise
-
-    def q_posterior(self, x0, xt, t):
-        """Mean and log-variance of q(x_{t-1} | x_t, x_0) (t >= 2; 0-based t >= 1)."""
-        mean = self._at(self.post_coef_x0, t) * x0 + self._at(self.post_coef_xt, t) * xt
-        # beta~_1 = 0: clamped so that the unused KL at t = 1 stays finite (the decoder replaces it)
-        return mean, torch.log(self._at(self.post_var, t).clamp(min=1e-20)).expand_as(xt)
-
-    # --- reverse process
-
-    def network(self, xt, t, y=None):
-        """eps(x_t, t) (B, 64) and the raw variance output (B, 64) in about [-1, 1] (or None);
-        y (B,): the classes (NULL_CLASS: no label) of a conditional model, None otherwise."""
-        out = self.net(xt, t if y is None else (t, y))  # (B, 64) or (B, 128)
-        eps = out[:, :common.NUM_PIXELS]
-        if self.grid_skip:  # + E[eps | x_t] when x_0's pixels are independent categoricals over the grid
-            logits = self.prior_logits if y is None else self.prior_logits[y]  # (64, 17) or (B, 64, 17)
-            grid = common.box_posterior(logits, xt, self.sqrt_abar[t], self.sqrt_one_minus_abar[t], half_width=0)
-            eps = eps + grid.mean_noise
-        return eps, out[:, common.NUM_PIXELS:] if self.learned_variance else None
-
-    def guided_network(self, xt, t, y=None):
-        """network() for the samplers: with classes y, eps guided by --guidance (common.guided; one
-        call when w = 0), the variance output the conditional one's."""
-        if y is None:
-            return self.network(xt, t)
-        outputs = []
-
-        def predict(labels):
-            outputs.append(self.network(xt, t, labels))
-            return outputs[-1][0]
-        return common.guided(predict, y, self.sampling.guidance), outputs[0][1]
-
-    def p_mean_log_var(self, xt, t, eps, v):
-        """Mean and log-variance of p(x_{t-1} | x_t) from eps and v (Nichol & Dhariwal eq. 15)."""
-        mean = (xt - self._at(self.eps_coef, t) * eps) * self._at(self.recip_sqrt_alpha, t)
-        if v is None:  # fixed: sigma_t^2 = beta~_t (beta~_2 at t = 1)
-            return mean, self._at(self.post_log_var, t).expand_as(xt)
-        frac = (v + 1) / 2
-        return mean, frac * self._at(self.log_betas, t) + (1 - frac) * self._at(self.post_log_var, t)
-
-    # --- the variational bound
-
-    def bound_terms(self, x0, xt, t, mean, log_var):
-        """(B,) L_{t-1}: the KL to q(x_{t-1} | x_t, x_0) for t >= 2, -log p(x_0 | x_1) for t = 1."""
-        true_mean, true_log_var = self.q_posterior(x0, xt, t)
-        terms = gaussian_kl(true_mean, true_log_var, mean, log_var).sum(1)  # (B,)
-        first = (t == 0).nonzero().squeeze(1)  # rows at t = 1 get the decoder instead
-        if len(first):
-            decoder_nll = -discretized_gaussian_log_prob(x0[first], mean[first], log_var[first]).sum(1)
-            terms = terms.index_put((first,), decoder_nll)
-        return terms
-
-    def prior_kl(self, x0):
-        """(B,) KL(q(x_T | x_0) || N(0, I))."""
-        mean, var = self.sqrt_abar[-1] * x0, self.sqrt_one_minus_abar[-1] ** 2
-        return (0.5 * (var + mean ** 2 - 1 - torch.log(var))).sum(1)
+    # --- Ho et al. 2020, Algorithm 1 (training) and 2 (sampling), with the learned variances and
+    #     the hybrid loss of Nichol & Dhariwal 2021 (eq. 15, sec. 3.1); the bound (Ho et al. eq. 5)
+    #     as test NLL ---
 
     def loss(self, x, y):
         """The hybrid loss; a conditional model's labels dropped to NULL_CLASS with probability
@@ -291,6 +231,25 @@ class DDPM(common.DigitsModel):
         vlb = self.bound_terms(x0, xt, t, mean, log_var) / (self.time_probs[t] * common.NUM_PIXELS)
         return (simple + self.vlb_weight * vlb).mean()
 
+    def sample(self, n, y=None):
+        return self.sample_ancestral(n, y) if self.sampling.sampler == "ancestral" else self.sample_ddim(n, y=y)
+
+    def sample_ancestral(self, n, y=None):
+        """x_T ~ N(0, I), x_{t-1} ~ p(x_{t-1} | x_t) for t = T..2, then a pixel bin ~ p(x_0 | x_1);
+        y: the (n,) classes of a conditional model (guided_network)."""
+        device = self.device
+        x = torch.randn(n, common.NUM_PIXELS, device=device)
+        for step in reversed(range(1, self.num_steps)):
+            t = torch.full((n,), step, dtype=torch.long, device=device)
+            mean, log_var = self.p_mean_log_var(x, t, *self.guided_network(x, t, y))
+            x = mean + torch.exp(0.5 * log_var) * torch.randn_like(x)
+        t = torch.zeros(n, dtype=torch.long, device=device)
+        mean, log_var = self.p_mean_log_var(x, t, *self.guided_network(x, t, y))
+        grid = self.grid.view(1, 1, -1).expand(n, common.NUM_PIXELS, -1)  # (n, 64, 17)
+        logits = discretized_gaussian_log_prob(grid, mean[..., None], log_var[..., None])
+        levels = torch.distributions.Categorical(logits=logits).sample()  # (n, 64) in 0..16
+        return levels.float()
+
     def test_nll(self, x, y=None):
         """(B,) variational bound on -log P(x) (-log P(x | y) given classes y (B,)) in nats: prior
         KL + all T terms, one x_t draw each."""
@@ -306,6 +265,96 @@ class DDPM(common.DigitsModel):
         xt = self.q_sample(x0, t, noise)
         mean, log_var = self.p_mean_log_var(xt, t, *self.network(xt, t, y))
         return self.bound_terms(x0, xt, t, mean, log_var)
+
+    # --- the forward process q(x_t | x_0) and its posterior q(x_{t-1} | x_t, x_0)
+
+    def _at(self, buffer, t):  # (T,) buffer at steps t (B,) 0-based -> (B, 1)
+        return buffer[t][:, None]
+
+    def q_sample(self, x0, t, noise):
+        """x_t = sqrt(abar_t) x_0 + sqrt(1 - abar_t) noise ~ q(x_t | x_0); t (B,) 0-based (t - 1)."""
+        return self._at(self.sqrt_abar, t) * x0 + self._at(self.sqrt_one_minus_abar, t) * noise
+
+    def q_posterior(self, x0, xt, t):
+        """Mean and log-variance of q(x_{t-1} | x_t, x_0) (t >= 2; 0-based t >= 1)."""
+        mean = self._at(self.post_coef_x0, t) * x0 + self._at(self.post_coef_xt, t) * xt
+        # beta~_1 = 0: clamped so that the unused KL at t = 1 stays finite (the decoder replaces it)
+        return mean, torch.log(self._at(self.post_var, t).clamp(min=1e-20)).expand_as(xt)
+
+    # --- the reverse process p(x_{t-1} | x_t) and the terms of the bound
+
+    def network(self, xt, t, y=None):
+        """eps(x_t, t) (B, 64) and the raw variance output (B, 64) in about [-1, 1] (or None);
+        y (B,): the classes (NULL_CLASS: no label) of a conditional model, None otherwise."""
+        out = self.net(xt, t if y is None else (t, y))  # (B, 64) or (B, 128)
+        eps = out[:, :common.NUM_PIXELS]
+        if self.grid_skip:  # + E[eps | x_t] when x_0's pixels are independent categoricals over the grid
+            logits = self.prior_logits if y is None else self.prior_logits[y]  # (64, 17) or (B, 64, 17)
+            grid = common.box_posterior(logits, xt, self.sqrt_abar[t], self.sqrt_one_minus_abar[t], half_width=0)
+            eps = eps + grid.mean_noise
+        return eps, out[:, common.NUM_PIXELS:] if self.learned_variance else None
+
+    def p_mean_log_var(self, xt, t, eps, v):
+        """Mean and log-variance of p(x_{t-1} | x_t) from eps and v (Nichol & Dhariwal eq. 15)."""
+        mean = (xt - self._at(self.eps_coef, t) * eps) * self._at(self.recip_sqrt_alpha, t)
+        if v is None:  # fixed: sigma_t^2 = beta~_t (beta~_2 at t = 1)
+            return mean, self._at(self.post_log_var, t).expand_as(xt)
+        frac = (v + 1) / 2
+        return mean, frac * self._at(self.log_betas, t) + (1 - frac) * self._at(self.post_log_var, t)
+
+    def bound_terms(self, x0, xt, t, mean, log_var):
+        """(B,) L_{t-1}: the KL to q(x_{t-1} | x_t, x_0) for t >= 2, -log p(x_0 | x_1) for t = 1."""
+        true_mean, true_log_var = self.q_posterior(x0, xt, t)
+        terms = gaussian_kl(true_mean, true_log_var, mean, log_var).sum(1)  # (B,)
+        first = (t == 0).nonzero().squeeze(1)  # rows at t = 1 get the decoder instead
+        if len(first):
+            decoder_nll = -discretized_gaussian_log_prob(x0[first], mean[first], log_var[first]).sum(1)
+            terms = terms.index_put((first,), decoder_nll)
+        return terms
+
+    def prior_kl(self, x0):
+        """(B,) KL(q(x_T | x_0) || N(0, I))."""
+        mean, var = self.sqrt_abar[-1] * x0, self.sqrt_one_minus_abar[-1] ** 2
+        return (0.5 * (var + mean ** 2 - 1 - torch.log(var))).sum(1)
+
+    # --- Beyond the paper: the DDIM sampler, classifier-free guidance, stratified bounds (the
+    #     generative classifier, OOD scores), inpainting ---
+
+    def guided_network(self, xt, t, y=None):
+        """network() for the samplers: with classes y, eps guided by --guidance (common.guided; one
+        call when w = 0), the variance output the conditional one's."""
+        if y is None:
+            return self.network(xt, t)
+        outputs = []
+
+        def predict(labels):
+            outputs.append(self.network(xt, t, labels))
+            return outputs[-1][0]
+        return common.guided(predict, y, self.sampling.guidance), outputs[0][1]
+
+    def ddim(self, x, steps, y=None):
+        """Deterministic DDIM (eta = 0) from x = x_T (n, 64) on `steps` evenly spaced steps
+        T = tau_S > .. > tau_1 = 1, each x0^ = (x - sqrt(1 - abar) eps) / sqrt(abar) clipped to
+        [-1, 1], x <- sqrt(abar_next) x0^ + sqrt(1 - abar_next) eps^; returns the last x0^."""
+        taus = torch.linspace(self.num_steps - 1, 0, steps, dtype=torch.float64).round().long().tolist()
+        for i, step in enumerate(taus):
+            eps, _ = self.guided_network(x, torch.full((len(x),), step, dtype=torch.long, device=x.device), y)
+            a, b = self.sqrt_abar[step], self.sqrt_one_minus_abar[step]
+            x0 = ((x - b * eps) / a).clamp(-1, 1)
+            eps = (x - a * x0) / b  # consistent with the clipped x0^
+            if i + 1 < len(taus):
+                x = self.sqrt_abar[taus[i + 1]] * x0 + self.sqrt_one_minus_abar[taus[i + 1]] * eps
+        return x0
+
+    def sample_ddim(self, n, steps=None, y=None):
+        """DDIM from x_T ~ N(0, I) with --ddim-steps steps, rounded to the nearest pixel level."""
+        x = torch.randn(n, common.NUM_PIXELS, device=self.device)
+        steps = min(steps or self.sampling.ddim_steps, self.num_steps)
+        return common.pm1_to_pixels(self.ddim(x, steps, y)).round()
+
+    def samplers(self):
+        """Both samplers, timed and scored by common (metrics: other_samplers)."""
+        return dict(ancestral=self.sample_ancestral, ddim=self.sample_ddim)
 
     def stratified_steps(self, n, exact, strata, device):
         """[(t (n,), weight)]: the first `exact` steps, then one random step per image in each of
@@ -345,51 +394,6 @@ class DDPM(common.DigitsModel):
             total = total + weight * self.sampled_term(x0, t, torch.randn_like(x0))
         return total
 
-    # --- samplers
-
-    def sample_ancestral(self, n, y=None):
-        """x_T ~ N(0, I), x_{t-1} ~ p(x_{t-1} | x_t) for t = T..2, then a pixel bin ~ p(x_0 | x_1);
-        y: the (n,) classes of a conditional model (guided_network)."""
-        device = self.device
-        x = torch.randn(n, common.NUM_PIXELS, device=device)
-        for step in reversed(range(1, self.num_steps)):
-            t = torch.full((n,), step, dtype=torch.long, device=device)
-            mean, log_var = self.p_mean_log_var(x, t, *self.guided_network(x, t, y))
-            x = mean + torch.exp(0.5 * log_var) * torch.randn_like(x)
-        t = torch.zeros(n, dtype=torch.long, device=device)
-        mean, log_var = self.p_mean_log_var(x, t, *self.guided_network(x, t, y))
-        grid = self.grid.view(1, 1, -1).expand(n, common.NUM_PIXELS, -1)  # (n, 64, 17)
-        logits = discretized_gaussian_log_prob(grid, mean[..., None], log_var[..., None])
-        levels = torch.distributions.Categorical(logits=logits).sample()  # (n, 64) in 0..16
-        return levels.float()
-
-    def ddim(self, x, steps, y=None):
-        """Deterministic DDIM (eta = 0) from x = x_T (n, 64) on `steps` evenly spaced steps
-        T = tau_S > .. > tau_1 = 1, each x0^ = (x - sqrt(1 - abar) eps) / sqrt(abar) clipped to
-        [-1, 1], x <- sqrt(abar_next) x0^ + sqrt(1 - abar_next) eps^; returns the last x0^."""
-        taus = torch.linspace(self.num_steps - 1, 0, steps, dtype=torch.float64).round().long().tolist()
-        for i, step in enumerate(taus):
-            eps, _ = self.guided_network(x, torch.full((len(x),), step, dtype=torch.long, device=x.device), y)
-            a, b = self.sqrt_abar[step], self.sqrt_one_minus_abar[step]
-            x0 = ((x - b * eps) / a).clamp(-1, 1)
-            eps = (x - a * x0) / b  # consistent with the clipped x0^
-            if i + 1 < len(taus):
-                x = self.sqrt_abar[taus[i + 1]] * x0 + self.sqrt_one_minus_abar[taus[i + 1]] * eps
-        return x0
-
-    def sample_ddim(self, n, steps=None, y=None):
-        """DDIM from x_T ~ N(0, I) with --ddim-steps steps, rounded to the nearest pixel level."""
-        x = torch.randn(n, common.NUM_PIXELS, device=self.device)
-        steps = min(steps or self.sampling.ddim_steps, self.num_steps)
-        return common.pm1_to_pixels(self.ddim(x, steps, y)).round()
-
-    def sample(self, n, y=None):
-        return self.sample_ancestral(n, y) if self.sampling.sampler == "ancestral" else self.sample_ddim(n, y=y)
-
-    def samplers(self):
-        """Both samplers, timed and scored by common (metrics: other_samplers)."""
-        return dict(ancestral=self.sample_ancestral, ddim=self.sample_ddim)
-
     @torch.no_grad()
     def complete(self, x, missing, steps=20, resample=2):
         """Inpainting as RePaint (Lugmayr et al. 2022) on `steps` evenly spaced steps: before every
@@ -422,12 +426,7 @@ class DDPM(common.DigitsModel):
 
 
 def main(argv=None):
-    parser = common.make_parser(__file__, __doc__, epochs=550, batch_size=64, lr=1e-3, patience=50,
-                                ema=0.999, gif_every=10)
-    common.add_options(parser, "DDPM", DDPMConfig)
-    common.add_options(parser, "DDPM sampling (free to change with --sample-only)", DDPMSampling)
-    args = common.parse_args(parser, argv)
-    common.run(args, DDPM, common.options_from(args, DDPMConfig), common.options_from(args, DDPMSampling))
+    runs.main(DDPM, __doc__, argv, epochs=550, batch_size=64, lr=1e-3, patience=50, ema=0.999, gif_every=10)
 
 
 if __name__ == "__main__":

@@ -42,6 +42,7 @@ import torch.nn.functional as F
 from torch import nn
 
 import common
+from plumbing import runs
 
 # -----------------------------------------------------------------------------
 # SGLD sampler
@@ -120,38 +121,9 @@ class EBM(common.DigitsModel):
         self.objective = ("train: CD of E(x, y) + energy reg. + CE" if self.conditional
                           else "train: CD of E(x) + energy reg.")
 
-    def energy(self, v):
-        """v: (B, 64) in [-1, 1] -> (B,) the marginal energy E(v) = -log p(v) + log Z:
-        -logsumexp_y f(v)[y] (conditional) or -f(v) (unconditional)."""
-        out = self.net(v)
-        return -torch.logsumexp(out, dim=1) if self.conditional else -out[:, 0]
-
-    def joint_energy(self, v, labels):
-        """Conditional only. v: (B, 64) in [-1, 1], labels: (B,) -> (B,) E(v, label) = -f(v)[label]."""
-        return -self.net(v).gather(1, labels[:, None])[:, 0]
-
-    def chain_energy(self, labels):
-        """The energy that chains and the contrastive term use: E(., labels) when conditional
-        (labels (B,)), else the marginal E(.) (labels None)."""
-        return self.energy if labels is None else lambda v: self.joint_energy(v, labels)
-
-    def class_log_likelihoods(self, x):
-        """Conditional only. (B, 64) pixels -> (B, 10) logits f(x) = log p(x, y) + log Z, i.e.
-        log p(x | y) + const with the model's class prior taken as uniform (a generative classifier)."""
-        return self.net(common.pixels_to_pm1(x))
-
-    def ood_score(self, x):
-        """(B, 64) pixels -> (B,) the marginal energy E(x) = -log p(x) + log Z."""
-        return self.energy(common.pixels_to_pm1(x))
-
-    def langevin(self, energy, v, steps):
-        """`steps` SGLD steps of the configured size and noise on `energy` from v (B, 64) in [-1, 1],
-        staying inside [-1, 1]."""
-        return sgld(energy, v, steps, self.config.step_size, self.config.noise, bounds=(-1.0, 1.0))
-
-    def chains(self, n, labels, steps):
-        """(n, 64) in [-1, 1]: short-run SGLD from uniform noise on chain_energy(labels)."""
-        return self.langevin(self.chain_energy(labels), uniform_noise(n, common.NUM_PIXELS, self.device), steps)
+    # --- Nijkamp et al. 2019, Algorithm 1: contrastive divergence against short-run, non-persistent
+    #     Langevin chains from uniform noise (with Du & Mordatch 2019's energy regulariser and, given
+    #     y, JEM's joint energy and cross-entropy); the same K-step chain samples ---
 
     def loss(self, x, y):
         """x (B, 64) pixels with their (B,) class labels y (used by the conditional model only)."""
@@ -174,9 +146,6 @@ class EBM(common.DigitsModel):
             return F.cross_entropy(self.net(common.pixels_to_pm1(x)), y)
         return self.loss(x, y)
 
-    def steps(self):
-        return self.sampling.sample_steps or self.config.sgld_steps
-
     def sample(self, n, y=None):
         """Short-run SGLD from uniform noise: (n, 64) on the 0..16 scale. Conditional models draw
         sample i from E(x, y[i]) (y (n,) int64; balanced labels 0, 1, ..., 9, 0, ... when None);
@@ -186,6 +155,44 @@ class EBM(common.DigitsModel):
         elif y is None:
             y = common.sample_labels(self, n, self.device)
         return common.pm1_to_pixels(self.chains(n, y, self.steps()))
+
+    def steps(self):
+        return self.sampling.sample_steps or self.config.sgld_steps
+
+    def chains(self, n, labels, steps):
+        """(n, 64) in [-1, 1]: short-run SGLD from uniform noise on chain_energy(labels)."""
+        return self.langevin(self.chain_energy(labels), uniform_noise(n, common.NUM_PIXELS, self.device), steps)
+
+    def langevin(self, energy, v, steps):
+        """`steps` SGLD steps of the configured size and noise on `energy` from v (B, 64) in [-1, 1],
+        staying inside [-1, 1]."""
+        return sgld(energy, v, steps, self.config.step_size, self.config.noise, bounds=(-1.0, 1.0))
+
+    def energy(self, v):
+        """v: (B, 64) in [-1, 1] -> (B,) the marginal energy E(v) = -log p(v) + log Z:
+        -logsumexp_y f(v)[y] (conditional) or -f(v) (unconditional)."""
+        out = self.net(v)
+        return -torch.logsumexp(out, dim=1) if self.conditional else -out[:, 0]
+
+    def joint_energy(self, v, labels):
+        """Conditional only. v: (B, 64) in [-1, 1], labels: (B,) -> (B,) E(v, label) = -f(v)[label]."""
+        return -self.net(v).gather(1, labels[:, None])[:, 0]
+
+    def chain_energy(self, labels):
+        """The energy that chains and the contrastive term use: E(., labels) when conditional
+        (labels (B,)), else the marginal E(.) (labels None)."""
+        return self.energy if labels is None else lambda v: self.joint_energy(v, labels)
+
+    # --- Beyond the paper: the generative classifier, OOD scores, inpainting, extra metrics and images ---
+
+    def class_log_likelihoods(self, x):
+        """Conditional only. (B, 64) pixels -> (B, 10) logits f(x) = log p(x, y) + log Z, i.e.
+        log p(x | y) + const with the model's class prior taken as uniform (a generative classifier)."""
+        return self.net(common.pixels_to_pm1(x))
+
+    def ood_score(self, x):
+        """(B, 64) pixels -> (B,) the marginal energy E(x) = -log p(x) + log Z."""
+        return self.energy(common.pixels_to_pm1(x))
 
     @torch.no_grad()
     def complete(self, x, missing, steps=None):
@@ -249,13 +256,8 @@ class EBM(common.DigitsModel):
 def main(argv=None):
     # EMA 0.99 smooths the val Frechet from epoch to epoch, which picks the best epoch (0.999 lags
     # far behind the short-run sampler the weights train); 80 epochs with patience 20 leave room
-    # past the best epoch within the time budget (README, the EBM's choices)
-    parser = common.make_parser(__file__, __doc__, epochs=80, batch_size=64, lr=1e-3, patience=20,
-                                ema=0.99, gif_every=5)
-    common.add_options(parser, "EBM", EBMConfig)
-    common.add_options(parser, "EBM sampling (free to change with --sample-only)", EBMSampling)
-    args = common.parse_args(parser, argv)
-    common.run(args, EBM, common.options_from(args, EBMConfig), common.options_from(args, EBMSampling))
+    # past the best epoch within the time budget (docs/choices.md, EBM)
+    runs.main(EBM, __doc__, argv, epochs=80, batch_size=64, lr=1e-3, patience=20, ema=0.99, gif_every=5)
 
 
 if __name__ == "__main__":

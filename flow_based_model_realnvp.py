@@ -48,6 +48,7 @@ import torch
 from torch import nn
 
 import common
+from plumbing import UsageError, runs
 
 # -----------------------------------------------------------------------------
 # masks
@@ -331,6 +332,59 @@ class RealNVP(common.DigitsModel):
             self.base_mean = nn.Parameter(torch.zeros(common.NUM_CLASSES, dim))
             self.base_log_std = nn.Parameter(torch.zeros(common.NUM_CLASSES, dim))
 
+    # --- Dinh et al. 2017 (RealNVP), the change of variables (sec. 3.1) through affine couplings,
+    #     trained on the dequantization bound E_q[-log p(x + u) + log q(u | x)] (Theis et al. 2016;
+    #     Ho et al. 2019, Flow++), sampled by the inverse from the base density ---
+
+    def loss(self, x, y):
+        """The bound's mean over the batch, one fresh dequantization draw per image."""
+        return self.bound(x, self.given(y)).mean()
+
+    def bound(self, x, y=None):
+        """(B,) one-draw estimate of E_q[-log p(x + u) + log q(u | x)] >= -log P(x) (with y given,
+        of -log P(x | y)), nats."""
+        v, log_q = self.dequantize(x)
+        return log_q - self.log_prob(v, y)
+
+    def dequantize(self, x):
+        """(B, D) pixels -> (v = x + u, log q(u | x) (B,)): u uniform (log q = 0) or from the dequantizer."""
+        if self.dequantizer is None:
+            return common.dequantize(x), x.new_zeros(len(x))
+        u, log_q = self.dequantizer(torch.randn_like(x), x)
+        return x + u, log_q
+
+    def log_prob(self, v, y=None):
+        """(B, D) -> (B,) log p(v) (log p(v | y)), a density on the continuous pixel scale (bins of
+        volume 1): log N(z; mu_y, diag sigma_y^2) + log|det dz/dv|."""
+        z, log_det, base = *self(v, y), self.class_base(y)
+        if base is None:
+            return common.standard_normal_log_prob(z) + log_det
+        mean, log_std = base
+        return common.standard_normal_log_prob((z - mean) * torch.exp(-log_std)) - log_std.sum(1) + log_det
+
+    def forward(self, v, y=None):
+        """Dequantized pixels (B, D) in [0, 17) -> (z, log|det dz/dv| (B,)): logit, then couplings
+        (which read the class y (B,) of a conditional model with class_input couplings or both)."""
+        w, log_det_logit = self.logit(v)
+        z, log_det_flow = self.flow(w, self.class_code(y, w))
+        return z, log_det_logit + log_det_flow
+
+    def sample(self, n, y=None):
+        """z ~ N(0, T^2 I) (z = mu_y + T sigma_y e, e ~ N(0, I), given y) -> v = f^-1(z) (f^-1(z; y))
+        -> floor(v), the bin v falls in, clamped to 0..16."""
+        z = self.sampling.temperature * torch.randn(n, self.dim, device=self.device)
+        if (base := self.class_base(y)) is not None:
+            mean, log_std = base
+            z = mean + torch.exp(log_std) * z
+        return self.inverse(z, y).floor().clamp(0, common.PIXEL_MAX)
+
+    def inverse(self, z, y=None):
+        return self.logit.inverse(self.flow.inverse(z, self.class_code(y, z)))
+
+    def given(self, y):
+        """The labels a conditional model conditions on; None (ignored) for a model of p(x)."""
+        return y if self.conditional else None
+
     def class_code(self, y, like):
         """The couplings' conditioning input: one-hot y (B, 10) of like's dtype, or None."""
         if y is None or not self.class_couplings:
@@ -344,45 +398,11 @@ class RealNVP(common.DigitsModel):
             return None
         return self.base_mean[y], self.base_log_std[y]
 
-    def forward(self, v, y=None):
-        """Dequantized pixels (B, D) in [0, 17) -> (z, log|det dz/dv| (B,)): logit, then couplings
-        (which read the class y (B,) of a conditional model with class_input couplings or both)."""
-        w, log_det_logit = self.logit(v)
-        z, log_det_flow = self.flow(w, self.class_code(y, w))
-        return z, log_det_logit + log_det_flow
+    def configure_optimizer(self, lr):
+        return torch.optim.AdamW(self.parameters(), lr=lr, weight_decay=self.config.weight_decay)
 
-    def inverse(self, z, y=None):
-        return self.logit.inverse(self.flow.inverse(z, self.class_code(y, z)))
-
-    def log_prob(self, v, y=None):
-        """(B, D) -> (B,) log p(v) (log p(v | y)), a density on the continuous pixel scale (bins of
-        volume 1): log N(z; mu_y, diag sigma_y^2) + log|det dz/dv|."""
-        z, log_det, base = *self(v, y), self.class_base(y)
-        if base is None:
-            return common.standard_normal_log_prob(z) + log_det
-        mean, log_std = base
-        return common.standard_normal_log_prob((z - mean) * torch.exp(-log_std)) - log_std.sum(1) + log_det
-
-    def dequantize(self, x):
-        """(B, D) pixels -> (v = x + u, log q(u | x) (B,)): u uniform (log q = 0) or from the dequantizer."""
-        if self.dequantizer is None:
-            return common.dequantize(x), x.new_zeros(len(x))
-        u, log_q = self.dequantizer(torch.randn_like(x), x)
-        return x + u, log_q
-
-    def bound(self, x, y=None):
-        """(B,) one-draw estimate of E_q[-log p(x + u) + log q(u | x)] >= -log P(x) (with y given,
-        of -log P(x | y)), nats."""
-        v, log_q = self.dequantize(x)
-        return log_q - self.log_prob(v, y)
-
-    def given(self, y):
-        """The labels a conditional model conditions on; None (ignored) for a model of p(x)."""
-        return y if self.conditional else None
-
-    def loss(self, x, y):
-        """The bound's mean over the batch, one fresh dequantization draw per image."""
-        return self.bound(x, self.given(y)).mean()
+    # --- Beyond the paper: the importance-weighted test bound (Burda et al. 2016), the generative
+    #     classifier, inpainting, extra metrics ---
 
     def combine(self, log_w):
         """(K, ...) log-weights log w_k = log p(x + u_k) - log q(u_k | x) -> (...) the NLL bound."""
@@ -411,15 +431,6 @@ class RealNVP(common.DigitsModel):
             log_w.append(log_p - log_q[:, None])  # (B, 10)
         return -self.combine(torch.stack(log_w))
 
-    def sample(self, n, y=None):
-        """z ~ N(0, T^2 I) (z = mu_y + T sigma_y e, e ~ N(0, I), given y) -> v = f^-1(z) (f^-1(z; y))
-        -> floor(v), the bin v falls in, clamped to 0..16."""
-        z = self.sampling.temperature * torch.randn(n, self.dim, device=self.device)
-        if (base := self.class_base(y)) is not None:
-            mean, log_std = base
-            z = mean + torch.exp(log_std) * z
-        return self.inverse(z, y).floor().clamp(0, common.PIXEL_MAX)
-
     @torch.no_grad()
     def complete(self, x, missing, steps=25, first_step=0.5, last_step=0.01):
         """Inpainting by Langevin dynamics on the flow's exact log-density log p(v) over the missing
@@ -445,24 +456,20 @@ class RealNVP(common.DigitsModel):
                       for k in ("train", "val")}
         return bounds
 
-    def configure_optimizer(self, lr):
-        return torch.optim.AdamW(self.parameters(), lr=lr, weight_decay=self.config.weight_decay)
-
 
 # -----------------------------------------------------------------------------
 # command line
 
 
-def main(argv=None):
-    parser = common.make_parser(__file__, __doc__, epochs=300, batch_size=64, lr=3e-4, patience=20, gif_every=5)
-    common.add_options(parser, "RealNVP", RealNVPConfig)
-    common.add_options(parser, "RealNVP evaluation and sampling (free to change with --sample-only)",
-                       RealNVPSampling)
-    args = common.parse_args(parser, argv)
-    config = common.options_from(args, RealNVPConfig)
+def settle(args, config, sampling):
+    """The settings that flags alone can't check, checked together (UsageError: exit 2)."""
     if config.alpha >= 0.5:
-        parser.error(f"argument --alpha: expected a number in (0, 0.5), got {config.alpha!r}")
-    common.run(args, RealNVP, config, common.options_from(args, RealNVPSampling))
+        raise UsageError(f"argument --alpha: expected a number in (0, 0.5), got {config.alpha!r}")
+    return config, sampling
+
+
+def main(argv=None):
+    runs.main(RealNVP, __doc__, argv, settle=settle, epochs=300, batch_size=64, lr=3e-4, patience=20, gif_every=5)
 
 
 if __name__ == "__main__":

@@ -55,9 +55,9 @@ import dataclasses
 import math
 
 import torch
-from torch import nn
 
 import common
+from plumbing import UsageError, runs
 
 # the levels head evaluates its posterior at t clamped to [T_MIN_HEAD, T_MAX_HEAD]: sigma~ = (1 - t) / t
 # stays finite at both ends of the path
@@ -153,8 +153,7 @@ class FMSampling:
     ode_steps: int = common.option(24, "RK4 steps of the likelihood ODE (more change the NLL by under 0.1 nats)",
                                    type=common.positive_int, quick=4)
     ode_end: float = common.option(1e-4, "the likelihood is the density at t = 1 - ode_end", type=common.positive_float)
-    # w = 0: the best per-class validation Frechet distance of w in {0, 0.25, 0.5, 1, 2, 3} (it grows with w),
-    # class accuracy already over 0.95
+    # w = 0: chosen on validation by per-class Frechet distance (it grows with w) and class accuracy
     guidance: float = common.option(0.0, "conditional runs only: classifier-free guidance weight w, "
                                     "v = (1 + w) v(x, t | y) - w v(x, t) (0: the plain conditional sampler)",
                                     type=common.nonnegative_float)
@@ -186,9 +185,34 @@ class FM(common.DigitsModel):
         ends = log_snr(torch.tensor([BOUND_T0, BOUND_T1], dtype=torch.float64))
         self.lam_min, self.lam_max = float(ends[0]), float(ends[1])
 
+    # --- Lipman et al. 2023, conditional flow matching on the straight path x_t = t x_1 + (1 - t) x_0
+    #     (eqs. 20 and 23; Liu et al. 2023's rectified flow), sampled by Euler or midpoint steps of
+    #     dx/dt = v(x, t); the test NLL by the ODE's change of variables (Chen et al. 2018) ---
+
+    def loss(self, x, y):
+        # p(x | y): the labels, each dropped to NULL_CLASS with probability label_dropout (CFG)
+        y = common.drop_labels(y, self.config.label_dropout) if self.conditional else None
+        if self.config.time_sampling == "likelihood":
+            return self.bound(x, y).mean()
+        return self.flow_matching_loss(x, y).mean()
+
+    def flow_matching_loss(self, x, y=None):
+        """(B,) ||v(x_t, t) - (x_1 - x_0)||^2 with t ~ U[0, 1] (Lipman et al. 2023, eq. 23); v(x_t, t | y)
+        with classes y."""
+        x1 = self.to_pm1(x)
+        t = torch.rand(len(x1), device=x1.device)
+        x0 = torch.randn_like(x1)
+        xt = t[:, None] * x1 + (1 - t[:, None]) * x0
+        return ((self.velocity(xt, t, y) - (x1 - x0)) ** 2).sum(1)
+
     def to_pm1(self, x):
         """Dequantize and scale: x_1 = pixels_to_pm1(x + u - 0.5), in the boxes c_k +- 1/16."""
         return common.pixels_to_pm1(common.dequantize(x) - 0.5)
+
+    def velocity(self, x, t, y=None):
+        """v(x, t) (B, 64) for x (B, 64), t (B,) in [0, 1]; v(x, t | y) with y (B,)."""
+        out, tc = self.logits_and_time(x, t, y)
+        return out.squeeze(-1) if self.config.output == "velocity" else self.head(out, x, tc)
 
     def logits_and_time(self, x, t, y=None):
         """The network's output (B, 64, 17 or 1) and t clamped for the head, (B,); y (B,) the
@@ -207,17 +231,39 @@ class FM(common.DigitsModel):
         # the same v two ways, each free of cancellation on its half: (E[x_1] - x) / (1 - t) = (x - E[x_0]) / t
         return torch.where(tc < 0.5, (mean_x1 - x) / (1 - tc), (x - mean_x0) / tc)
 
-    def velocity(self, x, t, y=None):
-        """v(x, t) (B, 64) for x (B, 64), t (B,) in [0, 1]; v(x, t | y) with y (B,)."""
-        out, tc = self.logits_and_time(x, t, y)
-        return out.squeeze(-1) if self.config.output == "velocity" else self.head(out, x, tc)
+    def eval_loss(self, x, y, repeats=4):
+        return torch.stack([self.loss(x, y) for _ in range(repeats)]).mean()
 
-    def guided_velocity(self, x, t, y=None):
-        """The sampler's velocity: v(x, t), or with classes y (B,) the guided
-        (1 + w) v(x, t | y) - w v(x, t), w = --guidance."""
-        if y is None:
-            return self.velocity(x, t)
-        return common.guided(lambda labels: self.velocity(x, t, labels), y, self.sampling.guidance)
+    @torch.no_grad()
+    def sample(self, n, y=None):
+        return self.sample_with(n, self.sampling.sampler, self.sampling.sample_steps, y)
+
+    def sample_with(self, n, method, steps, y=None):
+        x0 = torch.randn(n, common.NUM_PIXELS, device=self.device)
+        x1 = sample_ode(lambda x, t: self.guided_velocity(x, t, y), x0, steps, method, power=self.sampling.time_power)
+        return torch.floor((x1 + 1) * 8 + 0.5).clamp(0, common.PIXEL_MAX)  # the value whose box holds x_1
+
+    def test_nll(self, x, y=None):
+        """(B,) -log p_T(x_1) - PM1_LOGDET (-log p_T(x_1 | y) with classes y) by the ODE with the exact
+        divergence, one dequantization each."""
+        return self.ode_nll(self.to_pm1(x), y, self.sampling.ode_steps, "exact")
+
+    def ode_nll(self, x1, y, steps, method, chunk=64):
+        """(B,) -log p_T(x_1) - PM1_LOGDET on `steps` RK4 steps, the divergence exact or by
+        Hutchinson's estimate; of p(x | y) with y (B,) (w = 0), or p(x) with y None."""
+        velocity = self.velocity_for_divergence if method == "exact" else self.velocity  # (forward or reverse mode)
+
+        def velocity_div(z, t, c):
+            if c is None:
+                return common.value_and_divergence(velocity, z, t, method)
+            # the classes ride along with the times, as a second column (vmapped row by row when exact)
+            return common.value_and_divergence(lambda z, tc: velocity(z, tc[:, 0], tc[:, 1].long()),
+                                               z, torch.stack([t, c.to(t.dtype)], 1), method)
+
+        t_end = 1 - self.sampling.ode_end
+        nll = torch.cat([-ode_log_likelihood(lambda z, t: velocity_div(z, t, None if y is None else y[i:i + chunk]),
+                                             x1[i:i + chunk], t_end, steps) for i in range(0, len(x1), chunk)])
+        return nll - common.PM1_LOGDET
 
     def velocity_for_divergence(self, x, t, y=None):
         """v(x, t) with the levels head replaced by its first-order expansion at the current (logits,
@@ -232,9 +278,8 @@ class FM(common.DigitsModel):
         grad_logits, grad_x = torch.func.grad(lambda l, z: self.head(l, z, tc).sum(), argnums=(0, 1))(logits0, x0)
         return self.head(logits0, x0, tc) + (grad_logits * (out - logits0)).sum(-1) + grad_x * (x - x0)
 
-    def denoised(self, x, t):
-        """E[x_1 | x_t] = x + (1 - t) v (B, 64)."""
-        return x + (1 - t)[:, None] * self.velocity(x, t)
+    # --- Beyond the paper: the likelihood-weighted loss (the VDM bound), classifier-free guidance, other
+    #     samplers, the generative classifier, inpainting, extra metrics ---
 
     def bound(self, x, y=None):
         """(B,) continuous-time variational bound on -log P(x) (-log P(x | y) with classes y), nats
@@ -255,46 +300,27 @@ class FM(common.DigitsModel):
         decoder = 0.5 * d * (math.log(2 * math.pi) + 1 - self.lam_max)  # E[-log N(x_1; x_t1 / t_1, sigma~_1^2 I)]
         return diffusion + prior + decoder - common.PM1_LOGDET
 
-    def flow_matching_loss(self, x, y=None):
-        """(B,) ||v(x_t, t) - (x_1 - x_0)||^2 with t ~ U[0, 1] (Lipman et al. 2023, eq. 23); v(x_t, t | y)
-        with classes y."""
-        x1 = self.to_pm1(x)
-        t = torch.rand(len(x1), device=x1.device)
-        x0 = torch.randn_like(x1)
-        xt = t[:, None] * x1 + (1 - t[:, None]) * x0
-        return ((self.velocity(xt, t, y) - (x1 - x0)) ** 2).sum(1)
+    def denoised(self, x, t):
+        """E[x_1 | x_t] = x + (1 - t) v (B, 64)."""
+        return x + (1 - t)[:, None] * self.velocity(x, t)
 
-    def loss(self, x, y):
-        # p(x | y): the labels, each dropped to NULL_CLASS with probability label_dropout (CFG)
-        y = common.drop_labels(y, self.config.label_dropout) if self.conditional else None
-        if self.config.time_sampling == "likelihood":
-            return self.bound(x, y).mean()
-        return self.flow_matching_loss(x, y).mean()
+    def guided_velocity(self, x, t, y=None):
+        """The sampler's velocity: v(x, t), or with classes y (B,) the guided
+        (1 + w) v(x, t | y) - w v(x, t), w = --guidance."""
+        if y is None:
+            return self.velocity(x, t)
+        return common.guided(lambda labels: self.velocity(x, t, labels), y, self.sampling.guidance)
 
-    def eval_loss(self, x, y, repeats=4):
-        return torch.stack([self.loss(x, y) for _ in range(repeats)]).mean()
+    def samplers(self):
+        if not self.sampling.compare_samplers:
+            return {}
+        chosen = f"{self.sampling.sampler}_{self.sampling.sample_steps}"
+        names = [name for name in ("euler_1", "euler_2", "midpoint_2", "midpoint_8") if name != chosen]
 
-    def ode_nll(self, x1, y, steps, method, chunk=64):
-        """(B,) -log p_T(x_1) - PM1_LOGDET on `steps` RK4 steps, the divergence exact or by
-        Hutchinson's estimate; of p(x | y) with y (B,) (w = 0), or p(x) with y None."""
-        velocity = self.velocity_for_divergence if method == "exact" else self.velocity  # (forward or reverse mode)
+        def sampler(method, steps):
+            return torch.no_grad()(lambda n: self.sample_with(n, method, steps))
 
-        def velocity_div(z, t, c):
-            if c is None:
-                return common.value_and_divergence(velocity, z, t, method)
-            # the classes ride along with the times, as a second column (vmapped row by row when exact)
-            return common.value_and_divergence(lambda z, tc: velocity(z, tc[:, 0], tc[:, 1].long()),
-                                               z, torch.stack([t, c.to(t.dtype)], 1), method)
-
-        t_end = 1 - self.sampling.ode_end
-        nll = torch.cat([-ode_log_likelihood(lambda z, t: velocity_div(z, t, None if y is None else y[i:i + chunk]),
-                                             x1[i:i + chunk], t_end, steps) for i in range(0, len(x1), chunk)])
-        return nll - common.PM1_LOGDET
-
-    def test_nll(self, x, y=None):
-        """(B,) -log p_T(x_1) - PM1_LOGDET (-log p_T(x_1 | y) with classes y) by the ODE with the exact
-        divergence, one dequantization each."""
-        return self.ode_nll(self.to_pm1(x), y, self.sampling.ode_steps, "exact")
+        return {name: sampler(name.split("_")[0], int(name.split("_")[1])) for name in names}
 
     def class_log_likelihoods(self, x):
         """(B, 10) log p_T(x_1 | c) + PM1_LOGDET for every class c, a cheaper estimate than test_nll's for
@@ -309,15 +335,6 @@ class FM(common.DigitsModel):
                 y = torch.full((len(x),), c, dtype=torch.long, device=x.device)
                 columns.append(-self.ode_nll(x1, y, self.sampling.classify_steps, "hutchinson"))
         return torch.stack(columns, 1)
-
-    def sample_with(self, n, method, steps, y=None):
-        x0 = torch.randn(n, common.NUM_PIXELS, device=self.device)
-        x1 = sample_ode(lambda x, t: self.guided_velocity(x, t, y), x0, steps, method, power=self.sampling.time_power)
-        return torch.floor((x1 + 1) * 8 + 0.5).clamp(0, common.PIXEL_MAX)  # the value whose box holds x_1
-
-    @torch.no_grad()
-    def sample(self, n, y=None):
-        return self.sample_with(n, self.sampling.sampler, self.sampling.sample_steps, y)
 
     @torch.no_grad()
     def complete(self, x, missing, steps=8):
@@ -340,17 +357,6 @@ class FM(common.DigitsModel):
         pixels = torch.floor((z + 1) * 8 + 0.5).clamp(0, common.PIXEL_MAX)
         return torch.where(missing, pixels, x)
 
-    def samplers(self):
-        if not self.sampling.compare_samplers:
-            return {}
-        chosen = f"{self.sampling.sampler}_{self.sampling.sample_steps}"
-        names = [name for name in ("euler_1", "euler_2", "midpoint_2", "midpoint_8") if name != chosen]
-
-        def sampler(method, steps):
-            return torch.no_grad()(lambda n: self.sample_with(n, method, steps))
-
-        return {name: sampler(name.split("_")[0], int(name.split("_")[1])) for name in names}
-
     def extra_metrics(self, splits, labels):
         """The variational bound on the test split (10 noise draws per image; of p(x | y) for a
         conditional model)."""
@@ -364,17 +370,17 @@ class FM(common.DigitsModel):
 # command line
 
 
-def main(argv=None):
-    # EMA 0.9995: the lowest validation NLL bound of the decays tried (README, FM's choices)
-    parser = common.make_parser(__file__, __doc__, epochs=300, batch_size=64, lr=1e-3, patience=50,
-                                ema=0.9995, gif_every=10)
-    common.add_options(parser, "FM", FMConfig)
-    common.add_options(parser, "FM evaluation and sampling (free to change with --sample-only)", FMSampling)
-    args = common.parse_args(parser, argv)
-    sampling = common.options_from(args, FMSampling)
+def settle(args, config, sampling):
+    """The ODE's end checked (UsageError: exit 2)."""
     if sampling.ode_end >= 1:
-        parser.error(f"argument --ode-end: expected a number in (0, 1), got {sampling.ode_end}")
-    common.run(args, FM, common.options_from(args, FMConfig), sampling)
+        raise UsageError(f"argument --ode-end: expected a number in (0, 1), got {sampling.ode_end}")
+    return config, sampling
+
+
+def main(argv=None):
+    # EMA 0.9995: the lowest validation NLL bound of the decays tried (docs/choices.md, FM)
+    runs.main(FM, __doc__, argv, settle=settle,
+              epochs=300, batch_size=64, lr=1e-3, patience=50, ema=0.9995, gif_every=10)
 
 
 if __name__ == "__main__":

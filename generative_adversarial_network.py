@@ -18,15 +18,11 @@ images a GAN can memorise or collapse onto a few digits: the metrics report the 
 class coverage of the samples. --augment translation shifts real and fake images alike by up to
 one pixel before D sees them (DiffAugment, Zhao et al. 2020).
 
-The other defaults, each chosen by the validation Frechet distance (README, the GAN's choices): the hinge
-loss with spectral norm on D (Miyato et al. 2018), D's learning rate 4x G's (the two time-scale
-update rule, Heusel et al. 2017) and Adam betas (0, 0.9), without which training collapsed onto a
-few digits; one D step per G step; two hidden layers of 512, whose curve is steadier than 256's;
-an EMA of the weights with decay 0.99; no augmentation; continuous samples (--round rounds them).
-The learning rate, 8e-4 for G (so 3.2e-3 for D), was chosen by what the Frechet distance misses:
-at an equal validation Frechet distance, samples from a lower rate more often lie off the digits
-(lower precision) and cover fewer of them. The price: a little less recall, and more samples that
-are near-copies of training digits, most in the conditional model (README).
+The defaults, each chosen on the validation split (the numbers: docs/choices.md, GAN): the hinge
+loss with spectral norm on D; D's learning rate 4x G's (the two time-scale update rule, Heusel et
+al. 2017) with Adam betas (0, 0.9), without which training collapses onto a few digits; one D step
+per G step; two hidden layers of 512; an EMA of the weights with decay 0.99; no augmentation;
+continuous samples (--round rounds them).
 
 Conditional model (--conditional): G(z, y) and D(x, y) for the ten classes. The generator takes the
 class as a one-hot vector beside the noise, G([z, onehot(y)]) (Mirza & Osindero 2014); the
@@ -55,6 +51,7 @@ from torch import nn
 from torch.nn.utils.parametrizations import spectral_norm
 
 import common
+from plumbing import UsageError, runs
 
 LOSSES = ("hinge", "wgan-gp", "nonsaturating")
 AUGMENTS = ("none", "translation")
@@ -162,6 +159,60 @@ class GAN(common.DigitsModel):
         if c.conditional:  # the projection's class vectors e_y (10, hidden)
             self.class_embedding = norm(nn.Embedding(common.NUM_CLASSES, c.hidden))
 
+    # --- Goodfellow et al. 2014, Algorithm 1: alternate --d-steps updates of D and one of G, with the
+    #     losses of --loss (discriminator_loss, generator_loss); sampling x = G(z), z ~ N(0, I) ---
+
+    def train_step(self, x, y, optimizer):
+        """Overrides the base class's single step: d_steps updates of D, then one of G. Returns
+        {"loss": L_D (the curve's "train" series), "generator": L_G}, both averaged over the step."""
+        real, y = common.pixels_to_pm1(x), self.labels(y)  # y None for a model of p(x)
+        d_values = [self.discriminator_step(real, self.noise(len(x)), optimizer, y)
+                    for _ in range(self.config.d_steps)]
+        g_value = self.generator_step(self.noise(len(x)), optimizer, y)
+        return {"loss": sum(d_values) / len(d_values), "generator": g_value}
+
+    def discriminator_step(self, real, z, optimizer, y=None):
+        """One update of D on real [-1, 1] images and G(z) (of classes y, for a conditional model);
+        G's weights do not move (the fake is detached, so G's grads stay None and Adam skips them)."""
+        value = self.d_loss(real, self.generate(z, y), y)
+        checked = common.check_finite({"discriminator": value.item()})
+        common.optimizer_step(value, optimizer)
+        return checked["discriminator"]
+
+    def generator_step(self, z, optimizer, y=None):
+        """One update of G to raise D's score of G(z) (or of G(z, y) as class y); D's weights do
+        not move."""
+        value = self.g_loss(z, y)
+        checked = common.check_finite({"generator": value.item()})
+        common.optimizer_step(value, optimizer, frozen=self.discriminator_parameters())
+        return checked["generator"]
+
+    def d_loss(self, real, fake, y=None):
+        """L_D on [-1, 1] batches (both of classes y, a conditional model's); fake is detached, so
+        only D gets gradients."""
+        fake = fake.detach()
+        critic = lambda v: self.critic(v, y)  # noqa: E731
+        value = discriminator_loss(self.config.loss, critic(real), critic(fake))
+        if self.config.loss == "wgan-gp":
+            value = value + self.config.gp_weight * gradient_penalty(critic, real, fake)
+        return value
+
+    def g_loss(self, z, y=None):
+        return generator_loss(self.config.loss, self.critic(self.generate(z, y), y))
+
+    def loss(self, x, y):
+        """The discriminator's loss on a batch of pixels 0..16 against as many fresh fakes (of the
+        batch's classes, for a conditional model)."""
+        y = self.labels(y)
+        return self.d_loss(common.pixels_to_pm1(x), self.generate(self.noise(len(x)), y), y)
+
+    @torch.no_grad()
+    def sample(self, n, y=None):
+        """x = G(z), z ~ N(0, I) (x = G(z, y) of the classes y (n,) for a conditional model), mapped
+        to the 0..16 pixels (rounded to levels with --round)."""
+        pixels = common.pm1_to_pixels(self.generate(self.noise(n), self.labels(y)))
+        return pixels.round() if self.sampling.round else pixels
+
     # --- the two networks
 
     def labels(self, y):
@@ -195,54 +246,6 @@ class GAN(common.DigitsModel):
     def noise(self, n):
         return torch.randn(n, self.config.latent, device=self.device)
 
-    # --- objectives
-
-    def d_loss(self, real, fake, y=None):
-        """L_D on [-1, 1] batches (both of classes y, a conditional model's); fake is detached, so
-        only D gets gradients."""
-        fake = fake.detach()
-        critic = lambda v: self.critic(v, y)  # noqa: E731
-        value = discriminator_loss(self.config.loss, critic(real), critic(fake))
-        if self.config.loss == "wgan-gp":
-            value = value + self.config.gp_weight * gradient_penalty(critic, real, fake)
-        return value
-
-    def g_loss(self, z, y=None):
-        return generator_loss(self.config.loss, self.critic(self.generate(z, y), y))
-
-    def loss(self, x, y):
-        """The discriminator's loss on a batch of pixels 0..16 against as many fresh fakes (of the
-        batch's classes, for a conditional model)."""
-        y = self.labels(y)
-        return self.d_loss(common.pixels_to_pm1(x), self.generate(self.noise(len(x)), y), y)
-
-    # --- training: alternate updates of D and G
-
-    def discriminator_step(self, real, z, optimizer, y=None):
-        """One update of D on real [-1, 1] images and G(z) (of classes y, for a conditional model);
-        G's weights do not move (the fake is detached, so G's grads stay None and Adam skips them)."""
-        value = self.d_loss(real, self.generate(z, y), y)
-        checked = common.check_finite({"discriminator": value.item()})
-        common.optimizer_step(value, optimizer)
-        return checked["discriminator"]
-
-    def generator_step(self, z, optimizer, y=None):
-        """One update of G to raise D's score of G(z) (or of G(z, y) as class y); D's weights do
-        not move."""
-        value = self.g_loss(z, y)
-        checked = common.check_finite({"generator": value.item()})
-        common.optimizer_step(value, optimizer, frozen=self.discriminator_parameters())
-        return checked["generator"]
-
-    def train_step(self, x, y, optimizer):
-        """Overrides the base class's single step: d_steps updates of D, then one of G. Returns
-        {"loss": L_D (the curve's "train" series), "generator": L_G}, both averaged over the step."""
-        real, y = common.pixels_to_pm1(x), self.labels(y)  # y None for a model of p(x)
-        d_values = [self.discriminator_step(real, self.noise(len(x)), optimizer, y)
-                    for _ in range(self.config.d_steps)]
-        g_value = self.generator_step(self.noise(len(x)), optimizer, y)
-        return {"loss": sum(d_values) / len(d_values), "generator": g_value}
-
     def configure_optimizer(self, lr):
         """One Adam with a parameter group per network (so one state_dict is checkpointed); the
         projection's class vectors are D's."""
@@ -252,14 +255,7 @@ class GAN(common.DigitsModel):
             dict(params=self.discriminator_parameters(), lr=lr * self.config.d_lr_scale, name="discriminator"),
         ], betas=betas)
 
-    # --- sampling
-
-    @torch.no_grad()
-    def sample(self, n, y=None):
-        """x = G(z), z ~ N(0, I) (x = G(z, y) of the classes y (n,) for a conditional model), mapped
-        to the 0..16 pixels (rounded to levels with --round)."""
-        pixels = common.pm1_to_pixels(self.generate(self.noise(n), self.labels(y)))
-        return pixels.round() if self.sampling.round else pixels
+    # --- Beyond the paper: inpainting ---
 
     def complete(self, x, missing, steps=150, lr=0.05, pixel_noise=0.1):
         """Inpainting (Yeh et al. 2017): the latent z, from z ~ N(0, I), optimised by Adam to
@@ -283,16 +279,16 @@ class GAN(common.DigitsModel):
 # command line
 
 
-def main(argv=None):
-    parser = common.make_parser(__file__, __doc__, epochs=300, batch_size=64, lr=8e-4, patience=100,
-                                ema=0.99, gif_every=10)
-    common.add_options(parser, "GAN", GANConfig)
-    common.add_options(parser, "GAN sampling", GANSampling)
-    args = common.parse_args(parser, argv)
-    config = common.options_from(args, GANConfig)
+def settle(args, config, sampling):
+    """The gradient penalty goes without spectral norm (UsageError: exit 2)."""
     if config.loss == "wgan-gp" and config.spectral_norm:
-        parser.error("--loss wgan-gp goes with --no-spectral-norm (the gradient penalty constrains D)")
-    common.run(args, GAN, config, common.options_from(args, GANSampling))
+        raise UsageError("--loss wgan-gp goes with --no-spectral-norm (the gradient penalty constrains D)")
+    return config, sampling
+
+
+def main(argv=None):
+    runs.main(GAN, __doc__, argv, settle=settle,
+              epochs=300, batch_size=64, lr=8e-4, patience=100, ema=0.99, gif_every=10)
 
 
 if __name__ == "__main__":

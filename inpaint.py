@@ -30,7 +30,7 @@ raises NotImplementedError is named in one line and left out):
   pixels (deterministic), independent pixels (each missing pixel from its own categorical).
 
 Metrics per (model, mask), one completion per test digit: accuracy of the project's digit
-classifier (common.digit_classifier) on the completed digits against their true labels; mean
+classifier (quality.digit_classifier) on the completed digits against their true labels; mean
 squared error on the missing pixels (pixel units^2); -log p(x_missing | x_observed) of the true
 missing pixels in nats where the model gives it (or an upper bound); diversity, the mean pairwise
 L2 distance (pixels) between 4 completions of the same input (over the first `--diversity-digits`
@@ -56,8 +56,8 @@ import numpy as np
 import torch
 
 import common
-import leaderboard
-import ood
+from plumbing import baselines, files, processes, quality, registry, results, runs
+import plumbing
 
 SIDE = 8
 COPIES = 4  # completions of the same input for the diversity
@@ -104,32 +104,32 @@ def built_in_masks(n, seed):
 def load_extra_mask(file, n, taken=()):
     """FILE.npy -> (name, (n, 64) bool): a (64,) boolean array hides the same pixels of every image,
     an (N, 64) one hides row i mod N's pixels of image i. Booleans, or integers 0 and 1. Every row
-    must hide a pixel and show one. Any problem is a one-line common.UsageError."""
+    must hide a pixel and show one. Any problem is a one-line plumbing.UsageError."""
     path = Path(file)
     name = path.stem if NAME_PATTERN.fullmatch(path.stem) else "extra"
     if name in taken:
-        raise common.UsageError(f"--extra-mask {file}: the name {name!r} is taken; rename the file")
+        raise plumbing.UsageError(f"--extra-mask {file}: the name {name!r} is taken; rename the file")
     try:
         array = np.load(path, allow_pickle=False)
     except FileNotFoundError:
-        raise common.UsageError(f"--extra-mask: no file {file}") from None
+        raise plumbing.UsageError(f"--extra-mask: no file {file}") from None
     except (OSError, ValueError) as error:
-        raise common.UsageError(f"--extra-mask: {file} is not a readable .npy array "
+        raise plumbing.UsageError(f"--extra-mask: {file} is not a readable .npy array "
                                 f"({str(error).splitlines()[0] if str(error) else type(error).__name__})") from None
     if not isinstance(array, np.ndarray):
-        raise common.UsageError(f"--extra-mask: {file} holds {type(array).__name__}, not an array")
+        raise plumbing.UsageError(f"--extra-mask: {file} holds {type(array).__name__}, not an array")
     if array.dtype != bool:
         if not np.issubdtype(array.dtype, np.integer) or not np.isin(array, (0, 1)).all():
-            raise common.UsageError(f"--extra-mask: {file} holds {array.dtype} values other than 0 and 1; "
+            raise plumbing.UsageError(f"--extra-mask: {file} holds {array.dtype} values other than 0 and 1; "
                                     f"expected booleans (True = missing)")
         array = array.astype(bool)
     if array.shape == (common.NUM_PIXELS,):
         array = array[None]
     if array.ndim != 2 or array.shape[1] != common.NUM_PIXELS or len(array) == 0:
-        raise common.UsageError(f"--extra-mask: {file} has shape {array.shape}; expected (64,) or (N, 64) "
+        raise plumbing.UsageError(f"--extra-mask: {file} has shape {array.shape}; expected (64,) or (N, 64) "
                                 f"with N >= 1")
     if not array.any(1).all() or array.all(1).any():
-        raise common.UsageError(f"--extra-mask: {file} has a row that hides no pixel or every pixel; "
+        raise plumbing.UsageError(f"--extra-mask: {file} has a row that hides no pixel or every pixel; "
                                 f"each must hide at least one and show at least one")
     return name, array[np.arange(n) % len(array)]
 
@@ -193,9 +193,7 @@ class GaussianMixtureCompleter:
     def __init__(self, splits, seed, ks=(5, 10, 20, 40), draws=5):
         from sklearn.mixture import GaussianMixture
 
-        import leaderboard
-
-        _, self.k, mixture = leaderboard._fit_on_val(
+        _, self.k, mixture = baselines.fit_on_val(
             lambda k: GaussianMixture(k, covariance_type="full", reg_covar=1e-3, random_state=seed),
             splits, ks, seed, draws)
         self.weights, self.means, self.covariances = mixture.weights_, mixture.means_, mixture.covariances_
@@ -321,10 +319,6 @@ def evaluate(completer, x, labels, missing, classifier, *, seed, device, diversi
 
 
 # -----------------------------------------------------------------------------
-# the families
-
-
-# -----------------------------------------------------------------------------
 # the table and the picture
 
 
@@ -414,10 +408,10 @@ def picture(path, x, missing_by_mask, completions, columns):
     panels = []
     models = list(dict.fromkeys(model for model, _ in completions))
     for mask_name, missing in missing_by_mask.items():
-        rows = [("true digit", _rgb(common.image_grid(x[columns], nrow=len(columns)))),
-                ("input", _rgb(common.image_grid(x[columns] * ~missing[columns], nrow=len(columns)),
-                               common.image_grid(missing[columns].float() * common.PIXEL_MAX, nrow=len(columns))))]
-        rows += [(model, _rgb(common.image_grid(completions[model, mask_name][columns], nrow=len(columns))))
+        rows = [("true digit", _rgb(files.image_grid(x[columns], nrow=len(columns)))),
+                ("input", _rgb(files.image_grid(x[columns] * ~missing[columns], nrow=len(columns)),
+                               files.image_grid(missing[columns].float() * common.PIXEL_MAX, nrow=len(columns))))]
+        rows += [(model, _rgb(files.image_grid(completions[model, mask_name][columns], nrow=len(columns))))
                  for model in models if (model, mask_name) in completions]
         width = rows[0][1].shape[1]
         canvas = Image.new("RGB", (width, strip + sum(r.shape[0] for _, r in rows)), (255, 255, 255))
@@ -438,7 +432,7 @@ def picture(path, x, missing_by_mask, completions, columns):
     for image in images:
         whole.paste(image, (left, 0))
         left += image.width + 6
-    common.save_image(path, np.asarray(whole))
+    files.save_image(path, np.asarray(whole))
 
 
 def save_completions(path, completions):
@@ -450,7 +444,7 @@ def save_completions(path, completions):
         with open(tmp, "wb") as f:
             np.savez_compressed(f, **arrays)
 
-    common.atomic_write(path, write)
+    files.atomic_write(path, write)
 
 
 # -----------------------------------------------------------------------------
@@ -458,8 +452,8 @@ def save_completions(path, completions):
 
 
 def main(argv=None):
-    family_names = [f.name for f in common.FAMILIES]
-    parser = common.Parser(prog="inpaint.py", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    family_names = [f.name for f in registry.FAMILIES]
+    parser = runs.Parser(prog="inpaint.py", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--models", nargs="+", default=None, metavar="NAME",
                         help=f"families and baselines to run (default all: {', '.join(family_names + list(BASELINES))})")
     parser.add_argument("--masks", nargs="+", default=list(MASK_NAMES), choices=MASK_NAMES, metavar="MASK",
@@ -479,25 +473,25 @@ def main(argv=None):
                         help=f"test digits completed {COPIES} times for the diversity (default %(default)s)")
     parser.add_argument("--batch-size", type=common.positive_int, default=512,
                         help="digits per complete() call (default %(default)s)")
-    leaderboard.add_machine_flags(parser)
+    results.add_machine_flags(parser)
     args = parser.parse_args(argv)
     args.argv = list(sys.argv[1:] if argv is None else argv)  # recorded in inpaint.json
-    leaderboard.tool("inpaint.py", lambda: complete_everything(args),
+    processes.tool("inpaint.py", lambda: complete_everything(args),
                      "a model run it started was stopped and its files discarded; the files in --out are whole")
 
 
 def complete_everything(args):
     """The body of main(): every family and baseline on every mask, then the outputs."""
-    family_names = [f.name for f in common.FAMILIES]
+    family_names = [f.name for f in registry.FAMILIES]
     start = time.perf_counter()
     models = args.models or family_names + list(BASELINES)
     unknown = [m for m in models if m not in family_names + list(BASELINES)]
     if unknown:
-        raise common.UsageError(f"unknown model {unknown[0]!r}; choose from "
+        raise plumbing.UsageError(f"unknown model {unknown[0]!r}; choose from "
                                 f"{', '.join(family_names + list(BASELINES))}")
-    device = common.choose_device(args.device)  # before --out is made: a refused device leaves nothing
-    out = leaderboard.out_folder(args.out)
-    common.check_out(out)
+    device = runs.choose_device(args.device)  # before --out is made: a refused device leaves nothing
+    out = results.out_folder(args.out)
+    files.check_out(out)
     pixels, labels = common.load_digits_arrays()
     splits, label_splits = common.split_arrays(pixels), common.split_arrays(labels)
     n = len(splits["test"])
@@ -509,14 +503,14 @@ def complete_everything(args):
         masks[name], descriptions[name] = mask, f"--extra-mask {Path(file).name}"
     torch.set_num_threads(args.threads)
     show = not args.no_progress and sys.stderr.isatty()
-    classifier, classifier_accuracy = common.digit_classifier(out)
+    classifier, classifier_accuracy = quality.digit_classifier(out)
     x = torch.from_numpy(splits["test"]).to(device)
     missing = {name: torch.from_numpy(mask).to(device) for name, mask in masks.items()}
 
     completers, skipped, setup_seconds = [], {}, {}
-    for family in common.FAMILIES:
+    for family in registry.FAMILIES:
         if family.name in models:
-            model, reason = ood.load_family(family, out, not args.no_train, args.threads, device, tool="inpaint")
+            model, reason = results.load_family(family, out, not args.no_train, args.threads, device, tool="inpaint")
             if model is None:
                 print(f"inpaint: skipped {family.name}: {reason}", file=sys.stderr)
                 skipped[family.name] = reason
@@ -534,7 +528,7 @@ def complete_everything(args):
     for index, completer in enumerate(completers):
         family_start, family_cpu = time.perf_counter(), time.process_time()
         for mask_index, (mask_name, mask) in enumerate(missing.items()):
-            with common.announced(f"inpaint: {completer.name} on {mask_name}", show):
+            with quality.announced(f"inpaint: {completer.name} on {mask_name}", show):
                 try:
                     metrics, first = evaluate(completer, x, label_splits["test"], mask, classifier,
                                               seed=args.seed + 1000 * index + mask_index, device=device,
@@ -571,11 +565,11 @@ def complete_everything(args):
     table = markdown(rows, mask_info, family_names_run, seconds, cpu_seconds, skipped, args.diversity_digits, verdict_)
     table += (f"\nThe classifier's accuracy on the whole test digits is {true_accuracy:.3f}; \"Observed only\" "
               f"classifies the inputs with the missing pixels at 0.\n")
-    common.publish_table(out / "inpaint.md", table)
+    files.publish_table(out / "inpaint.md", table, registry.ROOT)
     columns = [int(np.flatnonzero(label_splits["test"] == digit)[0]) for digit in range(10)]
     picture(out / "inpaint.png", x.cpu(), {k: v.cpu() for k, v in missing.items()}, completions, columns)
     save_completions(out / "inpaint_completions.npz", completions)
-    common.save_json(out / "inpaint.json", dict(
+    files.save_json(out / "inpaint.json", dict(
         masks=mask_info, rows=rows, verdict=verdict_, family_seconds=seconds, family_cpu_seconds=cpu_seconds,
         skipped=skipped,
         classifier_accuracy_on_test_digits=true_accuracy, classifier_reported_accuracy=classifier_accuracy,

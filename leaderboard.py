@@ -2,7 +2,7 @@
 way on the same held-out test split of 8x8 Digits.
 
 Columns: test NLL (nats per image on the discrete 0..16 pixels, and bits/dim) where a likelihood
-or a bound exists, and for everyone the sample-quality numbers of common.sample_quality: the
+or a bound exists, and for everyone the sample-quality numbers of plumbing/quality.py's sample_quality: the
 Frechet distance to the test split in a small digit classifier's features, the classifier's
 confidence, class coverage (entropy of the predicted classes; log 10 = 2.303 is uniform) and the
 copy rate (fraction of samples closer to a training image than 99% of test images are).
@@ -36,16 +36,9 @@ digit classifier. Writes OUT/conditional.md, .json and .png (row c of each grid:
 """
 
 import argparse
-import contextlib
-import json
 import math
-import os
-import re
 import shutil
-import signal
-import subprocess
 import sys
-import tempfile
 import time
 from pathlib import Path
 
@@ -53,9 +46,10 @@ import numpy as np
 import torch
 
 import common
+from plumbing import baselines, files, processes, quality, registry, results, runs
 
-SCRIPTS = {family.name: family.script for family in common.FAMILIES}  # in the order of the table
-ROOT = common.ROOT
+SCRIPTS = registry.SCRIPTS  # name -> script, in the order of the table (tests narrow it)
+ROOT = registry.ROOT
 UNIFORM_NLL = common.NUM_PIXELS * math.log(common.NUM_LEVELS)  # 181.3 nats
 
 # -----------------------------------------------------------------------------
@@ -77,25 +71,6 @@ def independent_categorical(splits, num_samples, seed):
     return float(nll), "exact", samples.astype(np.float32), fit_seconds, time.perf_counter() - start
 
 
-def _dequantized_bound(score_samples, x, seed, draws):
-    """E_u[-log p(x + u)] over `draws` dequantization draws, nats per image."""
-    rng = np.random.default_rng(seed)
-    return float(np.mean([-score_samples(x + rng.random(x.shape)).mean() for _ in range(draws)]))
-
-
-def _fit_on_val(make, splits, grid, seed, draws):
-    """Fit make(h) on dequantized train for each h in grid; keep the best on val."""
-    rng = np.random.default_rng(seed)
-    train = splits["train"] + rng.random(splits["train"].shape)
-    best = None
-    for h in grid:
-        model = make(h).fit(train)
-        val = _dequantized_bound(model.score_samples, splits["val"], seed + 1, draws)
-        if best is None or val < best[0]:
-            best = (val, h, model)
-    return best
-
-
 def _continuous_samples_to_pixels(v):
     """A sample of v = x + u in [0, 17)^64 gives the pixel x = floor(v) (clipped to 0..16)."""
     return np.floor(v).clip(0, common.PIXEL_MAX).astype(np.float32)
@@ -105,9 +80,9 @@ def gaussian_mixture(splits, num_samples, seed, ks=(5, 10, 20, 40), draws=5):
     from sklearn.mixture import GaussianMixture
 
     start = time.perf_counter()
-    _, k, model = _fit_on_val(lambda k: GaussianMixture(k, covariance_type="full", reg_covar=1e-3,
+    _, k, model = baselines.fit_on_val(lambda k: GaussianMixture(k, covariance_type="full", reg_covar=1e-3,
                                                         random_state=seed), splits, ks, seed, draws)
-    nll = _dequantized_bound(model.score_samples, splits["test"], seed + 2, draws)
+    nll = baselines.dequantized_bound(model.score_samples, splits["test"], seed + 2, draws)
     fit_seconds = time.perf_counter() - start
     start = time.perf_counter()
     model.random_state = seed
@@ -120,8 +95,8 @@ def kernel_density(splits, num_samples, seed, bandwidths=(1.0, 1.5, 2.0, 2.5, 3.
     from sklearn.neighbors import KernelDensity
 
     start = time.perf_counter()
-    _, bandwidth, model = _fit_on_val(lambda h: KernelDensity(bandwidth=h), splits, bandwidths, seed, draws)
-    nll = _dequantized_bound(model.score_samples, splits["test"], seed + 2, draws)
+    _, bandwidth, model = baselines.fit_on_val(lambda h: KernelDensity(bandwidth=h), splits, bandwidths, seed, draws)
+    nll = baselines.dequantized_bound(model.score_samples, splits["test"], seed + 2, draws)
     fit_seconds = time.perf_counter() - start
     start = time.perf_counter()
     samples = _continuous_samples_to_pixels(model.sample(num_samples, random_state=seed))
@@ -140,7 +115,7 @@ def conditional_gaussian_mixture(splits, labels, per_class, seed, ks=(1, 2, 3, 5
     mixtures = []
     for c in range(common.NUM_CLASSES):
         of_class = {split: splits[split][labels[split] == c] for split in ("train", "val")}
-        mixtures.append(_fit_on_val(lambda kr: GaussianMixture(kr[0], covariance_type="full", reg_covar=kr[1],
+        mixtures.append(baselines.fit_on_val(lambda kr: GaussianMixture(kr[0], covariance_type="full", reg_covar=kr[1],
                                                                random_state=seed),
                                     of_class, [(k, r) for k in ks for r in regs], seed, draws)[2])
     rng = np.random.default_rng(seed + 2)
@@ -160,388 +135,18 @@ def conditional_gaussian_mixture(splits, labels, per_class, seed, ks=(1, 2, 3, 5
 
 
 # -----------------------------------------------------------------------------
-# the tools' children: signals forwarded, runs trained in a scratch folder and moved in whole
-#
-# leaderboard.py, ood.py and benchmark.py share these. A SIGINT or SIGTERM to the tool is passed
-# on to its running child (in a process group of its own, so a Ctrl-C reaches it once), the tool
-# waits for the child to finish its outputs, removes its scratch folder, and exits 130 with one
-# line. A model run trains in OUT/.NAME.run-digits-PID-XXXX and only a finished run (exit 0, not
-# interrupted) replaces the files in OUT, under the family's lock: shipped weights are never
-# replaced by a partial run.
-
-_CHILDREN = []  # (Popen, how: "forward" the signal, or "kill")
-_SIGNALS = dict(received=None, deferred=False)
-
-
-def _on_signal(signum, frame):
-    first = _SIGNALS["received"] is None
-    _SIGNALS["received"] = _SIGNALS["received"] or signum
-    for child, how in list(_CHILDREN):
-        if child.returncode is None:  # not reaped yet (no poll here: the main thread may be in wait)
-            with contextlib.suppress(OSError):
-                os.killpg(child.pid, signum if how == "forward" else signal.SIGKILL)
-    if first and not _SIGNALS["deferred"]:
-        raise KeyboardInterrupt
-
-
-def spawn(command, how="forward", **kwargs):
-    """Popen in a process group of its own, registered so that a signal to the tool reaches it
-    (forwarded, or SIGKILL for helpers such as benchmark's busy loop)."""
-    child = subprocess.Popen(command, start_new_session=True, **kwargs)  # (no preexec_fn: torch has threads)
-    _CHILDREN.append((child, how))
-    if _SIGNALS["received"] is not None:  # a signal came while it started
-        os.killpg(child.pid, _SIGNALS["received"] if how == "forward" else signal.SIGKILL)
-    return child
-
-
-def finish(child):
-    """Wait for a spawned child however long it takes (a forwarded signal makes a model run
-    finish its outputs, a second one stops it at once) and unregister it; its exit status."""
-    try:
-        while True:
-            try:
-                return child.wait()
-            except KeyboardInterrupt:  # already forwarded by _on_signal: keep waiting, then re-raise
-                _SIGNALS["pending"] = True
-    finally:
-        _CHILDREN[:] = [(c, h) for c, h in _CHILDREN if c is not child]
-        if _SIGNALS.pop("pending", False):
-            raise KeyboardInterrupt
-
-
-def run_child(command, **kwargs):
-    """subprocess.run(command).returncode, with signals forwarded and the child waited for."""
-    return finish(spawn(command, **kwargs))
-
-
-@contextlib.contextmanager
-def signals_deferred():
-    """Signals that arrive inside the block (writing the tables) take effect at its end."""
-    _SIGNALS["deferred"] = True
-    try:
-        yield
-    finally:
-        _SIGNALS["deferred"] = False
-    if _SIGNALS["received"] is not None:
-        raise KeyboardInterrupt
-
-
-def tool(prog, body, interrupted="no table was written; the files in --out are whole"):
-    """Run body() with the tools' signal handling: exit 130 with one line when interrupted, 2 with
-    one line for a common.UsageError or a failed write."""
-    _SIGNALS.update(received=None, deferred=False)
-    previous = {}
-    if threading_is_main():
-        previous = {sig: signal.signal(sig, _on_signal) for sig in (signal.SIGINT, signal.SIGTERM)}
-    try:
-        body()
-    except KeyboardInterrupt:
-        for child, _ in list(_CHILDREN):  # one the signal caught between its start and its wait
-            with contextlib.suppress(Exception):
-                child.wait(timeout=600)
-        print(f"{prog}: interrupted; {interrupted}", file=sys.stderr)
-        raise SystemExit(common.EXIT_INTERRUPTED) from None
-    except common.UsageError as error:
-        print(f"{prog}: error: {error}", file=sys.stderr)
-        raise SystemExit(common.EXIT_USAGE) from None
-    except OSError as error:
-        print(f"{prog}: error: could not write {error.filename or ''} ({error.strerror or error}); "
-              f"files already written are whole", file=sys.stderr)
-        raise SystemExit(common.EXIT_USAGE) from None
-    finally:
-        for sig, handler in previous.items():
-            signal.signal(sig, handler)
-
-
-def threading_is_main():
-    import threading
-
-    return threading.current_thread() is threading.main_thread()
-
-
-def add_machine_flags(parser):
-    """--threads, --device and --no-progress, as ood.py and inpaint.py take them."""
-    parser.add_argument("--threads", type=common.positive_int, default=common.DEFAULT_THREADS,
-                        help="CPU threads for torch and for training a missing family (default %(default)s)")
-    parser.add_argument("--device", default="auto", choices=("auto", "cpu", "cuda", "mps"),
-                        help="auto picks cuda, then mps, then cpu (default %(default)s)")
-    parser.add_argument("--no-progress", action="store_true", help="no progress bar or lines")
-
-
-def out_folder(value):
-    """--out: a relative path is taken from the current directory; None: the project's results/."""
-    return ROOT / "results" if value is None else Path(value).absolute()
-
-
-SCRATCH = ".run-digits-"  # OUT/.NAME.run-digits-PID-XXXX: a tool's model run in progress
-
-
-def remove_stale_scratch(out):
-    """Remove the scratch folders of tools that were killed (SIGKILL) while a model trained: only
-    folders named .NAME.run-digits-PID-XXXX whose process no longer runs."""
-    for path in Path(out).glob(f".*{SCRATCH}*"):
-        match = re.fullmatch(rf"\.[A-Za-z0-9]+{re.escape(SCRATCH)}(\d{{1,9}})-[A-Za-z0-9_]+", path.name)
-        if not match or not path.is_dir() or path.is_symlink() or int(match.group(1)) == os.getpid():
-            continue
-        try:
-            os.kill(int(match.group(1)), 0)
-        except ProcessLookupError:
-            shutil.rmtree(path, ignore_errors=True)
-        except (OSError, OverflowError):
-            pass
-
-
-def train_into(out, name, script, threads, flags=(), extra=(), prog="leaderboard", stdout=None):
-    """Run `script` with its defaults (and `flags`) in a scratch folder in `out`; a finished run
-    (exit 0, metrics not interrupted) replaces the family's files in `out`, moved in under its
-    lock with the metrics last. Returns None, or a one-line reason why `out` is unchanged."""
-    out.mkdir(parents=True, exist_ok=True)
-    remove_stale_scratch(out)
-    conditional, name = "--conditional" in flags, run_stem(name, flags)
-    scratch = Path(tempfile.mkdtemp(prefix=f".{name}{SCRATCH}{os.getpid()}-", dir=out))
-    try:
-        for cache in out.glob("_digit_*.pt"):  # the cached digit classifiers: no retraining
-            if cache.is_file():
-                shutil.copy2(cache, scratch)
-        command = [sys.executable, str(ROOT / script), "--no-progress", "--threads", str(threads),
-                   "--out", str(scratch), *extra, *flags]
-        code = run_child(command, cwd=ROOT, stdout=stdout)
-        if code != 0:
-            return f"{script} exited with status {code}; {out} is unchanged"
-        metrics, problem = read_metrics(scratch / f"{name}_metrics.json", RUN_KEYS)
-        if problem or metrics.get("interrupted"):
-            return (f"{script} did not finish (" + (f"its metrics file {problem}" if problem else "interrupted")
-                    + f"); {out} is unchanged")
-        with signals_deferred(), common.family_lock(out, name):
-            moved = [p for p in scratch.iterdir() if p.is_file() and not p.name.startswith(".")]
-            metrics_file = scratch / f"{name}_metrics.json"
-            (out / metrics_file.name).unlink(missing_ok=True)  # an interrupted move leaves no metrics
-            for kind, path in common.output_paths(out, name, conditional).items():
-                if not (scratch / path.name).exists():
-                    path.unlink(missing_ok=True)  # e.g. a GIF this run did not draw: no stale one
-            for path in sorted(moved, key=lambda p: p == metrics_file):
-                if path.name.startswith("_digit_") and (out / path.name).exists():
-                    continue  # a cache already there
-                os.replace(path, out / path.name)
-        return None
-    finally:
-        shutil.rmtree(scratch, ignore_errors=True)
-
-
-# -----------------------------------------------------------------------------
-# results files, checked: a damaged one is one line and counts as missing
-
-MAX_METRICS_BYTES = 10 * 2**20
-RUN_KEYS = dict(model="str", epochs_run="int", interrupted="bool")
-ROW_KEYS = dict(test_nll_nats="number?", nll_kind="str?", train_seconds="number", sample_seconds="number",
-                train_cpu_seconds="number?", epochs_run="int", best_epoch="int", device="str",
-                frechet_distance="number", classifier_confidence="number", class_coverage="number",
-                copy_rate="number")
-SEED_KEYS = dict(test_nll_nats="number?", nll_kind="str?", train_seconds="number", epochs_run="int",
-                 frechet_distance="number")
-
-
-def _kind_ok(value, kind):
-    if kind.endswith("?"):
-        if value is None:
-            return True
-        kind = kind[:-1]
-    if kind == "number":
-        return isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
-    if kind == "int":
-        return isinstance(value, int) and not isinstance(value, bool)
-    if kind == "bool":
-        return isinstance(value, bool)
-    if kind == "str":
-        return isinstance(value, str)
-    if kind == "dict":
-        return isinstance(value, dict)
-    raise ValueError(kind)
-
-
-def read_metrics(path, keys=ROW_KEYS):
-    """(metrics, None) when `path` is a metrics file with `keys` of the right types (dict key ->
-    "number", "int", "str", "bool", "dict", a "?" allows null); else (None, what is wrong)."""
-    path = Path(path)
-    if not path.is_file():
-        return None, "is missing"
-    try:
-        if path.stat().st_size > MAX_METRICS_BYTES:
-            return None, f"is {path.stat().st_size} bytes, more than a metrics file holds"
-        metrics = json.loads(path.read_text())
-    except (OSError, UnicodeDecodeError, ValueError) as error:
-        return None, f"is unreadable ({str(error).splitlines()[0] if str(error) else type(error).__name__})"
-    if not isinstance(metrics, dict):
-        return None, f"is a JSON {type(metrics).__name__}, not an object"
-    missing = [k for k in keys if k not in metrics]
-    if missing:
-        return None, f"lacks {', '.join(missing)}"
-    wrong = [f"{k}={metrics[k]!r:.40}" for k, kind in keys.items() if not _kind_ok(metrics[k], kind)]
-    if wrong:
-        extra = " (a run of fewer than 2 samples has none)" if "frechet_distance" in str(wrong) else ""
-        return None, f"has wrong values: {', '.join(wrong)}{extra}"
-    return metrics, None
-
-
-def read_labelled_samples(path, max_rows=common.MAX_SAMPLES):
-    """((x (N, 64) float32, y (N,) int64), None) from a conditional run's NAME_conditional_samples.npz;
-    (None, what is wrong) otherwise (checked like read_samples)."""
-    path = Path(path)
-    if not path.is_file():
-        return None, "is missing"
-    try:
-        with np.load(path, allow_pickle=False) as archive:
-            if not {"x", "y"} <= set(archive.files):
-                return None, f"holds {sorted(archive.files)}, not x and y"
-            x, y = archive["x"], archive["y"]
-    except (OSError, ValueError, EOFError) as error:
-        return None, f"is unreadable ({str(error).splitlines()[0] if str(error) else type(error).__name__})"
-    if x.ndim != 2 or x.shape[1] != common.NUM_PIXELS or not 1 <= len(x) <= max_rows or y.shape != (len(x),):
-        return None, f"has x {x.shape} and y {y.shape}; expected (N, 64) and (N,)"
-    if x.dtype.kind not in "biuf" or y.dtype.kind not in "iu":
-        return None, f"holds x {x.dtype} and y {y.dtype}, not pixels and class labels"
-    x = x.astype(np.float32)
-    if not are_pixels(x) or y.min() < 0 or y.max() > 9:
-        return None, "holds values that are not pixels on 0..16 or classes 0..9"
-    return (x, y.astype(np.int64)), None
-
-
-def read_samples(path, max_rows=common.MAX_SAMPLES):
-    """(samples (N, 64) float32, None) from a NAME_samples.npy; (None, what is wrong) for a missing,
-    truncated, mis-shaped, oversized or non-finite file. The header is checked before any data
-    is read, so a header claiming 10^12 rows costs nothing."""
-    path = Path(path)
-    if not path.is_file():
-        return None, "is missing"
-    try:
-        with open(path, "rb") as f:
-            version = np.lib.format.read_magic(f)
-            read_header = {(1, 0): np.lib.format.read_array_header_1_0,
-                           (2, 0): np.lib.format.read_array_header_2_0}.get(version)
-            if read_header is None:
-                return None, f"is an .npy file of format {version}"
-            shape, _, dtype = read_header(f)
-            offset = f.tell()
-        if dtype.hasobject or dtype.kind not in "biuf":
-            return None, f"holds {dtype}, not numbers"
-        if len(shape) != 2 or shape[1] != common.NUM_PIXELS or not 1 <= shape[0] <= max_rows:
-            return None, f"has shape {shape}; expected (N, 64) with 1 <= N <= {max_rows}"
-        if path.stat().st_size < offset + shape[0] * shape[1] * dtype.itemsize:
-            return None, "is truncated"
-        samples = np.load(path, allow_pickle=False)
-    except (OSError, ValueError, EOFError) as error:
-        return None, f"is unreadable ({str(error).splitlines()[0] if str(error) else type(error).__name__})"
-    samples = samples.astype(np.float32)
-    if not are_pixels(samples):
-        return None, "holds values that are not pixels on 0..16 (NaN, infinite or out of range)"
-    return samples, None
-
-
-def are_pixels(x):
-    """Whether every value of the non-empty array x is finite and on the pixel range 0..16."""
-    return bool(np.isfinite(x).all() and x.min() >= 0 and x.max() <= common.PIXEL_MAX)
-
-
-# -----------------------------------------------------------------------------
 # model runs
 
 
-def is_current(metrics, script, flags=()):
-    """A metrics file counts when it comes from a finished default run of the current code (with
-    `flags`, e.g. ("--seed", "1"), and no other setting changed). The settings are judged, not
-    the command line: a resumed default run is a default run."""
-    if not (metrics.get("code_sha256") == common.code_fingerprint(ROOT / script)
-            and metrics.get("quick") is False and metrics.get("interrupted") is False
-            and metrics.get("stopped") != "non_finite"):
-        return False
-    changed = metrics.get("changed_settings")
-    if isinstance(changed, dict):
-        wanted = _settings(flags)
-        return set(changed) == set(wanted) and all(str(changed[k]) == v for k, v in wanted.items())
-    return _result_flags(metrics.get("argv", ["?"])) == list(flags)  # metrics of older code: by argv
-
-
-def _settings(flags):
-    """("--seed", "1", "--conditional") -> {"seed": "1", "conditional": "True"}: a flag followed by
-    another flag (or by nothing) is a switch."""
-    wanted, i = {}, 0
-    while i < len(flags):
-        key = flags[i].lstrip("-").replace("-", "_")
-        switch = i + 1 == len(flags) or flags[i + 1].startswith("--")
-        wanted[key] = "True" if switch else flags[i + 1]
-        i += 1 if switch else 2
-    return wanted
-
-
-def run_stem(name, flags=()):
-    """The stem of a run's files: NAME, or NAME_conditional for a run with --conditional."""
-    return f"{name}_conditional" if "--conditional" in flags else name
-
-
-def _result_flags(argv):
-    """argv without the flags that don't change results (--no-progress, --out DIR, --threads N,
-    --checkpoint-seconds S); for metrics written before changed_settings."""
-    if not isinstance(argv, list):
-        return ["?"]
-    kept, skip = [], False
-    for arg in argv:
-        if skip:
-            skip = False
-        elif arg in ("--out", "--threads", "--checkpoint-seconds"):
-            skip = True
-        elif arg != "--no-progress" and not str(arg).startswith(("--out=", "--threads=", "--checkpoint-seconds=")):
-            kept.append(arg)
-    return kept
-
-
-def current_run(name, script, out, train, threads, flags=(), keys=ROW_KEYS, samples=True):
-    """(metrics, samples or None) of OUT/NAME's default run (plus `flags`), made first when it is
-    missing, damaged or stale and train is set; None when there is none. A damaged metrics or
-    samples file is one line naming it and counts as missing."""
-    stem = run_stem(name, flags)
-
-    def usable():
-        metrics, problem = read_metrics(out / f"{stem}_metrics.json", keys)
-        pixels = None
-        if metrics is not None and samples:
-            path = common.output_paths(out, stem, stem != name)["npy"]
-            pixels, problem = (read_labelled_samples if stem != name else read_samples)(path)
-            problem = problem and f"{path} {problem}"
-        elif problem:
-            problem = f"{out / f'{stem}_metrics.json'} {problem}" if problem != "is missing" else None
-        return (None if problem else metrics), pixels, problem
-
-    metrics, pixels, problem = usable()
-    if problem:
-        print(f"leaderboard: {problem}; treated as missing", file=sys.stderr)
-    if (metrics is None or not is_current(metrics, script, flags)) and train and (ROOT / script).is_file():
-        print(f"leaderboard: training {name} with its defaults {' '.join(flags)} ({script})", flush=True)
-        failed = train_into(out, name, script, threads, flags)
-        if failed:
-            print(f"leaderboard: {failed}", file=sys.stderr)
-        else:
-            metrics, pixels, problem = usable()
-            if problem:
-                print(f"leaderboard: {problem}", file=sys.stderr)
-    return None if metrics is None else (metrics, pixels)
-
-
-def current_metrics(name, script, out, train, threads, flags=()):
-    """OUT/NAME_metrics.json of the default run (plus `flags`), checked for the seed table's
-    keys; None when there is none (see current_run)."""
-    found = current_run(name, script, out, train, threads, flags, keys=SEED_KEYS, samples=False)
-    return None if found is None else found[0]
-
-
 def model_row(name, script, out, train, threads):
-    found = current_run(name, script, out, train, threads)
+    found = results.current_run(name, script, out, train, threads)
     if found is None:
         return None
     metrics, samples = found
     return dict(model=name, test_nll_nats=metrics["test_nll_nats"], nll_kind=metrics["nll_kind"],
                 train_seconds=metrics["train_seconds"], sample_seconds=metrics["sample_seconds"],
                 train_cpu_seconds=metrics.get("train_cpu_seconds"), epochs=metrics["epochs_run"],
-                best_epoch=metrics["best_epoch"], device=metrics["device"], current=is_current(metrics, script),
+                best_epoch=metrics["best_epoch"], device=metrics["device"], current=results.is_current(metrics, script),
                 **{k: metrics[k] for k in QUALITY_KEYS}, **{k: metrics.get(k) for k in EXTENDED_KEYS},
                 sampler=metrics.get("sampling", {}), other_samplers=metrics.get("other_samplers") or {}), samples
 
@@ -549,6 +154,7 @@ def model_row(name, script, out, train, threads):
 QUALITY_KEYS = ("frechet_distance", "classifier_confidence", "class_coverage", "copy_rate")
 EXTENDED_KEYS = ("frechet_distance_std", "frechet_distance_cnn", "frechet_distance_cnn_std", "c2st_accuracy",
                  "c2st_stderr", "precision", "recall", "density", "coverage")
+
 
 # -----------------------------------------------------------------------------
 # the table and the picture
@@ -589,6 +195,19 @@ def verdict(row, baseline):
         noise = 2 * math.sqrt(sa**2 + sb**2)
         result[name] = "better" if gain > noise else "worse" if gain < -noise else "within noise"
     return result
+
+
+def headline(rows):
+    """README's short table: each row's likelihood and sample quality, from the full leaderboard."""
+    lines = ["| model | test NLL (nats/image) | bits/dim | Frechet distance | precision | recall | train s |",
+             "|---|---|---|---|---|---|---|"]
+    for r in rows:
+        nll = r["test_nll_nats"]
+        lines.append(f"| {r['model']}{'' if r.get('current', True) else ' (stale)'} | {fmt(nll, 2)} "
+                     f"| {fmt(common.nats_to_bpd(nll) if nll is not None else None, 3)} "
+                     f"| {fmt(r['frechet_distance'])} | {fmt(r.get('precision'), 3)} | {fmt(r.get('recall'), 3)} "
+                     f"| {fmt(r['train_seconds'], 0)} |")
+    return "\n".join(lines) + "\n"
 
 
 def markdown(rows, accuracy):
@@ -665,7 +284,7 @@ def markdown(rows, accuracy):
 
 def picture(panels, path, nrow=8, count=64):
     """One grid of `count` samples in rows of `nrow` per family, side by side, each labelled."""
-    images = [common.labelled(common.image_grid(torch.from_numpy(s[:count]), nrow=nrow, scale=3), name)
+    images = [files.labelled(files.image_grid(torch.from_numpy(s[:count]), nrow=nrow, scale=3), name)
               for name, s in panels]
     height = max(i.shape[0] for i in images)
     gap = np.full((height, 8), 255, np.uint8)
@@ -678,7 +297,7 @@ def picture(panels, path, nrow=8, count=64):
     rows = [np.concatenate(columns[2 * i: 2 * (i + per_row)], 1) for i in range(0, len(images), per_row)]
     width = max(r.shape[1] for r in rows)
     rows = [np.pad(r, ((0, 8), (0, width - r.shape[1])), constant_values=255) for r in rows]
-    common.save_image(path, np.concatenate(rows, 0))
+    files.save_image(path, np.concatenate(rows, 0))
 
 
 def conditional_board(out, train, threads, seed):
@@ -688,34 +307,34 @@ def conditional_board(out, train, threads, seed):
     splits, labels = common.split_arrays(pixels.astype(np.float64)), common.split_arrays(classes)
     rows, panels = [], []
     for name, script in SCRIPTS.items():
-        found = current_run(name, script, out, train, threads, ("--conditional",), keys=CONDITIONAL_KEYS)
+        found = results.current_run(name, script, out, train, threads, ("--conditional",), keys=CONDITIONAL_KEYS)
         if found is None:
             print(f"leaderboard: no conditional run of {name}; skipped", file=sys.stderr)
             continue
         metrics, (x, y) = found
-        rows.append(dict(model=name, current=is_current(metrics, script, ("--conditional",)),
+        rows.append(dict(model=name, current=results.is_current(metrics, script, ("--conditional",)),
                          **{k: metrics.get(k) for k in CONDITIONAL_KEYS},
                          generative_classifier_accuracy=metrics.get("generative_classifier_accuracy"),
                          train_cpu_seconds=metrics.get("train_cpu_seconds"), sampling=metrics.get("sampling")))
         panels.append((name, x, y))
     nll, predicted, x, y, fit_seconds, sample_seconds = conditional_gaussian_mixture(splits, labels, 100, seed)
-    quality = common.conditional_quality(x, y, out)
+    scores = quality.conditional_quality(x, y, out)
     rows.append(dict(model="GaussianMixture per class", current=True, test_nll_nats=nll, nll_kind="upper_bound",
                      train_seconds=fit_seconds, sample_seconds=sample_seconds, epochs_run=None,
                      generative_classifier_accuracy=float((predicted == labels["test"]).mean()),
-                     **{k: quality[k] for k in CONDITIONAL_QUALITY}))
+                     **{k: scores[k] for k in CONDITIONAL_QUALITY}))
     panels.append(("GMM per class", x, y))
     real_x, real_y = splits["val"].astype(np.float32), labels["val"]
-    real = common.conditional_quality(real_x, real_y, out)
+    real = quality.conditional_quality(real_x, real_y, out)
     rows.append(dict(model="Real digits (val split)", current=True, test_nll_nats=None, nll_kind=None,
                      train_seconds=None, sample_seconds=None, epochs_run=None, generative_classifier_accuracy=None,
                      **{k: real[k] for k in CONDITIONAL_QUALITY}))
     order = np.argsort(real_y, kind="stable")
     panels.append(("Real (val)", real_x[order], real_y[order]))
     table = conditional_markdown(rows, real["classifier_test_accuracy"])
-    with signals_deferred():
-        common.publish_table(out / "conditional.md", table)
-        common.save_json(out / "conditional.json", rows)
+    with processes.SIGNALS.held():
+        files.publish_table(out / "conditional.md", table, registry.ROOT)
+        files.save_json(out / "conditional.json", rows)
         picture([(name, _class_rows(x, y)) for name, x, y in panels], out / "conditional.png", nrow=10, count=100)
     print(table)
 
@@ -783,12 +402,12 @@ def seed_table(out, seeds, train, threads):
                 folder.mkdir(parents=True, exist_ok=True)
                 shutil.copy(out / "_digit_classifier.pt", folder)
             flags = ("--seed", str(seed)) if seed else ()
-            metrics = current_metrics(name, script, folder, train, threads, flags)
+            metrics = results.current_metrics(name, script, folder, train, threads, flags)
             if metrics is None:
                 print(f"leaderboard: no seed {seed} run of {name}; skipped", file=sys.stderr)
                 continue
             runs.append(dict(seed=seed, test_nll_nats=metrics["test_nll_nats"], nll_kind=metrics["nll_kind"],
-                             current=is_current(metrics, script, flags),
+                             current=results.is_current(metrics, script, flags),
                              frechet_distance=metrics["frechet_distance"], train_seconds=metrics["train_seconds"],
                              epochs=metrics["epochs_run"]))
         if runs:
@@ -810,9 +429,9 @@ def seed_table(out, seeds, train, threads):
     lines += ["", "Standard deviation over the seeds (n - 1 in the denominator). Each run trains with its "
               "seed and draws its samples with it; the Frechet distance uses the same classifier for all."]
     table = "\n".join(lines) + "\n"
-    with signals_deferred():
-        common.publish_table(out / "seeds.md", table)
-        common.save_json(out / "seeds.json", dict(seeds=list(seeds), rows=rows))
+    with processes.SIGNALS.held():
+        files.publish_table(out / "seeds.md", table, registry.ROOT)
+        files.save_json(out / "seeds.json", dict(seeds=list(seeds), rows=rows))
     print(table)
 
 
@@ -825,14 +444,14 @@ def mean_std(values):
 
 
 def main(argv=None):
-    parser = common.Parser(prog="leaderboard.py", description=__doc__,
+    parser = runs.Parser(prog="leaderboard.py", description=__doc__,
                            formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--out", type=Path, default=None,
                         help="folder of the model runs and of the leaderboard (default: the project's "
                              "results/; a relative path is taken from the current directory)")
     parser.add_argument("--no-train", action="store_true",
                         help="do not run model scripts; use only the metrics already in --out")
-    parser.add_argument("--threads", type=common.positive_int, default=common.DEFAULT_THREADS,
+    parser.add_argument("--threads", type=common.positive_int, default=runs.DEFAULT_THREADS,
                         help="CPU threads for the model runs (default %(default)s)")
     parser.add_argument("--seed", type=common.nonnegative_int, default=0, help="baselines' seed (default 0)")
     parser.add_argument("--conditional", action="store_true",
@@ -842,13 +461,13 @@ def main(argv=None):
                         help="only the seed table: every family's default run with each seed (e.g. 0 1 2), "
                              "written to OUT/seeds.md; seeds other than 0 run in OUT/seeds/seedN")
     args = parser.parse_args(argv)
-    out = out_folder(args.out)
-    tool("leaderboard.py", lambda: leaderboard(args, out),
+    out = results.out_folder(args.out)
+    processes.tool("leaderboard.py", lambda: leaderboard(args, out),
          "a model run it started was stopped and its files discarded; the files in --out are whole")
 
 
 def leaderboard(args, out):
-    common.check_out(out)
+    files.check_out(out)
     torch.set_num_threads(args.threads)
     if args.seeds is not None:
         seed_table(out, list(dict.fromkeys(args.seeds)), not args.no_train, args.threads)
@@ -871,21 +490,22 @@ def leaderboard(args, out):
                  ("GaussianMixture", gaussian_mixture), ("KernelDensity", kernel_density))
     for name, fit in baselines:
         nll, kind, samples, fit_seconds, sample_seconds, *chosen = fit(splits, 1000, args.seed)
-        quality = common.sample_quality(samples, out)
+        scores = quality.sample_quality(samples, out)
         rows.append(dict(model=name, test_nll_nats=nll, nll_kind=kind, train_seconds=fit_seconds,
                          sample_seconds=sample_seconds, device="cpu", chosen=(chosen or [{}])[0],
-                         **{k: quality.get(k) for k in QUALITY_KEYS + EXTENDED_KEYS}))
+                         **{k: scores.get(k) for k in QUALITY_KEYS + EXTENDED_KEYS}))
         panels.append((name, samples))
-    real = common.sample_quality(splits["val"], out)
+    real = quality.sample_quality(splits["val"], out)
     rows.append(dict(model="Real digits (val split)", test_nll_nats=None, nll_kind=None,
                      train_seconds=None, sample_seconds=None, device="-",
                      **{k: real.get(k) for k in QUALITY_KEYS + EXTENDED_KEYS}))
     panels.append(("Real (val)", splits["val"].astype(np.float32)))
 
     table = markdown(rows, real["classifier_test_accuracy"])
-    with signals_deferred():  # the three files and README's copy complete, then a signal's exit 130
-        common.publish_table(out / "leaderboard.md", table)
-        common.save_json(out / "leaderboard.json", rows)
+    with processes.SIGNALS.held():  # the four files and the pages' copies complete, then a signal's exit 130
+        files.publish_table(out / "leaderboard.md", table, registry.ROOT)
+        files.publish_table(out / "headline.md", headline(rows), registry.ROOT)
+        files.save_json(out / "leaderboard.json", rows)
         picture(panels, out / "leaderboard.png")
     print(table)
 

@@ -70,6 +70,7 @@ import torch.nn.functional as F
 from torch import nn
 
 import common
+from plumbing import runs
 
 MASK = common.NUM_LEVELS  # the absorbing state: token 17, after the pixel values 0..16
 SIDE = 8  # the digits are SIDE x SIDE pixels
@@ -165,23 +166,10 @@ def unmask(logits_fn, z, steps, mask_index, temperature=1.0, power=1.0, rows_ali
 # (B, width) added to the input (None: unconditional) -> logits (B, 64, 17)
 
 
-class ResidualBlock(nn.Module):
-    """h <- h + W2 dropout(silu(W1 silu(LayerNorm(h))))."""
-
-    def __init__(self, hidden, dropout):
-        super().__init__()
-        self.norm = nn.LayerNorm(hidden)
-        self.fc1 = nn.Linear(hidden, hidden)
-        self.dropout = nn.Dropout(dropout)
-        self.fc2 = nn.Linear(hidden, hidden)
-
-    def forward(self, h):
-        return h + self.fc2(self.dropout(F.silu(self.fc1(F.silu(self.norm(h))))))
-
-
 class MaskedMLP(nn.Module):
     """A residual MLP on the one-hot code of every (pixel, token) pair, 64 x 18 inputs: the first
-    layer is a sum of one learned vector per pixel and token (an embedding bag)."""
+    layer is a sum of one learned vector per pixel and token (an embedding bag), then blocks
+    h <- h + W2 dropout(silu(W1 silu(LayerNorm(h)))) (common.ResidualBlock)."""
 
     def __init__(self, hidden, blocks, dropout):
         super().__init__()
@@ -189,7 +177,7 @@ class MaskedMLP(nn.Module):
         self.register_buffer("offsets", torch.arange(common.NUM_PIXELS) * tokens, persistent=False)
         self.embed = nn.EmbeddingBag(common.NUM_PIXELS * tokens, hidden, mode="sum")
         self.bias = nn.Parameter(torch.zeros(hidden))
-        self.blocks = nn.Sequential(*(ResidualBlock(hidden, dropout) for _ in range(blocks)))
+        self.blocks = nn.Sequential(*(common.ResidualBlock(hidden, dropout=dropout) for _ in range(blocks)))
         self.norm = nn.LayerNorm(hidden)
         self.out = nn.Linear(hidden, common.NUM_PIXELS * common.NUM_LEVELS)
         nn.init.normal_(self.embed.weight, std=1 / math.sqrt(common.NUM_PIXELS))
@@ -260,7 +248,7 @@ class MaskedTransformer(nn.Module):
 
 @dataclasses.dataclass(frozen=True)
 class MDMConfig(common.ModelConfig):
-    # residual convolutions: the best validation bound of the three networks (README, MDM's choices)
+    # residual convolutions: the best validation bound of the three networks (docs/choices.md, MDM)
     network: str = common.option("conv", "the network that gives p(x_i | z): residual convolutions, a residual "
                                  "MLP on one-hot inputs, or a bidirectional transformer",
                                  choices=("conv", "mlp", "transformer"))
@@ -290,7 +278,7 @@ class MDMSampling:
     masks_per_level: int = common.option(4, "random masks for each of the 64 levels m of the test bound",
                                          type=common.positive_int, quick=1)
     # more strata classify better on validation, at a cost linear in them: 32 cost about 1.25 test
-    # bounds (README, MDM's choices)
+    # bounds (docs/choices.md, MDM)
     classify_strata: int = common.option(32, "conditional runs only: strata of the 64 levels m for the generative "
                                          "classifier's bound, one random m and mask in each",
                                          type=common.positive_int)
@@ -317,15 +305,9 @@ class MDM(common.DigitsModel):
         if c.conditional:
             self.classes = nn.Embedding(common.NUM_CLASSES, c.hidden)
 
-    def logits(self, z, y=None):
-        """z (B, 64) long, 0..16 or MASK (and y (B,) the classes of a conditional model) -> logits
-        (B, 64, 17) of p(x_i | z) or p(x_i | z, y) (used where z is masked)."""
-        if self.conditional and y is None:
-            raise ValueError("a conditional MDM needs the class labels y")
-        return self.net(z, self.classes(y) if self.conditional else None)
-
-    def given(self, y):  # logits_fn of z alone: the model given y if conditional
-        return (lambda z: self.logits(z, y)) if self.conditional else self.logits
+    # --- Shi et al. 2024 (MD4), the continuous-time bound, and Hoogeboom et al. 2022 (ARDM), its
+    #     discrete order-agnostic form (module docstring): training on an unbiased estimate of either
+    #     (--loss-form), sampling by unmasking from the all-masked state ---
 
     def loss(self, x, y):
         """An unbiased estimate of the bound, mean over the batch (of p(x | y) if conditional)."""
@@ -357,6 +339,29 @@ class MDM(common.DigitsModel):
                                                          MASK) / m
         return total.mean()
 
+    def logits(self, z, y=None):
+        """z (B, 64) long, 0..16 or MASK (and y (B,) the classes of a conditional model) -> logits
+        (B, 64, 17) of p(x_i | z) or p(x_i | z, y) (used where z is masked)."""
+        if self.conditional and y is None:
+            raise ValueError("a conditional MDM needs the class labels y")
+        return self.net(z, self.classes(y) if self.conditional else None)
+
+    def given(self, y):  # logits_fn of z alone: the model given y if conditional
+        return (lambda z: self.logits(z, y)) if self.conditional else self.logits
+
+    @torch.no_grad()
+    def sample(self, n, y=None):
+        return self.sample_with(n, self.sampling.sample_steps, y=y)
+
+    def sample_with(self, n, steps, power=None, temperature=None, y=None):
+        z = torch.full((n, common.NUM_PIXELS), MASK, dtype=torch.long, device=self.device)
+        s = self.sampling
+        return unmask(self.given(y), z, steps, MASK, temperature or s.temperature, power or s.power,
+                      rows_alike=not self.conditional and not self.training).float()  # eval: no dropout
+
+    def test_nll(self, x, y=None):
+        return self.bound_terms(x, y).mean(2).sum(1)
+
     def bound_terms(self, x, y=None, missing=None, masks_per_level=None):
         """order_agnostic_terms (B, 64, R) of x (B, 64) pixels (given y (B,) if conditional), every
         pixel missing by default."""
@@ -366,8 +371,23 @@ class MDM(common.DigitsModel):
         given = self.given(None if y is None else y.repeat(masks_per_level))  # as the rows are repeated
         return order_agnostic_terms(given, target, missing, masks_per_level, MASK)
 
-    def test_nll(self, x, y=None):
-        return self.bound_terms(x, y).mean(2).sum(1)
+    def configure_optimizer(self, lr):
+        return torch.optim.AdamW(self.parameters(), lr=lr, weight_decay=self.config.weight_decay)
+
+    # --- Beyond the paper: other samplers, the generative classifier, inpainting (complete,
+    #     missing_nll), the test bound's standard errors ---
+
+    def samplers(self):
+        """Other round counts at the same schedule, and the exact sampler: 64 equal rounds of one
+        pixel, temperature 1, the model's own distribution."""
+        if not self.sampling.compare_samplers:
+            return {}
+        chosen = self.sampling.sample_steps
+        others = {f"steps_{k}": torch.no_grad()(lambda n, k=k: self.sample_with(n, k))
+                  for k in (8, 16, 32) if k != chosen}
+        if (chosen, self.sampling.power, self.sampling.temperature) != (common.NUM_PIXELS, 1.0, 1.0):
+            others["exact_64"] = torch.no_grad()(lambda n: self.sample_with(n, common.NUM_PIXELS, 1.0, 1.0))
+        return others
 
     def class_log_likelihoods(self, x):
         """(B, 64) -> (B, 10) minus a bound on -log p(x | y = c) for each class c: the discrete bound
@@ -403,28 +423,6 @@ class MDM(common.DigitsModel):
         z = x.round().long().masked_fill(missing, MASK)
         return unmask(self.logits, z, steps or common.NUM_PIXELS, MASK).float()
 
-    def sample_with(self, n, steps, power=None, temperature=None, y=None):
-        z = torch.full((n, common.NUM_PIXELS), MASK, dtype=torch.long, device=self.device)
-        s = self.sampling
-        return unmask(self.given(y), z, steps, MASK, temperature or s.temperature, power or s.power,
-                      rows_alike=not self.conditional and not self.training).float()  # eval: no dropout
-
-    @torch.no_grad()
-    def sample(self, n, y=None):
-        return self.sample_with(n, self.sampling.sample_steps, y=y)
-
-    def samplers(self):
-        """Other round counts at the same schedule, and the exact sampler: 64 equal rounds of one
-        pixel, temperature 1, the model's own distribution."""
-        if not self.sampling.compare_samplers:
-            return {}
-        chosen = self.sampling.sample_steps
-        others = {f"steps_{k}": torch.no_grad()(lambda n, k=k: self.sample_with(n, k))
-                  for k in (8, 16, 32) if k != chosen}
-        if (chosen, self.sampling.power, self.sampling.temperature) != (common.NUM_PIXELS, 1.0, 1.0):
-            others["exact_64"] = torch.no_grad()(lambda n: self.sample_with(n, common.NUM_PIXELS, 1.0, 1.0))
-        return others
-
     def extra_metrics(self, splits, labels):
         """Standard errors of the test bound, from a second, independent estimate (module docstring)."""
         with torch.no_grad():
@@ -440,22 +438,14 @@ class MDM(common.DigitsModel):
         result["test_nll_mc_stderr_nats"] = float(mc_variance.sum().sqrt() / n) if r > 1 else None
         return result
 
-    def configure_optimizer(self, lr):
-        return torch.optim.AdamW(self.parameters(), lr=lr, weight_decay=self.config.weight_decay)
-
 
 # -----------------------------------------------------------------------------
 # command line
 
 
 def main(argv=None):
-    # at most 80 epochs, the time budget (the validation bound still falls slowly there: README, MDM's choices)
-    parser = common.make_parser(__file__, __doc__, epochs=80, batch_size=64, lr=3e-3, patience=15,
-                                ema=0.99, gif_every=10)
-    common.add_options(parser, "MDM", MDMConfig)
-    common.add_options(parser, "MDM sampling (free to change with --sample-only)", MDMSampling)
-    args = common.parse_args(parser, argv)
-    common.run(args, MDM, common.options_from(args, MDMConfig), common.options_from(args, MDMSampling))
+    # at most 80 epochs, the time budget (the validation bound still falls slowly there: docs/choices.md, MDM)
+    runs.main(MDM, __doc__, argv, epochs=80, batch_size=64, lr=3e-3, patience=15, ema=0.99, gif_every=10)
 
 
 if __name__ == "__main__":

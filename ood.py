@@ -15,7 +15,7 @@ are measured beside each family's raw score (NLL, bound, energy or score norm):
   quoting it);
 - combined: the largest validation z-score of |NLL - m| and of each ratio, so that an input is
   flagged when any of the statistics is atypical.
-These remedies were designed after seeing the ARM's AUROCs on these sets (README says so).
+These remedies were designed after seeing the ARM's AUROCs on these sets (docs/ood.md says so).
 
 Sets (made without downloads, seeded, integers on the 0..16 pixel grid): uniform noise, blank
 images, constant images, inverted test digits (16 - x), horizontally and vertically flipped test
@@ -42,7 +42,6 @@ import argparse
 import dataclasses
 import math
 import re
-import subprocess
 import sys
 import time
 from pathlib import Path
@@ -51,7 +50,8 @@ import numpy as np
 import torch
 
 import common
-import leaderboard
+from plumbing import files, processes, registry, results, runs
+import plumbing
 
 ROOT = Path(__file__).resolve().parent
 SET_SIZE = 300  # images per random set
@@ -145,34 +145,34 @@ NAME_PATTERN = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.-]{0,39}")
 
 def load_extra_set(spec, taken=()):
     """NAME=FILE.npy -> (name, (N, 64) float32 pixels): an (N, 64) or (N, 8, 8) array of finite
-    numbers on 0..16, rounded to the integer grid. Any problem is a one-line common.UsageError."""
+    numbers on 0..16, rounded to the integer grid. Any problem is a one-line plumbing.UsageError."""
     name, sep, file = spec.partition("=")
     if not sep or not file:
-        raise common.UsageError(f"--extra-ood expects NAME=FILE.npy, got {spec!r}")
+        raise plumbing.UsageError(f"--extra-ood expects NAME=FILE.npy, got {spec!r}")
     if not NAME_PATTERN.fullmatch(name):
-        raise common.UsageError(f"--extra-ood name {name!r}: use up to 40 letters, digits, '_', '.', '-'")
+        raise plumbing.UsageError(f"--extra-ood name {name!r}: use up to 40 letters, digits, '_', '.', '-'")
     if name in taken:
-        raise common.UsageError(f"--extra-ood name {name!r} is taken; choose another")
+        raise plumbing.UsageError(f"--extra-ood name {name!r} is taken; choose another")
     try:
         _check_npy_header(name, file)
         array = np.load(file, allow_pickle=False)
     except FileNotFoundError:
-        raise common.UsageError(f"--extra-ood {name}: no file {file}") from None
+        raise plumbing.UsageError(f"--extra-ood {name}: no file {file}") from None
     except (OSError, ValueError, EOFError) as error:  # EOFError: an empty file
-        raise common.UsageError(f"--extra-ood {name}: {file} is not a readable .npy array "
+        raise plumbing.UsageError(f"--extra-ood {name}: {file} is not a readable .npy array "
                                 f"({str(error).splitlines()[0] if str(error) else type(error).__name__})") from None
     if not isinstance(array, np.ndarray) or not (np.issubdtype(array.dtype, np.integer)
                                                  or np.issubdtype(array.dtype, np.floating)
                                                  or array.dtype == bool):
-        raise common.UsageError(f"--extra-ood {name}: {file} holds {getattr(array, 'dtype', type(array))}, not numbers")
+        raise plumbing.UsageError(f"--extra-ood {name}: {file} holds {getattr(array, 'dtype', type(array))}, not numbers")
     if array.ndim not in (2, 3) or array.shape[1:] not in ((64,), (8, 8)) or len(array) == 0:
-        raise common.UsageError(f"--extra-ood {name}: {file} has shape {array.shape}; expected (N, 64) or "
+        raise plumbing.UsageError(f"--extra-ood {name}: {file} has shape {array.shape}; expected (N, 64) or "
                                 f"(N, 8, 8) with N >= 1")
     array = array.reshape(len(array), common.NUM_PIXELS).astype(np.float64)
     if not np.isfinite(array).all():
-        raise common.UsageError(f"--extra-ood {name}: {file} holds NaN or infinite values")
+        raise plumbing.UsageError(f"--extra-ood {name}: {file} holds NaN or infinite values")
     if array.min() < 0 or array.max() > common.PIXEL_MAX:
-        raise common.UsageError(f"--extra-ood {name}: {file} has values in [{array.min():g}, {array.max():g}]; "
+        raise plumbing.UsageError(f"--extra-ood {name}: {file} has values in [{array.min():g}, {array.max():g}]; "
                                 f"pixels must lie on 0..16 (the scale of load_digits().data)")
     return name, np.round(array).astype(np.float32)
 
@@ -191,10 +191,10 @@ def _check_npy_header(name, file):
         except (ValueError, EOFError, OSError):
             return
     if shape and shape[0] > MAX_EXTRA_IMAGES:
-        raise common.UsageError(f"--extra-ood {name}: {file} holds {shape[0]:,} images; at most "
+        raise plumbing.UsageError(f"--extra-ood {name}: {file} holds {shape[0]:,} images; at most "
                                 f"{MAX_EXTRA_IMAGES:,} are scored (take a subset)")
     if dtype.itemsize * math.prod(shape) > 2**30:
-        raise common.UsageError(f"--extra-ood {name}: {file} holds {dtype.itemsize * math.prod(shape) / 2**30:.1f} "
+        raise plumbing.UsageError(f"--extra-ood {name}: {file} holds {dtype.itemsize * math.prod(shape) / 2**30:.1f} "
                                 f"GiB; at most 1 GiB is read")
 
 
@@ -345,45 +345,6 @@ def fpr_at_95_tpr(in_scores, out_scores):
 # running the families
 
 
-def load_family(family, out, train, threads, device, sampling=(), tool="ood"):
-    """The trained model of `family` (a common.Family) with the Sampling settings `sampling`
-    ((field, value) pairs; the rest at their defaults), training it with its defaults when its
-    weights are missing or come from an interrupted run; (None, a one-line reason) when it can't
-    be had. A run trains in a scratch folder and replaces OUT's files only when it finishes. Used
-    by ood.py and inpaint.py (`tool` names the one that prints)."""
-    script = ROOT / family.script
-    if not script.is_file():
-        return None, f"no {family.script}"
-    model_class = common.model_class(family.name)
-    weights = out / f"{family.name}.pt"
-    unfinished = _interrupted(weights)
-    if not weights.is_file() or unfinished:
-        why = f"weights {weights} come from an interrupted run" if unfinished else f"no weights {weights}"
-        if not train:
-            return None, f"{why} (--no-train)"
-        print(f"{tool}: {why}; training {family.name} with its defaults ({family.script})", file=sys.stderr,
-              flush=True)
-        failed = leaderboard.train_into(out, family.name, family.script, threads, extra=("--device", device.type),
-                                        stdout=subprocess.DEVNULL)
-        if failed:
-            return None, f"training failed: {failed}"
-    try:
-        settings = model_class.Sampling(**dict(sampling)) if sampling else None
-        return common.load_trained(model_class, out, sampling=settings, device=device), None
-    except common.UsageError as error:
-        return None, str(error)
-
-
-def _interrupted(weights):
-    """Whether the weights file says its run was interrupted (older files say nothing: finished)."""
-    if not weights.is_file():
-        return False
-    try:
-        return torch.load(weights, map_location="cpu", weights_only=True).get("stopped") == "interrupted"
-    except Exception:  # a damaged file: load_trained says what is wrong, in one line
-        return False
-
-
 def evaluate(model, images, seed, device, batch_size):
     """model.ood_score over (N, 64) numpy pixels in batches, with its own seeded noise stream ->
     (N,) float64."""
@@ -516,7 +477,7 @@ def picture(path, panels, sets):
         hist.set(title=f"histogram: {title}", xlabel="score (clipped to the 0.5-99.5% range)", ylabel="density")
         hist.legend(fontsize=7)
     fig.tight_layout()
-    common.atomic_write(path, lambda tmp: fig.savefig(tmp, format="png"))
+    files.atomic_write(path, lambda tmp: fig.savefig(tmp, format="png"))
     plt.close(fig)
 
 
@@ -525,7 +486,7 @@ def picture(path, panels, sets):
 
 
 def main(argv=None):
-    parser = common.Parser(prog="ood.py", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = runs.Parser(prog="ood.py", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--out", type=Path, default=None,
                         help="folder of the trained weights and of ood.md, .json, .png (default: the project's "
                              "results/; a relative path is taken from the current directory)")
@@ -536,16 +497,16 @@ def main(argv=None):
                              "integer grid); repeatable")
     parser.add_argument("--seed", type=common.nonnegative_int, default=0,
                         help="seed of the random sets and of the stochastic bounds (default %(default)s)")
-    leaderboard.add_machine_flags(parser)
+    results.add_machine_flags(parser)
     args = parser.parse_args(argv)
-    leaderboard.tool("ood.py", lambda: score_everything(args),
+    processes.tool("ood.py", lambda: score_everything(args),
                      "a model run it started was stopped and its files discarded; the files in --out are whole")
 
 
 def score_everything(args):
     start, cpu_start = time.perf_counter(), time.process_time()
-    device = common.choose_device(args.device)  # before --out is made: a refused device leaves nothing
-    out = leaderboard.out_folder(args.out)
+    device = runs.choose_device(args.device)  # before --out is made: a refused device leaves nothing
+    out = results.out_folder(args.out)
     pixels, labels = common.load_digits_arrays()
     splits, label_splits = common.split_arrays(pixels), common.split_arrays(labels)
     sets = built_in_sets(splits["test"], label_splits["test"], args.seed)
@@ -553,7 +514,7 @@ def score_everything(args):
     for spec in args.extra_ood:
         name, images = load_extra_set(spec, taken=(*sets, "test", "val"))
         sets[name] = images
-    common.check_out(out)
+    files.check_out(out)
     torch.set_num_threads(args.threads)
     inputs = dict(val=splits["val"], test=splits["test"], **sets)  # val: calibration only
 
@@ -565,12 +526,12 @@ def score_everything(args):
     from tqdm import tqdm
 
     rows, all_scores, skipped, seconds = [], {}, {}, {}
-    families = [f for f in common.FAMILIES if common.model_class(f.name).ood_kind is not None]
+    families = [f for f in registry.FAMILIES if registry.model_class(f.name).ood_kind is not None]
     bar = tqdm(families, disable=args.no_progress or not sys.stderr.isatty(), desc="ood", unit="family")
     for family in bar:
         bar.set_postfix(family=family.name)
         scoring = SCORING.get(family.name, Scoring())
-        model, reason = load_family(family, out, not args.no_train, args.threads, device, scoring.sampling)
+        model, reason = results.load_family(family, out, not args.no_train, args.threads, device, scoring.sampling)
         if model is None:
             print(f"ood: skipped {family.name}: {reason}", file=sys.stderr)
             skipped[family.name] = reason
@@ -597,7 +558,7 @@ def score_everything(args):
     set_info = {s: dict(size=len(v), description=SET_DESCRIPTIONS.get(s, "--extra-ood file"),
                         built_in=s in built_in) for s, v in sets.items()}
     table = markdown(rows, set_info, built_in, recommended, skipped, len(splits["test"]))
-    with leaderboard.signals_deferred():  # every file complete, then a signal's exit 130
+    with processes.SIGNALS.held():  # every file complete, then a signal's exit 130
         write_outputs(out, table, all_scores, recommended, sets, dict(
             sets=set_info, in_distribution=f"test split ({len(splits['test'])} digits)", calibration="val split",
             rows=rows, recommended=recommended, skipped=skipped, seed=args.seed, device=str(device),
@@ -607,7 +568,7 @@ def score_everything(args):
 
 
 def write_outputs(out, table, all_scores, recommended, sets, data):
-    common.publish_table(out / "ood.md", table)
+    files.publish_table(out / "ood.md", table, registry.ROOT)
     best = all_scores[recommended["model"]]
     raw = next(k for k in best if k in ("NLL", "energy", "score-norm"))
     panels = [(f"{recommended['model']} {recommended['score']}", best[recommended["score"]]),
@@ -615,7 +576,7 @@ def write_outputs(out, table, all_scores, recommended, sets, data):
     if recommended["model"] != "ARM" and "ARM" in all_scores:  # the exact likelihood and its failure
         panels.append(("ARM NLL", all_scores["ARM"]["NLL"]))
     picture(out / "ood.png", panels, list(sets))
-    common.save_json(out / "ood.json", data)
+    files.save_json(out / "ood.json", data)
 
 
 if __name__ == "__main__":

@@ -69,6 +69,7 @@ import torch
 import torch.nn.functional as F
 
 import common
+from plumbing import UsageError, runs
 
 # -----------------------------------------------------------------------------
 # forward SDEs: kernel z_t | x0 ~ N(alpha_t x0, sigma_t^2 I), dz = f(t) z dt + g(t) dW
@@ -293,8 +294,8 @@ class SBGMSampling:
     compare_samplers: bool = common.option(True, "do not time and score the samplers " + ", ".join(
                                            f"{sampler}_{steps}" for sampler, steps in OTHER_SAMPLERS)
                                            + " (metrics other_samplers)", flag="--no-compare-samplers")
-    # w = 0.5: with the dpm sampler, the lowest mean per-class validation Frechet distance of w in
-    # {0.25, 0.375, 0.5, 0.75, 1} whose class accuracy is at least 0.98 (README, SBGM's choices)
+    # w = 0.5: chosen on validation with the dpm sampler, by per-class Frechet distance and class
+    # accuracy (docs/choices.md, SBGM)
     guidance: float = common.option(0.5, "conditional runs only: classifier-free guidance weight w, "
                                     "eps = (1 + w) eps(z, t, y) - w eps(z, t); 0: the plain conditional sampler",
                                     type=common.nonnegative_float)
@@ -323,20 +324,15 @@ class SBGM(common.DigitsModel):
         ends = self.sde.log_snr(torch.tensor([config.t_eps, 1.0], dtype=torch.float64))
         self.lam_max, self.lam_min = float(ends[0]), float(ends[1])  # log-SNR range of the bound
 
-    def eps(self, z, t, y=None):
-        """Noise prediction eps(z, t) = -sigma_t score(z, t); z (B, 64), t (B,) -> (B, 64); y (B,)
-        the classes (NULL_CLASS: no label) of a conditional model, None otherwise."""
-        alpha, sigma = self.sde.marginal(t)
-        u = (self.sde.log_snr(t) - self.lam_min) / (self.lam_max - self.lam_min)  # in [0, 1]
-        out = self.net(z * (alpha**2 + sigma**2).rsqrt()[:, None], u if y is None else (u, y))  # input of unit scale
-        if self.config.output == "eps":
-            return out
-        logits = out.view(len(z), common.NUM_PIXELS, common.NUM_LEVELS)
-        return common.box_posterior(logits, z, alpha, sigma).mean_noise  # E[eps | z]
+    # --- Song et al. 2021: denoising score matching with the likelihood weighting lambda(t) = g(t)^2
+    #     (Song, Durkan et al. 2021), as the continuous-time bound of Kingma et al. 2021 (VDM); sampling
+    #     by the reverse-time SDE (eq. 6, sample_reverse_sde) or the probability-flow ODE (eq. 13),
+    #     whose change of variables gives the test NLL ---
 
-    def to_pm1(self, x):
-        """Dequantize and scale: x0 = pixels_to_pm1(x + u - 0.5), in the boxes c_k +- 1/16."""
-        return common.pixels_to_pm1(common.dequantize(x) - 0.5)
+    def loss(self, x, y):
+        """The bound; a conditional model's labels dropped to NULL_CLASS with probability
+        --label-dropout (classifier-free guidance)."""
+        return self.bound(x, common.drop_labels(y, self.config.label_dropout) if self.conditional else None).mean()
 
     def bound(self, x, y=None):
         """(B,) continuous-time variational bound on -log P(x) (-log P(x | y) given classes y),
@@ -363,53 +359,24 @@ class SBGM(common.DigitsModel):
         decoder = 0.5 * d * (math.log(2 * math.pi) + 1 - self.lam_max)
         return diffusion + prior + decoder - common.PM1_LOGDET
 
-    def loss(self, x, y):
-        """The bound; a conditional model's labels dropped to NULL_CLASS with probability
-        --label-dropout (classifier-free guidance)."""
-        return self.bound(x, common.drop_labels(y, self.config.label_dropout) if self.conditional else None).mean()
+    def eps(self, z, t, y=None):
+        """Noise prediction eps(z, t) = -sigma_t score(z, t); z (B, 64), t (B,) -> (B, 64); y (B,)
+        the classes (NULL_CLASS: no label) of a conditional model, None otherwise."""
+        alpha, sigma = self.sde.marginal(t)
+        u = (self.sde.log_snr(t) - self.lam_min) / (self.lam_max - self.lam_min)  # in [0, 1]
+        out = self.net(z * (alpha**2 + sigma**2).rsqrt()[:, None], u if y is None else (u, y))  # input of unit scale
+        if self.config.output == "eps":
+            return out
+        logits = out.view(len(z), common.NUM_PIXELS, common.NUM_LEVELS)
+        return common.box_posterior(logits, z, alpha, sigma).mean_noise  # E[eps | z]
+
+    def to_pm1(self, x):
+        """Dequantize and scale: x0 = pixels_to_pm1(x + u - 0.5), in the boxes c_k +- 1/16."""
+        return common.pixels_to_pm1(common.dequantize(x) - 0.5)
 
     def eval_loss(self, x, y, repeats=4):
         y = y if self.conditional else None  # p(x | y) with every label kept
         return torch.stack([self.bound(x, y).mean() for _ in range(repeats)]).mean()
-
-    def test_nll(self, x, y=None, chunk=64):
-        """(B,) -log p(x0) - PM1_LOGDET (-log p(x0 | y) given classes y (B,)) by the
-        probability-flow ODE, one dequantization per image."""
-        x0 = self.to_pm1(x)
-
-        def log_p(x0_chunk, *y_chunk):
-            def eps_div(z, t):
-                if not y_chunk:
-                    return common.value_and_divergence(self.eps, z, t, self.sampling.divergence)
-                ty = torch.stack([t, y_chunk[0].to(t.dtype)], 1)  # (B, 2): the class rides with the time
-                return common.value_and_divergence(lambda z_, ty_: self.eps(z_, ty_[:, 0], ty_[:, 1].long()),
-                                                   z, ty, self.sampling.divergence)
-            return ode_log_likelihood(eps_div, self.sde, x0_chunk, self.config.t_eps, self.sampling.ode_steps)
-
-        return -common.batched(log_p, x0, *([] if y is None else [y]), batch_size=chunk) - common.PM1_LOGDET
-
-    @torch.no_grad()
-    def class_log_likelihoods(self, x, draws=16):
-        """(B, 10) minus the continuous-time variational bound (of training, not test_nll's ODE: ten
-        ODE solves would take minutes) given each class, its log-SNR integral estimated on `draws`
-        strata of [lam_min, lam_max], one lam each, with the same dequantization, lam and noise for
-        every class, so that the estimate's noise hardly moves the differences between classes."""
-        x0 = self.to_pm1(x)
-        n, k = len(x0), common.NUM_CLASSES
-        classes = torch.arange(k, device=x0.device).repeat_interleave(n)  # (10 B,) class-major
-        total = 0
-        for i in range(draws):
-            lam = self.lam_min + (self.lam_max - self.lam_min) * (i + torch.rand(n, device=x0.device)) / draws
-            noise = torch.randn_like(x0)
-            total = total + self.bound_at(x0.repeat(k, 1), lam.repeat(k), noise.repeat(k, 1), classes) / draws
-        return -total.view(k, n).T
-
-    def guided_eps(self, y, guidance):
-        """The samplers' eps_fn(z, t): eps(z, t) for y None, else the classifier-free guided
-        (1 + w) eps(z, t, y) - w eps(z, t) (common.guided; w = 0: one call, eps(z, t, y))."""
-        if y is None:
-            return self.eps
-        return lambda z, t: common.guided(lambda labels: self.eps(z, t, labels), y, guidance)
 
     @torch.no_grad()
     def sample(self, n, y=None, sampling=None):
@@ -430,6 +397,59 @@ class SBGM(common.DigitsModel):
         alpha, sigma = self.sde.marginal(t)
         x0 = (z - sigma[:, None] * eps_fn(z, t)) / alpha[:, None]  # E[x0 | z] at the end (Tweedie)
         return torch.floor((x0 + 1) * 8 + 0.5).clamp(0, common.PIXEL_MAX)  # the value whose box holds x0
+
+    def test_nll(self, x, y=None, chunk=64):
+        """(B,) -log p(x0) - PM1_LOGDET (-log p(x0 | y) given classes y (B,)) by the
+        probability-flow ODE, one dequantization per image."""
+        x0 = self.to_pm1(x)
+
+        def log_p(x0_chunk, *y_chunk):
+            def eps_div(z, t):
+                if not y_chunk:
+                    return common.value_and_divergence(self.eps, z, t, self.sampling.divergence)
+                ty = torch.stack([t, y_chunk[0].to(t.dtype)], 1)  # (B, 2): the class rides with the time
+                return common.value_and_divergence(lambda z_, ty_: self.eps(z_, ty_[:, 0], ty_[:, 1].long()),
+                                                   z, ty, self.sampling.divergence)
+            return ode_log_likelihood(eps_div, self.sde, x0_chunk, self.config.t_eps, self.sampling.ode_steps)
+
+        return -common.batched(log_p, x0, *([] if y is None else [y]), batch_size=chunk) - common.PM1_LOGDET
+
+    # --- Beyond the paper: classifier-free guidance, other samplers, the generative classifier's
+    #     stratified bound, inpainting, extra metrics ---
+
+    def guided_eps(self, y, guidance):
+        """The samplers' eps_fn(z, t): eps(z, t) for y None, else the classifier-free guided
+        (1 + w) eps(z, t, y) - w eps(z, t) (common.guided; w = 0: one call, eps(z, t, y))."""
+        if y is None:
+            return self.eps
+        return lambda z, t: common.guided(lambda labels: self.eps(z, t, labels), y, guidance)
+
+    def samplers(self):
+        """OTHER_SAMPLERS but the chosen one, as "sampler_steps": DPM-Solver++ with fewer and more
+        steps than the default, and Heun's method of the same ODE (two calls a step, to t_eps):
+        quality against seconds."""
+        if not self.sampling.compare_samplers:
+            return {}
+        chosen = (self.sampling.sampler, self.sampling.sample_steps)
+        return {f"{sampler}_{steps}": functools.partial(self.sample, sampling=dataclasses.replace(
+                    self.sampling, sampler=sampler, sample_steps=steps))
+                for sampler, steps in OTHER_SAMPLERS if (sampler, steps) != chosen}
+
+    @torch.no_grad()
+    def class_log_likelihoods(self, x, draws=16):
+        """(B, 10) minus the continuous-time variational bound (of training, not test_nll's ODE: ten
+        ODE solves would take minutes) given each class, its log-SNR integral estimated on `draws`
+        strata of [lam_min, lam_max], one lam each, with the same dequantization, lam and noise for
+        every class, so that the estimate's noise hardly moves the differences between classes."""
+        x0 = self.to_pm1(x)
+        n, k = len(x0), common.NUM_CLASSES
+        classes = torch.arange(k, device=x0.device).repeat_interleave(n)  # (10 B,) class-major
+        total = 0
+        for i in range(draws):
+            lam = self.lam_min + (self.lam_max - self.lam_min) * (i + torch.rand(n, device=x0.device)) / draws
+            noise = torch.randn_like(x0)
+            total = total + self.bound_at(x0.repeat(k, 1), lam.repeat(k), noise.repeat(k, 1), classes) / draws
+        return -total.view(k, n).T
 
     @torch.no_grad()
     def complete(self, x, missing, steps=25):
@@ -455,17 +475,6 @@ class SBGM(common.DigitsModel):
         x0 = (z - sigma[:, None] * self.eps(z, t)) / alpha[:, None]
         return torch.where(missing, torch.floor((x0 + 1) * 8 + 0.5).clamp(0, common.PIXEL_MAX), x)
 
-    def samplers(self):
-        """OTHER_SAMPLERS but the chosen one, as "sampler_steps": DPM-Solver++ with fewer and more
-        steps than the default, and Heun's method of the same ODE (two calls a step, to t_eps):
-        quality against seconds."""
-        if not self.sampling.compare_samplers:
-            return {}
-        chosen = (self.sampling.sampler, self.sampling.sample_steps)
-        return {f"{sampler}_{steps}": functools.partial(self.sample, sampling=dataclasses.replace(
-                    self.sampling, sampler=sampler, sample_steps=steps))
-                for sampler, steps in OTHER_SAMPLERS if (sampler, steps) != chosen}
-
     def extra_metrics(self, splits, labels):
         """The SDE's variational bound on the test split (the training objective; given the
         classes for a conditional model), 10 draws of the noise per image."""
@@ -479,23 +488,24 @@ class SBGM(common.DigitsModel):
 # command line
 
 
-def main(argv=None):
-    parser = common.make_parser(__file__, __doc__, epochs=300, batch_size=64, lr=1e-3, patience=50,
-                                ema=0.998, gif_every=10)
-    common.add_options(parser, "SBGM", SBGMConfig)
-    common.add_options(parser, "SBGM likelihood and sampling (free to change with --sample-only)", SBGMSampling)
-    args = common.parse_args(parser, argv)
-    config, sampling = common.options_from(args, SBGMConfig), common.options_from(args, SBGMSampling)
+def settle(args, config, sampling):
+    """t_eps and the DPM solver's last noise level checked against the SDE (UsageError: exit 2);
+    fewer sampler steps with --quick."""
     if config.t_eps >= 1:
-        parser.error(f"argument --t-eps: expected a number in (0, 1), got {config.t_eps}")
+        raise UsageError(f"argument --t-eps: expected a number in (0, 1), got {config.t_eps}")
     sde = SDES[config.sde]()
     lowest, highest = (math.exp(-0.5 * at_time(sde.log_snr, t)) for t in (config.t_eps, 1.0))  # sigma / alpha
     if sampling.sampler == "dpm" and not lowest <= sampling.denoise_at < highest:
-        parser.error(f"argument --denoise-at: expected a noise level in [{lowest:.3g}, {highest:.3g}) "
-                     f"(t_eps to t = 1), got {sampling.denoise_at}")
+        raise UsageError(f"argument --denoise-at: expected a noise level in [{lowest:.3g}, {highest:.3g}) "
+                         f"(t_eps to t = 1), got {sampling.denoise_at}")
     if sampling.sample_steps is None and args.quick:  # otherwise SBGM fills in SAMPLE_STEPS
         sampling = dataclasses.replace(sampling, sample_steps=QUICK_SAMPLE_STEPS[sampling.sampler])
-    common.run(args, SBGM, config, sampling)
+    return config, sampling
+
+
+def main(argv=None):
+    runs.main(SBGM, __doc__, argv, settle=settle,
+              epochs=300, batch_size=64, lr=1e-3, patience=50, ema=0.998, gif_every=10)
 
 
 if __name__ == "__main__":

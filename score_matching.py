@@ -52,6 +52,7 @@ import torch.nn.functional as F
 from torch import nn
 
 import common
+from plumbing import UsageError, runs
 
 # -----------------------------------------------------------------------------
 # noise levels, the denoising score matching loss, and annealed Langevin dynamics
@@ -162,10 +163,8 @@ class ScMSampling:
         "et al. 2021: the noise that leaves each step's chains at the next step's level) "
         f"(default {DEFAULTS['rule']}; {SINGLE_LEVEL['rule']} with one level)", choices=RULES)
     denoise: bool = common.option(True, "skip the final denoising step x + sigma_L^2 s(x, sigma_L)")
-    # w = 0.75: chosen with the Langevin rule, the best per-class validation Frechet distance of w in
-    # {0, 0.5, 0.75, 1, 1.5, 2} with class accuracy over 0.95 (w = 0 draws the asked class too rarely);
-    # kept with the consistent rule, where w = 0.5 is within noise of it in Frechet distance and draws
-    # the asked class less often (README, ScM's choices)
+    # w = 0.75: chosen on validation by per-class Frechet distance and class accuracy (w = 0 draws the
+    # asked class too rarely; docs/choices.md, ScM)
     guidance: float = common.option(0.75, "conditional runs only: classifier-free guidance weight w, "
                                     "s = (1 + w) s(x, sigma | y) - w s(x, sigma) (0: the plain conditional sampler)",
                                     type=common.nonnegative_float)
@@ -228,22 +227,14 @@ class ScoreMatching(common.DigitsModel):
             nn.init.normal_(block.cond.weight)
             nn.init.zeros_(block.cond.bias)
 
-    def score(self, x, levels, y=None):
-        """s(x, sigma_i) ~ grad_x log p_sigma_i(x): (B, D), (B,) level indices -> (B, D); s(x, sigma_i | y)
-        with classes y (B,) (NULL_CLASS: no label). The input is scaled to about unit variance at
-        every level: x~ / sqrt(sigma_data^2 + sigma_i^2)."""
-        sigma = self.sigmas[levels].unsqueeze(1)  # (B, 1)
-        return self.net(x * torch.rsqrt(sigma ** 2 + DATA_SCALE ** 2), levels if y is None else (levels, y)) / sigma
+    # --- Song & Ermon 2019: the sigma^2-weighted denoising score matching loss (eqs. 5-6, dsm_loss)
+    #     and annealed Langevin dynamics (Algorithm 1, annealed_langevin) ---
 
-    ood_kind = "score-norm"
-
-    def ood_score(self, x):
-        """(B,) ||sigma s(v, sigma)|| at the smallest noise level, v = pixels_to_pm1(x): the
-        predicted noise of the sharpest denoiser, large where the data density changes fast (off
-        the data)."""
-        v = common.pixels_to_pm1(x)
-        level = torch.full((len(v),), len(self.sigmas) - 1, dtype=torch.long, device=v.device)
-        return (self.score(v, level) * self.sigmas[-1]).norm(dim=1)
+    def loss(self, x, y):
+        """Training objective: one random level per image (an unbiased estimate of the mean); for p(x | y)
+        the labels, each dropped to NULL_CLASS with probability label_dropout (CFG)."""
+        y = common.drop_labels(y, self.config.label_dropout) if self.conditional else None
+        return self.dsm(common.pixels_to_pm1(x), y=y).mean()
 
     def dsm(self, v, levels=None, noise=None, y=None):
         """(B,) DSM loss of v on the [-1, 1] scale (of the score given classes y, if given); levels
@@ -255,11 +246,26 @@ class ScoreMatching(common.DigitsModel):
         score = self.score if y is None else lambda x, levels: self.score(x, levels, y)
         return dsm_loss(score, v, self.sigmas, levels, noise)
 
-    def loss(self, x, y):
-        """Training objective: one random level per image (an unbiased estimate of the mean); for p(x | y)
-        the labels, each dropped to NULL_CLASS with probability label_dropout (CFG)."""
-        y = common.drop_labels(y, self.config.label_dropout) if self.conditional else None
-        return self.dsm(common.pixels_to_pm1(x), y=y).mean()
+    def score(self, x, levels, y=None):
+        """s(x, sigma_i) ~ grad_x log p_sigma_i(x): (B, D), (B,) level indices -> (B, D); s(x, sigma_i | y)
+        with classes y (B,) (NULL_CLASS: no label). The input is scaled to about unit variance at
+        every level: x~ / sqrt(sigma_data^2 + sigma_i^2)."""
+        sigma = self.sigmas[levels].unsqueeze(1)  # (B, 1)
+        return self.net(x * torch.rsqrt(sigma ** 2 + DATA_SCALE ** 2), levels if y is None else (levels, y)) / sigma
+
+    @torch.no_grad()
+    def sample(self, n, y=None):
+        x = torch.rand(n, self.dim, device=self.device) * 2 - 1  # uniform on [-1, 1]^D
+        s = self.sampling
+        score = self.score if y is None else lambda x, levels: common.guided(  # classifier-free guidance
+            lambda labels: self.score(x, levels, labels), y, s.guidance)
+        v = annealed_langevin(score, x, self.sigmas, s.langevin_steps, s.step_size, s.denoise, s.rule)
+        return common.pm1_to_pixels(v)
+
+    def eval_loss(self, x, y):
+        """Validation objective: every image at every level (lower variance than loss); given the
+        labels for p(x | y)."""
+        return self.loss_per_level(x, y=y if self.conditional else None).mean()
 
     def loss_per_level(self, x, generator=None, y=None):
         """(L,) DSM loss of every image at every level, averaged over the images (given classes y)."""
@@ -271,10 +277,29 @@ class ScoreMatching(common.DigitsModel):
             losses.append(self.dsm(v, levels, noise, y).mean())
         return torch.stack(losses)
 
-    def eval_loss(self, x, y):
-        """Validation objective: every image at every level (lower variance than loss); given the
-        labels for p(x | y)."""
-        return self.loss_per_level(x, y=y if self.conditional else None).mean()
+    # --- Beyond the paper: OOD scores, inpainting, extra metrics ---
+
+    ood_kind = "score-norm"
+
+    def ood_score(self, x):
+        """(B,) ||sigma s(v, sigma)|| at the smallest noise level, v = pixels_to_pm1(x): the
+        predicted noise of the sharpest denoiser, large where the data density changes fast (off
+        the data)."""
+        v = common.pixels_to_pm1(x)
+        level = torch.full((len(v),), len(self.sigmas) - 1, dtype=torch.long, device=v.device)
+        return (self.score(v, level) * self.sigmas[-1]).norm(dim=1)
+
+    @torch.no_grad()
+    def complete(self, x, missing):
+        """Inpainting by annealed Langevin dynamics with the observed pixels clamped to the data
+        noised to the current level, v_o + sigma_i z (Song & Ermon 2019, their inpainting): the
+        sampler's levels, steps, step size and rule move the missing pixels from uniform noise; then the
+        Tweedie denoising step."""
+        v, s = common.pixels_to_pm1(x), self.sampling
+        u = torch.where(missing, torch.rand_like(v) * 2 - 1, v)
+        clamp = lambda u, sigma: torch.where(missing, u, v + sigma * torch.randn_like(v))  # noqa: E731
+        u = annealed_langevin(self.score, u, self.sigmas, s.langevin_steps, s.step_size, s.denoise, s.rule, clamp)
+        return torch.where(missing, common.pm1_to_pixels(u), x)
 
     @torch.no_grad()
     def extra_metrics(self, splits, labels):
@@ -292,50 +317,33 @@ class ScoreMatching(common.DigitsModel):
             sigmas=[round(v, 6) for v in self.sigmas.tolist()],
         )
 
-    @torch.no_grad()
-    def sample(self, n, y=None):
-        x = torch.rand(n, self.dim, device=self.device) * 2 - 1  # uniform on [-1, 1]^D
-        s = self.sampling
-        score = self.score if y is None else lambda x, levels: common.guided(  # classifier-free guidance
-            lambda labels: self.score(x, levels, labels), y, s.guidance)
-        v = annealed_langevin(score, x, self.sigmas, s.langevin_steps, s.step_size, s.denoise, s.rule)
-        return common.pm1_to_pixels(v)
-
-    @torch.no_grad()
-    def complete(self, x, missing):
-        """Inpainting by annealed Langevin dynamics with the observed pixels clamped to the data
-        noised to the current level, v_o + sigma_i z (Song & Ermon 2019, their inpainting): the
-        sampler's levels, steps, step size and rule move the missing pixels from uniform noise; then the
-        Tweedie denoising step."""
-        v, s = common.pixels_to_pm1(x), self.sampling
-        u = torch.where(missing, torch.rand_like(v) * 2 - 1, v)
-        clamp = lambda u, sigma: torch.where(missing, u, v + sigma * torch.randn_like(v))  # noqa: E731
-        u = annealed_langevin(self.score, u, self.sigmas, s.langevin_steps, s.step_size, s.denoise, s.rule, clamp)
-        return torch.where(missing, common.pm1_to_pixels(u), x)
-
 
 # -----------------------------------------------------------------------------
 # command line
 
 
-def main(argv=None):
-    parser = common.make_parser(__file__, __doc__, epochs=700, batch_size=64, lr=1e-3, patience=50,
-                                ema=0.999, gif_every=50)
-    common.add_options(parser, "ScM", ScMConfig)
+def single_level_flag(parser):
     parser.add_argument_group("ScM").add_argument(
         "--single-level", action="store_true",
         help="one noise level and plain Langevin dynamics (intro_dgm's model); the same as --noise-levels 1")
-    common.add_options(parser, "ScM sampling (free to change with --sample-only)", ScMSampling)
-    args = common.parse_args(parser, argv)
-    config = common.options_from(args, ScMConfig)
+
+
+def settle(args, config, sampling):
+    """--single-level, the per-level defaults, the noise range checked (UsageError: exit 2), and
+    a short sampler with --quick."""
     if args.single_level:
         config = dataclasses.replace(config, noise_levels=1)
-    config, sampling = with_level_defaults(config, common.options_from(args, ScMSampling))
+    config, sampling = with_level_defaults(config, sampling)
     if config.noise_levels > 1 and config.sigma_max <= config.sigma_min:
-        parser.error(f"--sigma-max ({config.sigma_max}) must be larger than --sigma-min ({config.sigma_min})")
+        raise UsageError(f"--sigma-max ({config.sigma_max}) must be larger than --sigma-min ({config.sigma_min})")
     if args.quick:
         sampling = dataclasses.replace(sampling, langevin_steps=min(sampling.langevin_steps, 5))
-    common.run(args, ScoreMatching, config, sampling)
+    return config, sampling
+
+
+def main(argv=None):
+    runs.main(ScoreMatching, __doc__, argv, settle=settle, extra_flags=single_level_flag,
+              epochs=700, batch_size=64, lr=1e-3, patience=50, ema=0.999, gif_every=50)
 
 
 if __name__ == "__main__":

@@ -58,6 +58,7 @@ import torch.nn.functional as F
 from torch import nn
 
 import common
+from plumbing import UsageError, runs
 
 LOG_2PI = math.log(2 * math.pi)
 LOGVAR_MIN, LOGVAR_MAX = -8.0, 4.0  # variances of every Gaussian are kept in [3e-4, 55]
@@ -134,7 +135,7 @@ class ConvDecoder(nn.Module):
 @dataclass(frozen=True)
 class VAEConfig(common.ModelConfig):
     # the convolutional decoder and the VampPrior are the defaults chosen on the validation split (see
-    # the module docstring; the numbers are in README, the VAE's choices)
+    # the module docstring; the numbers are in docs/choices.md, VAE)
     latent: int = common.option(16, "dimension of z (of z1 and of z2 with two stochastic layers)",
                                 type=common.positive_int)
     hidden: int = common.option(256, "width of the two hidden layers of every MLP", type=common.positive_int)
@@ -149,7 +150,7 @@ class VAEConfig(common.ModelConfig):
     stochastic_layers: int = common.option(1, "1: z -> x; 2: the hierarchical VAE z2 -> z1 -> x",
                                            type=int, choices=(1, 2))
     # dropout, because the networks overfit the 1000 training digits; KL warm-up and free bits (both off)
-    # did not improve the validation bound (tried with the MLP decoder)
+    # did not improve the validation bound
     dropout: float = common.option(0.2, "dropout in every hidden layer", type=common.unit_interval)
     weight_decay: float = common.option(0.0, "AdamW weight decay", type=common.nonnegative_float)
     kl_warmup: int = common.option(0, "KL warm-up: the KL weight grows linearly from 0 to 1 over this many "
@@ -194,6 +195,50 @@ class VAE(common.DigitsModel):
             # pseudo-inputs u_c = 16 sigmoid(w_c) on the pixel scale, starting near mid-grey noise
             self.pseudo_inputs = nn.Parameter(0.5 * torch.randn(c.components, P))
         self.register_buffer("steps", torch.zeros((), dtype=torch.long))  # training steps (KL warm-up)
+
+    # --- Kingma & Welling 2014, Algorithm 1 (AEVB): minimise -ELBO (eq. 3) with one reparameterised
+    #     draw z = mu + sigma eps per image; sampling z ~ p(z), then x ~ p(x | z) ---
+
+    def loss(self, x, y):
+        """-ELBO, one z per image, mean over the batch (nats/image)."""
+        rec, kl = self.terms(x, y=self.given(y))
+        return (kl - rec).mean()
+
+    def terms(self, x, k=1, y=None):
+        """k draws z ~ q(z | x) per image -> (log p(x | z), log q(z | x) - log p(z)), each (k, B):
+        the reconstruction term and the one-sample KL estimate; log w = their difference. A
+        conditional model: q(z | x, y), p(z | y), p(x | z, y), y (B,)."""
+        mean, logvar = self.encoder_top(self.with_label(self.encoder_input(x), y))  # (B, L) each
+        z = reparameterize(mean, logvar, k)  # (k, B, L)
+        log_q = log_normal(z, mean, logvar)
+        log_p = self.log_prior(z, y)
+        if self.config.stochastic_layers == 2:  # z above is z2
+            h = torch.cat([self.encoder_input(x).expand(k, -1, -1), z], -1)  # (k, B, 64 + L)
+            mean1, logvar1 = self.encoder_z1(h)
+            z1 = mean1 + torch.exp(0.5 * logvar1) * torch.randn_like(mean1)
+            log_q = log_q + log_normal(z1, mean1, logvar1)
+            log_p = log_p + log_normal(z1, *self.prior_z1(z))
+            z = torch.cat([z1, z], -1)
+        return self.log_likelihood(self.decoder_logits(z, y), x), log_q - log_p
+
+    @torch.no_grad()
+    def sample(self, n, y=None):
+        """True samples: z ~ p(z) (p(z | y)), then x_i ~ Categorical(softmax(logits_i)) for every
+        pixel (of p(x | z, y))."""
+        logits = self.decode_latent(self.sample_prior(n, y), y)  # (n, 64, 17)
+        return torch.distributions.Categorical(logits=logits).sample().float()
+
+    @torch.no_grad()
+    def decode_latent(self, z, y=None):
+        """Top-layer z (n, L) -> categorical logits (n, 64, 17); a second layer draws z1 ~ p(z1 | z2)."""
+        if self.config.stochastic_layers == 2:
+            mean1, logvar1 = self.prior_z1(z)
+            z = torch.cat([reparameterize(mean1, logvar1, 1)[0], z], -1)
+        return self.decoder_logits(z, y)
+
+    def eval_loss(self, x, y):
+        """-ELBO averaged over 10 draws of z per image (a steadier validation objective)."""
+        return -self.log_weights(x, 10, self.given(y)).mean()
 
     # --- the pieces of p and q
 
@@ -256,23 +301,6 @@ class VAE(common.DigitsModel):
         index = x.round().long().expand(*logits.shape[:-1]).unsqueeze(-1)  # (k, B, 64, 1)
         return (logits.gather(-1, index).squeeze(-1) - torch.logsumexp(logits, -1)).sum(-1)
 
-    def terms(self, x, k=1, y=None):
-        """k draws z ~ q(z | x) per image -> (log p(x | z), log q(z | x) - log p(z)), each (k, B):
-        the reconstruction term and the one-sample KL estimate; log w = their difference. A
-        conditional model: q(z | x, y), p(z | y), p(x | z, y), y (B,)."""
-        mean, logvar = self.encoder_top(self.with_label(self.encoder_input(x), y))  # (B, L) each
-        z = reparameterize(mean, logvar, k)  # (k, B, L)
-        log_q = log_normal(z, mean, logvar)
-        log_p = self.log_prior(z, y)
-        if self.config.stochastic_layers == 2:  # z above is z2
-            h = torch.cat([self.encoder_input(x).expand(k, -1, -1), z], -1)  # (k, B, 64 + L)
-            mean1, logvar1 = self.encoder_z1(h)
-            z1 = mean1 + torch.exp(0.5 * logvar1) * torch.randn_like(mean1)
-            log_q = log_q + log_normal(z1, mean1, logvar1)
-            log_p = log_p + log_normal(z1, *self.prior_z1(z))
-            z = torch.cat([z1, z], -1)
-        return self.log_likelihood(self.decoder_logits(z, y), x), log_q - log_p
-
     def chunked_terms(self, x, k, y=None):
         """terms(x, k, y) computed in chunks of at most IWAE_CHUNK (draw, image) pairs: (k, B) each."""
         chunk = max(1, IWAE_CHUNK // len(x))
@@ -285,21 +313,21 @@ class VAE(common.DigitsModel):
         rec, kl = self.chunked_terms(x, k, y)
         return rec - kl
 
-    # --- the contract
-
     def given(self, y):
         """The labels a conditional model conditions on; None (ignored) for a model of p(x)."""
         return y if self.conditional else None
+
+    def configure_optimizer(self, lr):
+        return torch.optim.AdamW(self.parameters(), lr=lr, weight_decay=self.config.weight_decay)
+
+    # --- Beyond the paper: KL warm-up and free bits, the importance-weighted bound (Burda et al. 2016)
+    #     as test NLL, the generative classifier, OOD scores, decoder means, inpainting, extra metrics
+    #     and images ---
 
     def kl_weight(self):
         if not self.config.kl_warmup:
             return 1.0
         return min(1.0, float(self.steps) / self.config.kl_warmup)
-
-    def loss(self, x, y):
-        """-ELBO, one z per image, mean over the batch (nats/image)."""
-        rec, kl = self.terms(x, y=self.given(y))
-        return (kl - rec).mean()
 
     def training_objective(self, x, y):
         """The base class's hook: minimise the KL-warmed-up, free-bits objective, log the -ELBO
@@ -314,10 +342,6 @@ class VAE(common.DigitsModel):
         objective = self.kl_weight() * kl_term - rec
         self.steps += 1
         return objective, {"loss": (kl - rec).detach(), "KL": kl.detach()}
-
-    def eval_loss(self, x, y):
-        """-ELBO averaged over 10 draws of z per image (a steadier validation objective)."""
-        return -self.log_weights(x, 10, self.given(y)).mean()
 
     @staticmethod
     def iwae_bound(log_w):
@@ -350,21 +374,6 @@ class VAE(common.DigitsModel):
         return self.iwae_nll(x, 64)
 
     @torch.no_grad()
-    def decode_latent(self, z, y=None):
-        """Top-layer z (n, L) -> categorical logits (n, 64, 17); a second layer draws z1 ~ p(z1 | z2)."""
-        if self.config.stochastic_layers == 2:
-            mean1, logvar1 = self.prior_z1(z)
-            z = torch.cat([reparameterize(mean1, logvar1, 1)[0], z], -1)
-        return self.decoder_logits(z, y)
-
-    @torch.no_grad()
-    def sample(self, n, y=None):
-        """True samples: z ~ p(z) (p(z | y)), then x_i ~ Categorical(softmax(logits_i)) for every
-        pixel (of p(x | z, y))."""
-        logits = self.decode_latent(self.sample_prior(n, y), y)  # (n, 64, 17)
-        return torch.distributions.Categorical(logits=logits).sample().float()
-
-    @torch.no_grad()
     def sample_means(self, n):
         """z ~ p(z), then the decoder means E[x | z] (a picture, not a sample of the model)."""
         return self.pixel_means(self.decode_latent(self.sample_prior(n)))
@@ -394,7 +403,7 @@ class VAE(common.DigitsModel):
         exact because the decoder's pixels are independent given z. The missing pixels start at 0.
         With two stochastic layers, pseudo-Gibbs instead (z ~ q(z | x), every proposal accepted)."""
         filled = torch.where(missing, torch.zeros_like(x), x)
-        z = log_w = None
+        z = None
         for _ in range(iterations):
             mean, logvar = self.encoder_top(self.encoder_input(filled))  # (B, L)
             if self.config.stochastic_layers == 2:
@@ -452,25 +461,21 @@ class VAE(common.DigitsModel):
         strips = torch.cat([a[:, None], path, b[:, None]], 1).reshape(-1, 64)
         return {"reconstructions": (rows, 8), "interpolations": (strips, 10)}
 
-    def configure_optimizer(self, lr):
-        return torch.optim.AdamW(self.parameters(), lr=lr, weight_decay=self.config.weight_decay)
-
 
 # -----------------------------------------------------------------------------
 # command line
 
 
-def main(argv=None):
-    parser = common.make_parser(__file__, __doc__, epochs=1000, batch_size=64, lr=1e-3, patience=50,
-                                gif_every=10)
-    common.add_options(parser, "VAE", VAEConfig)
-    common.add_options(parser, "VAE evaluation (free to change with --sample-only)", VAESampling)
-    args = common.parse_args(parser, argv)
-    config = common.options_from(args, VAEConfig)
+def settle(args, config, sampling):
+    """A conditional mixture prior needs a component per class at least (UsageError: exit 2)."""
     if config.conditional and config.prior != "standard" and config.components < common.NUM_CLASSES:
-        parser.error(f"argument --components: a conditional {config.prior} prior needs at least one component "
-                     f"per class ({common.NUM_CLASSES}), got {config.components}")
-    common.run(args, VAE, config, common.options_from(args, VAESampling))
+        raise UsageError(f"argument --components: a conditional {config.prior} prior needs at least one component "
+                         f"per class ({common.NUM_CLASSES}), got {config.components}")
+    return config, sampling
+
+
+def main(argv=None):
+    runs.main(VAE, __doc__, argv, settle=settle, epochs=1000, batch_size=64, lr=1e-3, patience=50, gif_every=10)
 
 
 if __name__ == "__main__":

@@ -11,7 +11,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-import common  # noqa: E402
+from plumbing import checkpoints  # noqa: E402
 
 
 def run_main(main, argv):
@@ -53,7 +53,7 @@ def check_outputs(out, name, nll_kind):
     assert metrics["train_seconds"] > 0 and metrics["sample_seconds"] > 0 and metrics["num_params"] > 0
     weights = torch.load(out / f"{name}.pt", map_location="cpu", weights_only=True)
     assert weights["model_name"] == name and weights["epoch"] == metrics["epochs_run"]
-    assert weights["kind"] == "weights" and common.weights_checksum(weights["weights"]) == weights["weights_sha256"]
+    assert weights["kind"] == "weights" and checkpoints.weights_checksum(weights["weights"]) == weights["weights_sha256"]
     assert "optimizer" not in weights and "frames" not in weights  # the small file that ships
     resume = torch.load(out / f"{name}_resume.pt", map_location="cpu", weights_only=True)
     assert resume["kind"] == "resume" and resume["state"]["epoch"] == metrics["epochs_run"]

@@ -9,6 +9,7 @@ from torch import nn
 import benchmark
 import common
 import leaderboard
+from plumbing import checkpoints, registry
 
 
 def test_matmul_flops_count_linear_layers_forward_and_backward():
@@ -52,14 +53,14 @@ def test_machine_throughput_is_positive_and_plausible():
 def test_seed_table_gives_mean_and_spread_of_each_family(tmp_path, monkeypatch):
     """Seed 0 from OUT, seed 1 from OUT/seeds/seed1; made-up metrics marked current."""
     monkeypatch.setattr(leaderboard, "SCRIPTS", {"ARM": "autoregressive_model.py"})
-    fingerprint = common.code_fingerprint(leaderboard.ROOT / "autoregressive_model.py")
+    fingerprint = checkpoints.fingerprints(registry.ROOT / "autoregressive_model.py", registry.ROOT)
     for seed, folder, nll, fd in ((0, tmp_path, 80.0, 20.0), (1, tmp_path / "seeds" / "seed1", 82.0, 24.0)):
         folder.mkdir(parents=True, exist_ok=True)
         argv = ["--no-progress"] + (["--seed", str(seed)] if seed else [])
         (folder / "ARM_metrics.json").write_text(json.dumps(dict(
             model="ARM", test_nll_nats=nll, nll_kind="exact", frechet_distance=fd, train_seconds=10.0,
-            epochs_run=5, code_sha256=fingerprint, quick=False, interrupted=False, stopped="early_stopping",
-            argv=argv)))
+            epochs_run=5, **fingerprint, quick=False, interrupted=False, stopped="early_stopping",
+            changed_settings=dict(seed=seed) if seed else {}, argv=argv)))
     leaderboard.main(["--out", str(tmp_path), "--no-train", "--seeds", "0", "1"])
     row = json.loads((tmp_path / "seeds.json").read_text())["rows"][0]
     assert row["test_nll_nats_mean"] == pytest.approx(81.0)

@@ -1,6 +1,6 @@
 """The shared core: split, transforms, flags, seeding, resume, sample-only, interruption,
 atomic outputs and checkpoint checks. The loop is exercised through the ARM script with a
-tiny configuration, since common.run never branches on the family."""
+tiny configuration, since runs.run never branches on the family."""
 
 import json
 import math
@@ -21,6 +21,7 @@ from hypothesis import strategies as st
 import autoregressive_model as arm_script
 import common
 from conftest import check_outputs, run_main
+from plumbing import checkpoints, files, runs
 
 ROOT = Path(__file__).resolve().parent.parent
 TINY = ["--quick", "--no-progress", "--channels", "8", "--layers", "2"]
@@ -136,8 +137,8 @@ def test_resumed_run_ends_with_the_same_losses_as_an_uninterrupted_one(tmp_path)
 def test_resume_checkpoint_every_epoch_or_when_training_ends(seconds, epochs_written, tmp_path, monkeypatch):
     """--checkpoint-seconds 0 writes the resume file after every epoch; a long interval writes it
     once, when training ends (it is never missing at the end)."""
-    written, original = [], common.save_resume
-    monkeypatch.setattr(common, "save_resume", lambda path, *rest: written.append(rest[3].epoch) or original(path, *rest))
+    written, original = [], checkpoints.save_resume
+    monkeypatch.setattr(runs, "save_resume", lambda path, *rest: written.append(rest[3].epoch) or original(path, *rest))
     assert run_main(arm_script.main, TINY + ["--epochs", "3", "--patience", "3", "--checkpoint-seconds", seconds,
                                              "--out", str(tmp_path)]) == 0
     assert written == epochs_written
@@ -257,20 +258,20 @@ def test_non_finite_loss_keeps_best_state_writes_outputs_exits_1(tmp_path, capsy
 
 def test_atomic_write_keeps_the_old_file_when_writing_fails(tmp_path):
     path = tmp_path / "x.json"
-    common.save_json(path, {"a": 1})
+    files.save_json(path, {"a": 1})
 
     def broken(tmp):
         tmp.write_text('{"a": ')
         raise RuntimeError("killed")
 
     with pytest.raises(RuntimeError):
-        common.atomic_write(path, broken)
+        files.atomic_write(path, broken)
     assert json.loads(path.read_text()) == {"a": 1}
     assert [p.name for p in tmp_path.iterdir()] == ["x.json"]
 
 
 def test_json_has_no_nan():
-    assert common._finite_or_none({"a": [1.0, math.nan], "b": math.inf}) == {"a": [1.0, None], "b": None}
+    assert files.finite_or_none({"a": [1.0, math.nan], "b": math.inf}) == {"a": [1.0, None], "b": None}
 
 
 # --- no input ends in a traceback ----------------------------------------------------
@@ -337,9 +338,9 @@ def test_one_sample_is_written_without_a_frechet_distance(tmp_path):
 
 
 def test_stale_temporary_files_of_dead_processes_are_removed_at_start(tmp_path):
-    stale = tmp_path / ".ARM_metrics.tmp999999999.json"  # no such process
+    stale = tmp_path / files.temporary_name("ARM_metrics.json", 999999999)  # no such process
     stale.write_text('{"trunc')
-    mine = tmp_path / f".x.tmp{os.getpid()}.json"  # a live process's: left alone
+    mine = tmp_path / files.temporary_name("x.json")  # a live process's: left alone
     mine.write_text("{}")
     assert run_main(arm_script.main, TINY + ["--epochs", "1", "--out", str(tmp_path)]) == 0
     assert not stale.exists() and mine.exists()
@@ -349,7 +350,7 @@ def test_a_failed_write_is_one_line_and_exit_2(tmp_path, capsys, monkeypatch):
     def refuse(path, data):
         raise PermissionError(13, "Permission denied", str(path))
 
-    monkeypatch.setattr(common, "save_json", refuse)
+    monkeypatch.setattr(runs, "save_json", refuse)
     assert run_main(arm_script.main, TINY + ["--epochs", "1", "--out", str(tmp_path)]) == 2
     err = capsys.readouterr().err.strip()
     assert "ARM_metrics.json" in err and "Permission denied" in err and len(err.splitlines()) == 1
@@ -389,14 +390,14 @@ def test_a_run_ends_with_a_short_human_summary(tmp_path, capsys):
 
 def test_a_full_disk_is_an_os_error_naming_the_file_and_the_old_file_stays(tmp_path):
     path = tmp_path / "ARM.pt"
-    common.save_checkpoint(path, {"a": torch.ones(3)})
+    checkpoints.save_checkpoint(path, {"a": torch.ones(3)})
 
     def full(tmp):
         tmp.write_bytes(b"partial")
         raise OSError(28, "No space left on device")  # as a write() to a full disk: no file name
 
     with pytest.raises(OSError) as error:
-        common.atomic_write(path, full)
+        files.atomic_write(path, full)
     assert error.value.filename == str(path) and "No space" in error.value.strerror
     assert torch.equal(torch.load(path, weights_only=True)["a"], torch.ones(3))
     assert [p.name for p in tmp_path.iterdir()] == ["ARM.pt"]
@@ -405,9 +406,9 @@ def test_a_full_disk_is_an_os_error_naming_the_file_and_the_old_file_stays(tmp_p
 @pytest.mark.parametrize("idle, usable, expected", [(0.0, 2, 1), (0.9, 2, 1), (1.1, 2, 1), (1.6, 2, 2),
                                                      (2.0, 2, 2), (7.5, 8, 2), (3.0, 1, 1), (None, 2, 2)])
 def test_auto_threads_takes_the_idle_cores(idle, usable, expected, monkeypatch):
-    monkeypatch.setattr(common, "idle_cores", lambda interval=0.2: idle)
-    monkeypatch.setattr(common.os, "sched_getaffinity", lambda pid: set(range(usable)), raising=False)
-    assert common.auto_threads() == expected
+    monkeypatch.setattr(runs, "idle_cores", lambda interval=0.2: idle)
+    monkeypatch.setattr(runs.os, "sched_getaffinity", lambda pid: set(range(usable)), raising=False)
+    assert runs.auto_threads() == expected
 
 
 def test_idle_cores_sees_a_busy_core():
@@ -421,7 +422,7 @@ def test_idle_cores_sees_a_busy_core():
     spinner.start()
     try:
         time.sleep(0.2)
-        idle = common.idle_cores(0.3)
+        idle = runs.idle_cores(0.3)
     finally:
         stop.set()
         spinner.join()

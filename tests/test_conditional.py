@@ -13,6 +13,8 @@ import torch
 import common
 import leaderboard
 from conftest import run_main
+from plumbing import checkpoints, quality, registry, results, runs
+import plumbing
 
 
 @dataclass(frozen=True)
@@ -45,7 +47,7 @@ def test_the_generative_classifier_is_the_bayes_rule_on_two_gaussians():
     model = TwoGaussians(means, scale=1.0)
     train_labels = torch.tensor([0] * 300 + [1] * 100)  # p(y = 0) = 0.75
     x = torch.cat([means[0] + torch.randn(500, 64), means[1] + torch.randn(500, 64)])
-    predicted = common.generative_classifier(model, x, train_labels)
+    predicted = quality.generative_classifier(model, x, train_labels)
     # Bayes: class 1 when log N(x; mu_1) + log 1/4 > log N(x; mu_0) + log 3/4, i.e. along mu_1 - mu_0
     # (every coordinate 0.25): 0.25 sum(x) - 64 * 0.25^2 / 2 > log 3
     bayes = (0.25 * x.sum(1) - 64 * 0.25**2 / 2 > math.log(3)).long()
@@ -74,7 +76,7 @@ def test_a_model_without_likelihood_is_no_classifier():
             raise NotImplementedError
 
     model = NoLikelihood(torch.zeros(10, 64), 1.0)
-    assert common.generative_classifier(model, torch.zeros(3, 64), torch.tensor([0, 1])) is None
+    assert quality.generative_classifier(model, torch.zeros(3, 64), torch.tensor([0, 1])) is None
 
 
 def test_sample_labels_cycle_through_the_asked_digits():
@@ -96,9 +98,9 @@ def test_draw_samples_hands_each_chunk_its_labels():
 def test_conditional_quality_of_real_digits_and_of_wrong_labels(tmp_path):
     pixels, classes = common.load_digits_arrays()
     val, val_classes = common.split_arrays(pixels)["val"], common.split_arrays(classes)["val"]
-    right = common.conditional_quality(val, val_classes, "results")
-    wrong = common.conditional_quality(val, (val_classes + 1) % 10, "results")
-    classifier, _ = common.digit_classifier("results")
+    right = quality.conditional_quality(val, val_classes, "results")
+    wrong = quality.conditional_quality(val, (val_classes + 1) % 10, "results")
+    classifier, _ = quality.digit_classifier("results")
     with torch.no_grad():
         accuracy = (classifier(torch.from_numpy(val)).argmax(1).numpy() == val_classes).mean()
     assert right["class_accuracy"] == pytest.approx(accuracy) and right["class_accuracy"] > 0.9
@@ -115,9 +117,9 @@ def test_digits_flag(text, ok):
 
     if ok is None:
         with pytest.raises(argparse.ArgumentTypeError, match="distinct digits 0-9"):
-            common.digit_list(text)
+            runs.digit_list(text)
     else:
-        assert common.digit_list(text) == ok
+        assert runs.digit_list(text) == ok
 
 
 def test_digits_without_conditional_and_too_few_samples_are_refused(tmp_path, capsys):
@@ -137,22 +139,22 @@ def test_digits_without_conditional_and_too_few_samples_are_refused(tmp_path, ca
 def _weights(path, conditional):
     state = common.TrainState(epoch=1, best_epoch=1, best_val=1.0, best_weights={"w": torch.zeros(1)},
                               history=dict(train=[1.0], val=[1.0]))
-    common.save_weights(path, "Toy", dict(conditional=conditional), state)
+    checkpoints.save_weights(path, "Toy", dict(conditional=conditional), state)
 
 
 def test_a_checkpoint_of_the_other_kind_is_refused_in_one_line(tmp_path):
     _weights(tmp_path / "Toy.pt", conditional=False)
     _weights(tmp_path / "Toy_conditional.pt", conditional=True)
-    with pytest.raises(common.UsageError, match=r"holds a model of p\(x\) \(trained without --conditional\)"):
-        common.load_checkpoint(tmp_path / "Toy.pt", "Toy", dict(conditional=True), "weights", "")
-    with pytest.raises(common.UsageError, match=r"holds a model of p\(x \| y\).*load it with --conditional"):
-        common.load_checkpoint(tmp_path / "Toy_conditional.pt", "Toy", dict(conditional=False), "weights", "")
-    with pytest.raises(common.UsageError, match="load it with --conditional"):
-        common.load_checkpoint(tmp_path / "Toy_conditional.pt", "Toy", None, "weights", "", conditional=False)
-    assert common.load_checkpoint(tmp_path / "Toy.pt", "Toy", dict(conditional=False), "weights", "")
+    with pytest.raises(plumbing.UsageError, match=r"holds a model of p\(x\) \(trained without --conditional\)"):
+        checkpoints.load_checkpoint(tmp_path / "Toy.pt", "Toy", dict(conditional=True), "weights", "")
+    with pytest.raises(plumbing.UsageError, match=r"holds a model of p\(x \| y\).*load it with --conditional"):
+        checkpoints.load_checkpoint(tmp_path / "Toy_conditional.pt", "Toy", dict(conditional=False), "weights", "")
+    with pytest.raises(plumbing.UsageError, match="load it with --conditional"):
+        checkpoints.load_checkpoint(tmp_path / "Toy_conditional.pt", "Toy", None, "weights", "", conditional=False)
+    assert checkpoints.load_checkpoint(tmp_path / "Toy.pt", "Toy", dict(conditional=False), "weights", "")
     older = tmp_path / "older.pt"  # weights made before conditional models: a model of p(x)
-    common.save_weights(older, "Toy", {}, common.TrainState(best_weights={"w": torch.zeros(1)}))
-    assert common.load_checkpoint(older, "Toy", dict(conditional=False), "weights", "")
+    checkpoints.save_weights(older, "Toy", {}, common.TrainState(best_weights={"w": torch.zeros(1)}))
+    assert checkpoints.load_checkpoint(older, "Toy", dict(conditional=False), "weights", "")
 
 
 def test_sample_only_of_a_conditional_run_refuses_unconditional_weights(tmp_path, capsys):
@@ -168,20 +170,19 @@ def test_sample_only_of_a_conditional_run_refuses_unconditional_weights(tmp_path
 
 
 def test_run_settings_and_stems_of_conditional_runs():
-    assert leaderboard._settings(("--seed", "1", "--conditional")) == {"seed": "1", "conditional": "True"}
-    assert leaderboard._settings(("--conditional", "--seed", "2")) == {"conditional": "True", "seed": "2"}
-    assert leaderboard.run_stem("ARM", ("--conditional",)) == "ARM_conditional"
-    assert leaderboard.run_stem("ARM", ("--seed", "1")) == "ARM"
-    metrics = dict(code_sha256=common.code_fingerprint(common.ROOT / "ddpm.py"), quick=False, interrupted=False,
+    assert results._settings(("--seed", "1", "--conditional")) == {"seed": "1", "conditional": "True"}
+    assert results._settings(("--conditional", "--seed", "2")) == {"conditional": "True", "seed": "2"}
+    assert registry.stem("ARM", True) == "ARM_conditional" and registry.stem("ARM", False) == "ARM"
+    metrics = dict(**checkpoints.fingerprints(registry.ROOT / "ddpm.py", registry.ROOT), quick=False, interrupted=False,
                    stopped="max_epochs", changed_settings=dict(conditional=True))
-    assert leaderboard.is_current(metrics, "ddpm.py", ("--conditional",))
-    assert not leaderboard.is_current(metrics, "ddpm.py")
+    assert results.is_current(metrics, "ddpm.py", ("--conditional",))
+    assert not results.is_current(metrics, "ddpm.py")
 
 
 def test_labelled_samples_are_checked(tmp_path):
     good = tmp_path / "good.npz"
     np.savez(good, x=np.full((20, 64), 3, np.float32), y=np.arange(20) % 10)
-    (x, y), problem = leaderboard.read_labelled_samples(good)
+    (x, y), problem = results.read_labelled_samples(good)
     assert problem is None and x.shape == (20, 64) and y.dtype == np.int64
     for name, arrays, message in [
             ("nolabels.npz", dict(x=np.zeros((4, 64), np.float32)), "not x and y"),
@@ -189,10 +190,10 @@ def test_labelled_samples_are_checked(tmp_path):
             ("range.npz", dict(x=np.full((4, 64), 17, np.float32), y=np.zeros(4, np.int64)), "not pixels"),
             ("class.npz", dict(x=np.zeros((4, 64), np.float32), y=np.full(4, 12)), "classes 0..9")]:
         np.savez(tmp_path / name, **arrays)
-        found, problem = leaderboard.read_labelled_samples(tmp_path / name)
+        found, problem = results.read_labelled_samples(tmp_path / name)
         assert found is None and message in problem
     (tmp_path / "junk.npz").write_bytes(b"not a zip")
-    assert "unreadable" in leaderboard.read_labelled_samples(tmp_path / "junk.npz")[1]
+    assert "unreadable" in results.read_labelled_samples(tmp_path / "junk.npz")[1]
 
 
 def test_the_per_class_gaussian_mixture_is_a_conditional_model():

@@ -1,4 +1,4 @@
-"""The model contract, for every registered family alike (common.FAMILIES: a family is covered by
+"""The model contract, for every registered family alike (registry.FAMILIES: a family is covered by
 being registered): a finite loss on a batch (x, y), samples of shape (n, 64) on 0..16, a test NLL
 of shape (B,) where a likelihood exists, an OOD score where ood_kind says there is one, and weights
 that survive the round trip through OUT/NAME.pt (save_weights, then load_trained rebuilds the
@@ -10,6 +10,8 @@ import pytest
 import torch
 
 import common
+from plumbing import checkpoints, registry
+import plumbing
 
 # family -> tiny settings for Model.build, so the test is fast; a family missing here is tested
 # at its defaults (slower, but covered)
@@ -26,23 +28,23 @@ TINY = {
     "MDM": dict(hidden=8, blocks=1, masks_per_level=1, compare_samplers=False),
 }
 CONDITIONAL_TINY = {"VAE": dict(components=10)}  # a conditional VampPrior needs a pseudo-input per class
-NAMES = [family.name for family in common.FAMILIES]
+NAMES = [family.name for family in registry.FAMILIES]
 
 
 def test_the_registry_names_each_family_once_and_every_tool_reads_it():
     import benchmark
     import leaderboard
 
-    assert len(NAMES) == len(set(NAMES)) == len({f.script for f in common.FAMILIES})
-    assert list(leaderboard.SCRIPTS) == NAMES  # benchmark.py reads leaderboard's view of it
-    assert benchmark.SCRIPTS is leaderboard.SCRIPTS
-    with pytest.raises(common.UsageError, match="unknown family 'XYZ'; choose from ARM, "):
-        common.family("XYZ")
+    assert len(NAMES) == len(set(NAMES)) == len({f.script for f in registry.FAMILIES})
+    assert list(registry.SCRIPTS) == NAMES
+    assert benchmark.SCRIPTS is leaderboard.SCRIPTS is registry.SCRIPTS
+    with pytest.raises(plumbing.UsageError, match="unknown family 'XYZ'; choose from ARM, "):
+        registry.family("XYZ")
 
 
 @pytest.mark.parametrize("name", NAMES)
 def test_every_family_keeps_the_contract(name, tmp_path):
-    cls = common.model_class(name)
+    cls = registry.model_class(name)
     torch.manual_seed(0)
     model = cls.build(**TINY.get(name, {}))
     assert model.name == name and model.nll_kind in ("exact", "upper_bound", None)
@@ -76,10 +78,10 @@ def test_every_family_keeps_the_contract(name, tmp_path):
     metrics = model.extra_metrics({k: v[:8] for k, v in splits.items()}, {k: v[:8] for k, v in labels.items()})
     assert isinstance(metrics, dict)
 
-    state = common.TrainState(epoch=1, best_epoch=1, best_val=1.0, best_weights=common._cpu_state(model),
+    state = common.TrainState(epoch=1, best_epoch=1, best_val=1.0, best_weights=common.cpu_state(model),
                               history=dict(train=[1.0], val=[1.0]))
-    common.save_weights(tmp_path / f"{name}.pt", name, common.dataclasses.asdict(model.config), state)
-    loaded = common.load_trained(cls, tmp_path, sampling=model.sampling)
+    checkpoints.save_weights(tmp_path / f"{name}.pt", name, common.dataclasses.asdict(model.config), state)
+    loaded = checkpoints.load_trained(cls, tmp_path, sampling=model.sampling)
     assert type(loaded) is cls and loaded.config == model.config and not loaded.training
     for key, value in model.state_dict().items():
         assert torch.equal(loaded.state_dict()[key], value), key
@@ -93,16 +95,16 @@ def test_every_family_keeps_the_contract(name, tmp_path):
 
 
 def test_damaged_weights_are_refused_by_their_checksum(tmp_path):
-    cls = common.model_class("ARM")
+    cls = registry.model_class("ARM")
     model = cls.build(channels=8, layers=2)
-    state = common.TrainState(best_weights=common._cpu_state(model))
+    state = common.TrainState(best_weights=common.cpu_state(model))
     path = tmp_path / "ARM.pt"
-    common.save_weights(path, "ARM", common.dataclasses.asdict(model.config), state)
+    checkpoints.save_weights(path, "ARM", common.dataclasses.asdict(model.config), state)
     shipped = torch.load(path, weights_only=True)
     shipped["weights"]["nets.0.head.bias"][0] += 1.0  # one number changed inside the tensor data
     torch.save(shipped, path)
-    with pytest.raises(common.UsageError, match="checksum"):
-        common.load_trained(cls, tmp_path)
+    with pytest.raises(plumbing.UsageError, match="checksum"):
+        checkpoints.load_trained(cls, tmp_path)
 
 
 @pytest.mark.parametrize("name", NAMES)
@@ -110,10 +112,10 @@ def test_every_family_has_a_conditional_model(name, tmp_path):
     """--conditional for every family: the loss uses the labels, sample(n, y) draws n samples of the
     classes y, test_nll(x, y) and class_log_likelihoods where a likelihood exists, and the weights
     come back from OUT/NAME_conditional.pt only as a conditional model."""
-    cls = common.model_class(name)
+    cls = registry.model_class(name)
     torch.manual_seed(0)
     model = cls.build(conditional=True, **{**TINY.get(name, {}), **CONDITIONAL_TINY.get(name, {})})
-    assert model.conditional and model.output_name == f"{name}_conditional"
+    assert model.conditional and registry.stem(name, True) == f"{name}_conditional"
     splits, labels = (load(torch.device("cpu"), quick=True) for load in (common.load_splits, common.load_label_splits))
     x, y = splits["train"][:16], labels["train"][:16]
     model.train_step(x, y, model.configure_optimizer(1e-3))  # a step first: class weights may start at zero
@@ -138,15 +140,15 @@ def test_every_family_has_a_conditional_model(name, tmp_path):
     assert isinstance(metrics, dict)
     model.extra_images({k: v[:8] for k, v in splits.items()})
 
-    state = common.TrainState(epoch=1, best_epoch=1, best_val=1.0, best_weights=common._cpu_state(model),
+    state = common.TrainState(epoch=1, best_epoch=1, best_val=1.0, best_weights=common.cpu_state(model),
                               history=dict(train=[1.0], val=[1.0]))
-    common.save_weights(tmp_path / f"{name}_conditional.pt", name, common.dataclasses.asdict(model.config), state)
-    loaded = common.load_trained(cls, tmp_path, sampling=model.sampling, conditional=True)
+    checkpoints.save_weights(tmp_path / f"{name}_conditional.pt", name, common.dataclasses.asdict(model.config), state)
+    loaded = checkpoints.load_trained(cls, tmp_path, sampling=model.sampling, conditional=True)
     assert loaded.conditional and loaded.config == model.config
     torch.manual_seed(2)
     expected = model.sample(3, asked[:3])
     torch.manual_seed(2)
     assert torch.equal(loaded.sample(3, asked[:3]), expected)
     (tmp_path / f"{name}_conditional.pt").rename(tmp_path / f"{name}.pt")
-    with pytest.raises(common.UsageError, match="load it with --conditional"):
-        common.load_trained(cls, tmp_path)
+    with pytest.raises(plumbing.UsageError, match="load it with --conditional"):
+        checkpoints.load_trained(cls, tmp_path)

@@ -13,6 +13,8 @@ import common
 import inpaint
 from conftest import run_main
 from test_contract import NAMES, TINY
+from plumbing import registry
+import plumbing
 
 # -----------------------------------------------------------------------------
 # masks
@@ -57,18 +59,18 @@ def test_extra_mask_loader_takes_one_mask_or_rows_cycled(tmp_path):
 ])
 def test_extra_mask_loader_refuses_bad_arrays(tmp_path, array, message):
     np.save(tmp_path / "bad.npy", array)
-    with pytest.raises(common.UsageError, match=message):
+    with pytest.raises(plumbing.UsageError, match=message):
         inpaint.load_extra_mask(tmp_path / "bad.npy", 4)
 
 
 def test_extra_mask_loader_refuses_missing_unreadable_and_taken_files(tmp_path):
-    with pytest.raises(common.UsageError, match="no file"):
+    with pytest.raises(plumbing.UsageError, match="no file"):
         inpaint.load_extra_mask(tmp_path / "absent.npy", 4)
     (tmp_path / "text.npy").write_text("not an array")
-    with pytest.raises(common.UsageError, match="not a readable"):
+    with pytest.raises(plumbing.UsageError, match="not a readable"):
         inpaint.load_extra_mask(tmp_path / "text.npy", 4)
     np.save(tmp_path / "bottom.npy", np.arange(64) < 10)
-    with pytest.raises(common.UsageError, match="taken"):
+    with pytest.raises(plumbing.UsageError, match="taken"):
         inpaint.load_extra_mask(tmp_path / "bottom.npy", 4, taken=inpaint.MASK_NAMES)
 
 
@@ -164,7 +166,7 @@ def test_independent_pixels_nll_sums_the_missing_pixels_log_probabilities():
 
 @pytest.fixture(scope="module")
 def tiny_arm():
-    arm_class = common.model_class("ARM")
+    arm_class = registry.model_class("ARM")
     torch.manual_seed(0)
     model = arm_class.build(channels=8, layers=2, members=2).eval()
     with torch.no_grad():  # away from the uniform start, so that the conditionals differ
@@ -236,7 +238,7 @@ def test_arm_importance_weights_give_the_enumerated_conditional_of_an_interior_p
 
 @pytest.mark.parametrize("name", NAMES)
 def test_every_family_keeps_the_observed_pixels(name):
-    cls = common.model_class(name)
+    cls = registry.model_class(name)
     torch.manual_seed(0)
     model = cls.build(**TINY.get(name, {})).eval()
     pixels, _ = common.load_digits_arrays()

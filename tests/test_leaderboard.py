@@ -9,6 +9,7 @@ import pytest
 
 import common
 import leaderboard
+from plumbing import files, quality, registry, results
 
 
 @pytest.fixture(scope="module")
@@ -20,18 +21,18 @@ def splits():
 def test_frechet_distance_is_zero_to_itself_and_symmetric():
     rng = np.random.default_rng(0)
     a, b = rng.normal(size=(500, 8)), rng.normal(1.0, 2.0, size=(400, 8))
-    assert common.frechet_distance(a, a) == pytest.approx(0.0, abs=1e-6)
-    assert common.frechet_distance(a, b) == pytest.approx(common.frechet_distance(b, a), rel=1e-6)
+    assert quality.frechet_distance(a, a) == pytest.approx(0.0, abs=1e-6)
+    assert quality.frechet_distance(a, b) == pytest.approx(quality.frechet_distance(b, a), rel=1e-6)
     # oracle for Gaussians: ||mu_a - mu_b||^2 + sum (s_a - s_b)^2 for diagonal covariances
-    assert common.frechet_distance(a, b) == pytest.approx(8 * 1.0 + 8 * 1.0, rel=0.15)
+    assert quality.frechet_distance(a, b) == pytest.approx(8 * 1.0 + 8 * 1.0, rel=0.15)
 
 
 def test_real_digits_score_far_better_than_noise_and_copies_are_caught(splits, tmp_path):
     rng = np.random.default_rng(0)
-    val = common.sample_quality(splits["val"], tmp_path)
-    noise = common.sample_quality(rng.integers(0, 17, (1000, 64)), tmp_path)
-    train = common.sample_quality(splits["train"], tmp_path)
-    test = common.sample_quality(splits["test"], tmp_path)
+    val = quality.sample_quality(splits["val"], tmp_path)
+    noise = quality.sample_quality(rng.integers(0, 17, (1000, 64)), tmp_path)
+    train = quality.sample_quality(splits["train"], tmp_path)
+    test = quality.sample_quality(splits["test"], tmp_path)
     assert val["frechet_distance"] * 5 < noise["frechet_distance"]
     assert val["classifier_confidence"] > noise["classifier_confidence"]
     assert val["class_coverage"] > 2.2 and val["class_coverage"] <= math.log(10) + 1e-9
@@ -41,17 +42,17 @@ def test_real_digits_score_far_better_than_noise_and_copies_are_caught(splits, t
     assert val["classifier_test_accuracy"] > 0.85
     # the shipped classifier, deterministic: the same samples get the same numbers, and nothing
     # is trained or cached in the folder
-    assert common.SHIPPED_CLASSIFIER.is_file() and not (tmp_path / "_digit_classifier.pt").exists()
-    assert common.sample_quality(splits["val"], tmp_path) == val
+    assert quality.SHIPPED_CLASSIFIER.is_file() and not (tmp_path / "_digit_classifier.pt").exists()
+    assert quality.sample_quality(splits["val"], tmp_path) == val
 
 
 def test_a_missing_or_damaged_shipped_classifier_is_retrained_into_the_cache(tmp_path, monkeypatch):
     (tmp_path / "ship").mkdir()
     damaged = tmp_path / "ship" / "_digit_classifier.pt"
     damaged.write_bytes(b"not a checkpoint")
-    monkeypatch.setattr(common, "SHIPPED_CLASSIFIER", damaged)
+    monkeypatch.setattr(quality, "SHIPPED_CLASSIFIER", damaged)
     (tmp_path / "cache").mkdir()
-    model, accuracy = common.digit_classifier(tmp_path / "cache")
+    model, accuracy = quality.digit_classifier(tmp_path / "cache")
     assert (tmp_path / "cache" / "_digit_classifier.pt").is_file() and accuracy > 0.85
     assert damaged.read_bytes() == b"not a checkpoint"  # the shipped file is never written
 
@@ -67,30 +68,32 @@ def test_baselines_are_finite_and_in_the_expected_order(splits):
     assert indep < gmm < kde < uniform
 
 
-def test_readme_copies_of_results_tables_equal_the_files():
-    """README restates results/*.md only between readme_block markers, and each copy is the file."""
-    readme = (common.ROOT / "README.md").read_text()
+def test_page_copies_of_results_tables_equal_the_files():
+    """README and docs/*.md restate results/*.md only between readme_block markers, each table in
+    one page, and each copy is the file."""
     pattern = r"<!-- results/(\S+): written by the script that writes the file -->\n(.*?)<!-- end results/\1 -->"
-    blocks = re.findall(pattern, readme, re.S)
-    assert {name for name, _ in blocks} >= {"leaderboard.md", "seeds.md", "ood.md", "benchmark.md", "conditional.md"}
+    blocks = [block for page in files.pages(registry.ROOT) for block in re.findall(pattern, page.read_text(), re.S)]
+    names = [name for name, _ in blocks]
+    assert len(names) == len(set(names)), names
+    assert set(names) >= {"headline.md", "leaderboard.md", "seeds.md", "ood.md", "benchmark.md", "conditional.md",
+                          "inpaint.md", "compress.md"}
     for name, text in blocks:
-        assert text == (common.ROOT / "results" / name).read_text().rstrip("\n") + "\n", name
+        assert text == (registry.ROOT / "results" / name).read_text().rstrip("\n") + "\n", name
 
 
 def test_publish_table_rewrites_the_readme_block_only_for_the_repository_results(tmp_path, monkeypatch):
-    begin, end = common.readme_block("t.md")
+    begin, end = files.readme_block("t.md")
     (tmp_path / "results").mkdir()
     (tmp_path / "README.md").write_text(f"intro\n{begin}old\n{end}outro\n")
-    monkeypatch.setattr(common, "ROOT", tmp_path)
-    common.publish_table(tmp_path / "results" / "t.md", "| a |\n|---|\n")
+    files.publish_table(tmp_path / "results" / "t.md", "| a |\n|---|\n", tmp_path)
     assert (tmp_path / "README.md").read_text() == f"intro\n{begin}| a |\n|---|\n{end}outro\n"
     assert (tmp_path / "results" / "t.md").read_text() == "| a |\n|---|\n"
-    common.publish_table(tmp_path / "t.md", "other\n")  # not results/: README untouched
+    files.publish_table(tmp_path / "t.md", "other\n", tmp_path)  # not results/: README untouched
     assert "other" not in (tmp_path / "README.md").read_text()
 
 
 def test_other_samplers_are_listed_in_the_familys_order():
-    rows = json.loads((common.ROOT / "results" / "leaderboard.json").read_text())
+    rows = json.loads((registry.ROOT / "results" / "leaderboard.json").read_text())
     sbgm = next(r for r in rows if r["model"] == "SBGM")
     sbgm["other_samplers"] = {name: dict(seconds=1.0, frechet_distance=10.0) for name in ("heun_20", "dpm_4", "dpm_16")}
     table = leaderboard.markdown(rows, 0.919)
@@ -103,8 +106,8 @@ def test_other_samplers_are_listed_in_the_familys_order():
 def test_pixels_are_finite_and_on_0_to_16(value, ok, tmp_path):
     x = np.full((3, 64), 5, np.float32)
     x[1, 7] = value
-    assert leaderboard.are_pixels(x) is ok
+    assert results.are_pixels(x) is ok
     np.save(tmp_path / "s.npy", x)
     np.savez(tmp_path / "s.npz", x=x, y=np.zeros(3, np.int64))
-    assert (leaderboard.read_samples(tmp_path / "s.npy")[1] is None) is ok
-    assert (leaderboard.read_labelled_samples(tmp_path / "s.npz")[1] is None) is ok
+    assert (results.read_samples(tmp_path / "s.npy")[1] is None) is ok
+    assert (results.read_labelled_samples(tmp_path / "s.npz")[1] is None) is ok

@@ -13,6 +13,7 @@ import common
 import leaderboard
 import ood
 from conftest import run_main
+import plumbing
 
 
 @pytest.fixture(scope="module")
@@ -175,7 +176,7 @@ def test_extra_set_loader_accepts_both_layouts_and_rounds_to_the_grid(tmp_path):
 def test_extra_set_loader_refuses_bad_shapes_and_values(tmp_path, array, message):
     path = tmp_path / "bad.npy"
     np.save(path, array)
-    with pytest.raises(common.UsageError, match=message):
+    with pytest.raises(plumbing.UsageError, match=message):
         ood.load_extra_set(f"bad={path}")
 
 
@@ -187,7 +188,7 @@ def test_extra_set_loader_refuses_bad_specs_and_files(tmp_path):
     for spec, message in ((str(good), "NAME=FILE"), (f"a b={good}", "name"), (f"noise={good}", "taken"),
                           (f"x={tmp_path / 'missing.npy'}", "no file"), (f"x={tmp_path / 'text.npy'}", "readable"),
                           (f"x={tmp_path / 'objects.npy'}", "readable")):
-        with pytest.raises(common.UsageError, match=message):
+        with pytest.raises(plumbing.UsageError, match=message):
             ood.load_extra_set(spec, taken=("noise",))
 
 

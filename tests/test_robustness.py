@@ -22,22 +22,25 @@ import benchmark
 import common
 import leaderboard
 import ood
+import plumbing
 from conftest import run_main
+from plumbing import checkpoints, files, quality, registry, results, runs
 
-ROOT = common.ROOT
+ROOT = registry.ROOT
 TINY = ["--quick", "--no-progress", "--channels", "8", "--layers", "2", "--members", "1",
         "--num-samples", "8", "--epochs", "1"]  # a few seconds; 8 samples: no extended measures
 
 
 @pytest.fixture(autouse=True)
 def fingerprint_once(monkeypatch):
-    """code_fingerprint parses common.py and a script: once per test, not per call."""
+    """The fingerprints parse common.py and a script: once per test, not per call."""
     import functools
 
-    monkeypatch.setattr(common, "code_fingerprint", functools.lru_cache(common.code_fingerprint))
+    for name in ("weights_fingerprint", "scoring_fingerprint"):
+        monkeypatch.setattr(results, name, functools.lru_cache(getattr(checkpoints, name)))
 
 
-def files(folder):
+def file_bytes(folder):
     """name -> bytes of every plain file in a folder (the project's outputs and the user's)."""
     return {p.name: p.read_bytes() for p in Path(folder).iterdir() if p.is_file()}
 
@@ -60,20 +63,20 @@ def last_line(text):
 
 def test_cleanup_removes_only_this_projects_stale_temporaries(tmp_path):
     user = {".thesis.tmp20240101.tex": b"thesis", ".draft.tmp4242.md": b"draft", ".notes.tmp1.md": b"n",
-            ".ARM_metrics.json.tmp-digits-12x.json": b"not a pid"}
+            ".ARM_metrics.json.tmp-digits-12x.json": b"not a pid",
+            ".ARM_metrics.tmp999999999.json": b"a form this project no longer writes"}
     for name, data in user.items():
         (tmp_path / name).write_bytes(data)
     (tmp_path / ".x.tmp99999.md").mkdir()  # a folder with such a name: never touched
     (tmp_path / ".ARM.pt.tmp-digits-999999999.pt").mkdir()
     (tmp_path / ".target").write_bytes(b"linked")
     (tmp_path / ".ARM_samples.npy.tmp-digits-999999998.npy").symlink_to(tmp_path / ".target")
-    ours = [tmp_path / common.temporary_name("ARM_metrics.json", 999999999),
-            tmp_path / ".ARM_metrics.tmp999999999.json"]  # the older form, for a family's own output
+    ours = [tmp_path / files.temporary_name("ARM_metrics.json", 999999999)]
     for path in ours:
         path.write_bytes(b"{\"trunc")
-    alive = tmp_path / common.temporary_name("ARM.pt", os.getppid())  # a live process's: left alone
+    alive = tmp_path / files.temporary_name("ARM.pt", os.getppid())  # a live process's: left alone
     alive.write_bytes(b"x")
-    common.remove_stale_temporaries(tmp_path)
+    files.remove_stale(tmp_path)
     assert not any(p.exists() for p in ours)
     assert all((tmp_path / name).read_bytes() == data for name, data in user.items())
     assert (tmp_path / ".x.tmp99999.md").is_dir() and (tmp_path / ".ARM.pt.tmp-digits-999999999.pt").is_dir()
@@ -83,9 +86,9 @@ def test_cleanup_removes_only_this_projects_stale_temporaries(tmp_path):
 
 def test_atomic_write_uses_the_marked_temporary_name(tmp_path):
     seen = []
-    common.atomic_write(tmp_path / "a.json", lambda tmp: (seen.append(tmp.name), tmp.write_text("{}")))
-    assert seen == [common.temporary_name("a.json")] and common.TEMP_MARKER in seen[0]
-    assert common._temporary_pid(seen[0]) == os.getpid() and files(tmp_path) == {"a.json": b"{}"}
+    files.atomic_write(tmp_path / "a.json", lambda tmp: (seen.append(tmp.name), tmp.write_text("{}")))
+    assert seen == [files.temporary_name("a.json")] and files.TEMP_MARKER in seen[0]
+    assert seen[0].endswith(f"{os.getpid()}.json") and file_bytes(tmp_path) == {"a.json": b"{}"}
 
 
 def test_a_run_in_a_folder_of_user_files_touches_none_of_them(tmp_path, capsys):
@@ -97,7 +100,7 @@ def test_a_run_in_a_folder_of_user_files_touches_none_of_them(tmp_path, capsys):
     assert run_main(arm_script.main, TINY + ["--out", str(tmp_path)]) == 0
     assert all((tmp_path / name).read_bytes() == data for name, data in user.items())
     assert (tmp_path / ".x.tmp99999.md").is_dir() and not (tmp_path / ".ARM.lock-digits").exists()
-    assert (tmp_path / "ARM.pt").is_file() and not list(tmp_path.glob(f".*{common.TEMP_MARKER}*"))
+    assert (tmp_path / "ARM.pt").is_file() and not list(tmp_path.glob(f".*{files.TEMP_MARKER}*"))
 
 
 # -----------------------------------------------------------------------------
@@ -159,8 +162,8 @@ def run_tool_and_signal(tmp_path, setup, call, sig, wait_for_children=1):
         (fake_root / script).write_text(FAKE_SCRIPT)
     log = tmp_path / "log.txt"
     code = (f"import sys; sys.path.insert(0, {str(ROOT)!r}); from pathlib import Path; "
-            f"import common, leaderboard, ood, benchmark; FAKE = Path({str(fake_root)!r}); "
-            f"leaderboard.ROOT = ood.ROOT = benchmark.ROOT = FAKE; {setup}; {call}")
+            f"import leaderboard, ood, benchmark; from plumbing import registry, results; "
+            f"FAKE = Path({str(fake_root)!r}); results.ROOT = benchmark.ROOT = FAKE; {setup}; {call}")
     env = dict(os.environ, FAKE_LOG=str(log))
     proc = subprocess.Popen([sys.executable, "-c", code], env=env, stdout=subprocess.PIPE,
                             stderr=subprocess.PIPE, text=True)
@@ -180,21 +183,21 @@ def test_sigterm_to_leaderboard_is_forwarded_waited_for_and_keeps_the_shipped_we
     out.mkdir()
     (out / "ARM.pt").write_bytes(b"shipped 85-epoch weights")
     (out / "ARM_training.gif").write_bytes(b"shipped gif")
-    before = files(out)
+    before = file_bytes(out)
     code, stderr, log, kids = run_tool_and_signal(
         tmp_path, "leaderboard.SCRIPTS = {'ARM': 'fake.py'}",
         f"leaderboard.main(['--out', {str(out)!r}, '--threads', '1'])", signal.SIGTERM)
     assert code == 130 and "interrupted" in one_line(stderr)
     assert "finished [15]" in log  # one SIGTERM reached the child, which finished before the tool left
     assert not any(alive(pid) for pid in kids)
-    assert files(out) == before and not [p for p in out.iterdir() if p.is_dir()]  # scratch removed
+    assert file_bytes(out) == before and not [p for p in out.iterdir() if p.is_dir()]  # scratch removed
 
 
 def test_sigint_to_ood_while_it_trains_a_missing_family_leaves_no_weights(tmp_path):
     out = tmp_path / "results"
     out.mkdir()
     code, stderr, log, kids = run_tool_and_signal(
-        tmp_path, "common.FAMILIES = (common.Family('ARM', 'autoregressive_model.py', 'ARM'),)",
+        tmp_path, "registry.FAMILIES = (registry.Family('ARM', 'autoregressive_model.py', 'ARM'),)",
         f"ood.main(['--out', {str(out)!r}, '--threads', '1', '--no-progress', '--device', 'cpu'])",
         signal.SIGINT)
     assert code == 130 and "interrupted" in last_line(stderr) and "finished [2]" in log
@@ -207,13 +210,13 @@ def test_sigterm_to_benchmark_busy_ends_the_busy_loop_and_the_run(tmp_path):
     out.mkdir()
     for name in ("ARM", "DDPM"):
         (out / f"{name}_metrics.json").write_text(json.dumps(dict(threads=2, epochs_run=10, train_seconds=20.0)))
-    before = files(out)
+    before = file_bytes(out)
     code, stderr, log, kids = run_tool_and_signal(
         tmp_path, "benchmark.SCRIPTS = {'ARM': 'fake.py', 'DDPM': 'fake.py'}",
         f"benchmark.main(['--out', {str(out)!r}, '--busy'])", signal.SIGTERM, wait_for_children=2)
     assert code == 130 and "interrupted" in one_line(stderr) and "finished [15]" in log
     assert len(kids) == 2 and not any(alive(pid) for pid in kids)  # the busy loop and the run
-    assert files(out) == before
+    assert file_bytes(out) == before
 
 
 def test_the_busy_loop_ends_with_its_parent_even_a_sigkilled_one():
@@ -235,16 +238,17 @@ def test_an_interrupted_run_is_not_moved_in_and_its_weights_are_not_scored(tmp_p
     by hand) are retrained by ood.py, or skipped in one line with --no-train."""
     (tmp_path / "fake.py").write_text(FAKE_SCRIPT.replace("while not got", "got = [0]\nwhile not got"))
     monkeypatch.setenv("FAKE_LOG", str(tmp_path / "log"))
-    monkeypatch.setattr(leaderboard, "ROOT", tmp_path)
+    monkeypatch.setattr(results, "ROOT", tmp_path)
     out = tmp_path / "out"
     out.mkdir()
-    reason = leaderboard.train_into(out, "ARM", "fake.py", 1)
+    reason = results.train_into(out, "ARM", "fake.py", 1)
     assert "exited with status 130" in reason and list(out.iterdir()) == []
+    monkeypatch.setattr(results, "ROOT", ROOT)  # the real ARM script scores the weights below
     model = arm_script.ARM(arm_script.ARMConfig(channels=8, layers=2, members=1))
-    state = common.TrainState(best_weights=common._cpu_state(model), epoch=1, best_epoch=1)
-    common.save_weights(out / "ARM.pt", "ARM", common.dataclasses.asdict(model.config), state, stopped="interrupted")
-    family = common.family("ARM")
-    loaded, why = ood.load_family(family, out, False, 1, torch.device("cpu"))
+    state = common.TrainState(best_weights=common.cpu_state(model), epoch=1, best_epoch=1)
+    checkpoints.save_weights(out / "ARM.pt", "ARM", common.dataclasses.asdict(model.config), state, stopped="interrupted")
+    family = registry.family("ARM")
+    loaded, why = results.load_family(family, out, False, 1, torch.device("cpu"))
     assert loaded is None and "interrupted run" in why and "--no-train" in why
 
 
@@ -264,23 +268,23 @@ np.save(out / "ARM_samples.npy", np.ones((8, 64), np.float32))
 
 def test_a_finished_run_is_moved_in_whole_and_nothing_else_is_touched(tmp_path, monkeypatch):
     (tmp_path / "fake.py").write_text(FINISHED_SCRIPT)
-    monkeypatch.setattr(leaderboard, "ROOT", tmp_path)
+    monkeypatch.setattr(results, "ROOT", tmp_path)
     out = tmp_path / "out"
     out.mkdir()
     old = {"ARM.pt": b"old", "ARM_training.gif": b"old gif", "ARM_metrics.json": b"{}", "notes.md": b"mine",
            "_digit_classifier.pt": b"the cache already here", "DDPM.pt": b"another family"}
     for name, data in old.items():
         (out / name).write_bytes(data)
-    stale = out / f".ARM{leaderboard.SCRATCH}999999999-abc"  # a scratch folder a SIGKILLed tool left
+    stale = out / f".ARM{files.SCRATCH}999999999-abc"  # a scratch folder a SIGKILLed tool left
     stale.mkdir()
-    (out / f".ARM{leaderboard.SCRATCH}{os.getppid()}-abc").mkdir()  # a live tool's: left alone
-    assert leaderboard.train_into(out, "ARM", "fake.py", 1) is None
-    now = files(out)
+    (out / f".ARM{files.SCRATCH}{os.getppid()}-abc").mkdir()  # a live tool's: left alone
+    assert results.train_into(out, "ARM", "fake.py", 1) is None
+    now = file_bytes(out)
     assert now["ARM.pt"] == b"new weights" and "ARM_training.gif" not in now  # no stale GIF beside them
     assert json.loads(now["ARM_metrics.json"])["epochs_run"] == 3 and now["ARM_samples.npy"]
     assert {k: now[k] for k in ("notes.md", "_digit_classifier.pt", "DDPM.pt")} == {
         k: old[k] for k in ("notes.md", "_digit_classifier.pt", "DDPM.pt")}
-    assert [p.name for p in out.iterdir() if p.is_dir()] == [f".ARM{leaderboard.SCRATCH}{os.getppid()}-abc"]
+    assert [p.name for p in out.iterdir() if p.is_dir()] == [f".ARM{files.SCRATCH}{os.getppid()}-abc"]
 
 
 # -----------------------------------------------------------------------------
@@ -297,14 +301,14 @@ def trained(tmp_path_factory):
 
 
 def test_nan_samples_are_one_line_exit_1_and_leave_every_file_as_it_was(trained, monkeypatch, capsys):
-    before = files(trained)
+    before = file_bytes(trained)
     monkeypatch.setattr(arm_script.ARM, "sample", lambda self, n: torch.full((n, 64), float("nan")))
     capsys.readouterr()
     for extra in (["--sample-only"], []):  # loading the weights, and a training run
         assert run_main(arm_script.main, TINY + ["--out", str(trained), *extra]) == 1
         line = one_line(capsys.readouterr().err)
         assert "NaN" in line and "untouched" in line
-        after = files(trained)
+        after = file_bytes(trained)
         after.pop("ARM_resume.pt")  # the training state of the new run: the only file it may write
         assert after == {k: v for k, v in before.items() if k != "ARM_resume.pt"}
 
@@ -328,7 +332,7 @@ def _metrics(**changes):
     metrics = dict(model="ARM", test_nll_nats=80.0, nll_kind="exact", train_seconds=10.0, sample_seconds=0.5,
                    train_cpu_seconds=9.0, epochs_run=5, best_epoch=4, device="cpu", frechet_distance=20.0,
                    classifier_confidence=0.9, class_coverage=2.2, copy_rate=0.01, interrupted=False, quick=False,
-                   stopped="early_stopping", code_sha256=common.code_fingerprint(ROOT / "autoregressive_model.py"),
+                   stopped="early_stopping", **checkpoints.fingerprints(ROOT / "autoregressive_model.py", ROOT),
                    changed_settings={}, argv=["--no-progress"])
     metrics.update(changes)
     return metrics
@@ -360,15 +364,15 @@ DAMAGED = {
 def test_a_damaged_run_is_one_line_naming_the_file_and_counts_as_missing(case, tmp_path, monkeypatch, capsys):
     (tmp_path / "ARM_metrics.json").write_text(json.dumps(_metrics()))
     np.save(tmp_path / "ARM_samples.npy", np.ones((8, 64), np.float32))
-    assert leaderboard.current_run("ARM", "autoregressive_model.py", tmp_path, False, 1) is not None
+    assert results.current_run("ARM", "autoregressive_model.py", tmp_path, False, 1) is not None
     DAMAGED[case](tmp_path)
     capsys.readouterr()
-    assert leaderboard.current_run("ARM", "autoregressive_model.py", tmp_path, False, 1) is None
+    assert results.current_run("ARM", "autoregressive_model.py", tmp_path, False, 1) is None
     line = one_line(capsys.readouterr().err)
     assert str(tmp_path / "ARM_") in line and "treated as missing" in line
     trained = []  # with training allowed, it is retrained (into a scratch folder, moved in when finished)
-    monkeypatch.setattr(leaderboard, "train_into", lambda *a, **k: trained.append(a[1]) or "stub: not run")
-    leaderboard.current_run("ARM", "autoregressive_model.py", tmp_path, True, 1)
+    monkeypatch.setattr(results, "train_into", lambda *a, **k: trained.append(a[1]) or "stub: not run")
+    results.current_run("ARM", "autoregressive_model.py", tmp_path, True, 1)
     assert trained == ["ARM"]
 
 
@@ -377,8 +381,8 @@ def test_leaderboard_and_seed_table_run_through_a_damaged_folder(tmp_path, monke
     gmm, kde = leaderboard.gaussian_mixture, leaderboard.kernel_density  # one setting each: quick
     monkeypatch.setattr(leaderboard, "gaussian_mixture", lambda splits, n, seed: gmm(splits, n, seed, (5,), 1))
     monkeypatch.setattr(leaderboard, "kernel_density", lambda splits, n, seed: kde(splits, n, seed, (2.0,), 1))
-    quality = common.sample_quality  # the short measures: the baselines' extended ones take long
-    monkeypatch.setattr(common, "sample_quality", lambda samples, cache_dir: quality(samples, cache_dir, extended=False))
+    measure = quality.sample_quality  # the short measures: the baselines' extended ones take long
+    monkeypatch.setattr(quality, "sample_quality", lambda samples, cache_dir: measure(samples, cache_dir, extended=False))
     (tmp_path / "ARM_metrics.json").write_text('{"model": "ARM", "test_nll')
     (tmp_path / "DDPM_metrics.json").write_text(json.dumps(_metrics(model="DDPM", frechet_distance=None)))
     assert run_main(leaderboard.main, ["--out", str(tmp_path), "--no-train"]) == 0
@@ -404,15 +408,15 @@ def test_benchmark_refuses_a_damaged_run_in_one_line_per_file(damage, tmp_path, 
 
 def test_a_weights_config_of_the_wrong_type_or_an_absurd_size_is_one_line(tmp_path):
     model = arm_script.ARM(arm_script.ARMConfig(channels=8, layers=2, members=1))
-    state = common.TrainState(best_weights=common._cpu_state(model), epoch=1, best_epoch=1)
-    family = common.family("ARM")
+    state = common.TrainState(best_weights=common.cpu_state(model), epoch=1, best_epoch=1)
+    family = registry.family("ARM")
     for config, expected in ((dict(channels=12.0), "channels=12.0"), (dict(position=1), "position=1"),
                              (dict(channels=10**6), "parameters")):
         stored = {**common.dataclasses.asdict(model.config), **config}
-        common.save_weights(tmp_path / "ARM.pt", "ARM", stored, state)
-        with pytest.raises(common.UsageError, match=expected):
-            common.load_trained(arm_script.ARM, tmp_path)
-        loaded, why = ood.load_family(family, tmp_path, False, 1, torch.device("cpu"))
+        checkpoints.save_weights(tmp_path / "ARM.pt", "ARM", stored, state)
+        with pytest.raises(plumbing.UsageError, match=expected):
+            checkpoints.load_trained(arm_script.ARM, tmp_path)
+        loaded, why = results.load_family(family, tmp_path, False, 1, torch.device("cpu"))
         assert loaded is None and expected in why and "\n" not in why
 
 
@@ -421,9 +425,9 @@ def test_a_weights_config_of_the_wrong_type_or_an_absurd_size_is_one_line(tmp_pa
 
 
 def _parse(argv):
-    parser = common.make_parser(arm_script.__file__, "", epochs=85, batch_size=64, lr=7e-3, patience=8, ema=0.99)
+    parser = runs.make_parser(arm_script.__file__, "", epochs=85, batch_size=64, lr=7e-3, patience=8, ema=0.99)
     common.add_options(parser, "ARM", arm_script.ARMConfig)
-    return common.parse_args(parser, argv)
+    return runs.parse_args(parser, argv)
 
 
 def test_a_resumed_default_run_is_current_and_changed_settings_are_not():
@@ -437,12 +441,10 @@ def test_a_resumed_default_run_is_current_and_changed_settings_are_not():
             (["--quick"], (), False), (["--num-samples", "10"], (), False), (["--sample-only"], (), False)):
         changed = _parse(argv).changed_settings
         metrics = _metrics(changed_settings=changed, argv=argv, quick="--quick" in argv)
-        assert leaderboard.is_current(metrics, script, flags) is current, (argv, changed)
-    assert not leaderboard.is_current(_metrics(interrupted=True), script)
-    assert not leaderboard.is_current(_metrics(code_sha256="old"), script)
-    older = _metrics(argv=["--no-progress", "--threads", "2"])  # metrics of older code: judged by argv
-    del older["changed_settings"]
-    assert leaderboard.is_current(older, script)
+        assert results.is_current(metrics, script, flags) is current, (argv, changed)
+    assert not results.is_current(_metrics(interrupted=True), script)
+    assert results.run_status(_metrics(weights_code_sha256="old"), script) == "retrain"
+    assert results.run_status(_metrics(scoring_code_sha256="old"), script) == "rescore"
 
 
 # -----------------------------------------------------------------------------
@@ -451,8 +453,8 @@ def test_a_resumed_default_run_is_current_and_changed_settings_are_not():
 
 def test_a_second_run_into_the_same_folder_is_refused_in_one_line(tmp_path, capsys):
     holder = subprocess.Popen(
-        [sys.executable, "-c", f"import sys, time; sys.path.insert(0, {str(ROOT)!r}); import common\n"
-                               f"with common.family_lock(__import__('pathlib').Path({str(tmp_path)!r}), 'ARM'):\n"
+        [sys.executable, "-c", f"import sys, time; sys.path.insert(0, {str(ROOT)!r}); from plumbing import files\n"
+                               f"with files.family_lock(__import__('pathlib').Path({str(tmp_path)!r}), 'ARM'):\n"
                                f"    print('held', flush=True); time.sleep(60)"],
         stdout=subprocess.PIPE, text=True)
     try:
@@ -464,7 +466,7 @@ def test_a_second_run_into_the_same_folder_is_refused_in_one_line(tmp_path, caps
     finally:
         holder.kill()
         holder.wait()
-    with common.family_lock(tmp_path, "ARM"):  # free again once its holder is gone
+    with files.family_lock(tmp_path, "ARM"):  # free again once its holder is gone
         pass
     assert list(tmp_path.iterdir()) == []
 
@@ -481,7 +483,7 @@ def test_sizes_that_cannot_fit_are_refused_up_front(tmp_path, capsys):
     for shape in ((10**12, 64), (5 * 10**6, 8, 8)):
         path = tmp_path / "huge.npy"
         _npy_header_only(path, shape)
-        with pytest.raises(common.UsageError, match="at most"):
+        with pytest.raises(plumbing.UsageError, match="at most"):
             ood.load_extra_set(f"huge={path}")
         assert run_main(ood.main, ["--out", str(tmp_path / "o"), "--no-train", "--extra-ood", f"huge={path}"]) == 2
         assert "at most" in one_line(capsys.readouterr().err)
@@ -493,8 +495,8 @@ def test_sizes_that_cannot_fit_are_refused_up_front(tmp_path, capsys):
 
 def test_relative_out_is_taken_from_the_current_directory(tmp_path, monkeypatch, capsys):
     monkeypatch.chdir(tmp_path)
-    assert leaderboard.out_folder(Path("mine")) == tmp_path / "mine"
-    assert leaderboard.out_folder(None) == ROOT / "results"
+    assert results.out_folder(Path("mine")) == tmp_path / "mine"
+    assert results.out_folder(None) == ROOT / "results"
     assert run_main(benchmark.main, ["--out", "mine"]) == 2
     assert str(tmp_path / "mine") in one_line(capsys.readouterr().err)
 
@@ -510,19 +512,19 @@ def test_an_unavailable_device_is_one_line_and_makes_no_folder(tmp_path, capsys)
 
 def test_resume_across_quick_is_refused(trained, capsys):
     argv = [a for a in TINY if a != "--quick"] + ["--resume", "--out", str(trained)]
-    before = files(trained)
+    before = file_bytes(trained)
     assert run_main(arm_script.main, argv) == 2
     assert "--quick True (checkpoint) vs False (now)" in one_line(capsys.readouterr().err)
-    assert files(trained) == before
+    assert file_bytes(trained) == before
 
 
 def test_a_run_without_a_gif_frame_removes_the_previous_gif(tmp_path, monkeypatch):
     def one_epoch_no_frame(model, data, optimizer, ema, state, **kwargs):
-        state.record_epoch(1, {"train": 1.0}, 1.0, common._cpu_state(model), None, dict(wall=0.1, cpu=0.1))
+        state.record_epoch(1, {"train": 1.0}, 1.0, common.cpu_state(model), None, dict(wall=0.1, cpu=0.1))
         return "max_epochs"
 
     (tmp_path / "ARM_training.gif").write_bytes(b"the previous run's GIF")
-    monkeypatch.setattr(common, "train", one_epoch_no_frame)
+    monkeypatch.setattr(runs, "train", one_epoch_no_frame)
     assert run_main(arm_script.main, TINY + ["--out", str(tmp_path)]) == 0
     assert (tmp_path / "ARM.pt").is_file() and not (tmp_path / "ARM_training.gif").exists()
 
@@ -558,8 +560,8 @@ def a_run(tmp_path_factory):
                                                                  peak_memory_mb=100.0)))
     np.save(out / "ARM_samples.npy", np.ones((8, 64), np.float32))
     model = arm_script.ARM(arm_script.ARMConfig(channels=8, layers=2, members=1))
-    state = common.TrainState(best_weights=common._cpu_state(model), epoch=1, best_epoch=1)
-    common.save_weights(out / "ARM.pt", "ARM", common.dataclasses.asdict(model.config), state)
+    state = common.TrainState(best_weights=common.cpu_state(model), epoch=1, best_epoch=1)
+    checkpoints.save_weights(out / "ARM.pt", "ARM", common.dataclasses.asdict(model.config), state)
     return {p.name: p.read_bytes() for p in out.iterdir()}
 
 
@@ -585,15 +587,15 @@ def test_any_damage_to_a_run_is_a_line_in_every_tool_never_a_crash(a_run, target
         data = json.dumps(metrics).encode()
     (out / target).write_bytes(data)
     capsys.readouterr()
-    leaderboard.current_run("ARM", "autoregressive_model.py", out, False, 1)
-    leaderboard.current_metrics("ARM", "autoregressive_model.py", out, False, 1)
+    results.current_run("ARM", "autoregressive_model.py", out, False, 1)
+    results.current_metrics("ARM", "autoregressive_model.py", out, False, 1)
     benchmark.usable_runs(out, ["ARM"], benchmark.SPEED_KEYS)
     benchmark.usable_runs(out, ["ARM"], benchmark.BUSY_KEYS)
-    model, why = ood.load_family(common.family("ARM"), out, False, 1, torch.device("cpu"))
+    model, why = results.load_family(registry.family("ARM"), out, False, 1, torch.device("cpu"))
     assert (model is None) == (why is not None) and (why is None or "\n" not in why)
     try:
         ood.load_extra_set(f"x={out / 'ARM_samples.npy'}")
-    except common.UsageError as error:
+    except plumbing.UsageError as error:
         assert "\n" not in str(error)
     err = capsys.readouterr().err
     assert "Traceback" not in err and len(err.strip().splitlines()) <= 4  # at most a line per reader

@@ -1,0 +1,256 @@
+"""Files: each output written atomically (a temporary file in the same folder, then a rename),
+images, GIFs and curves, the tables copied into README.md and docs/, the lock of a family's
+outputs, and the cleaning of what a killed process left behind."""
+
+import contextlib
+import json
+import math
+import os
+import re
+import shutil
+import stat
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from plumbing import UsageError
+from common import PIXEL_MAX
+
+
+def atomic_write(path, write):
+    """Call write(tmp_path), then rename over path: a killed run never leaves a truncated file."""
+    path = Path(path)
+    tmp = path.with_name(temporary_name(path.name))
+    try:
+        write(tmp)
+        os.replace(tmp, path)
+    except OSError as error:  # name the file the user knows, not the temporary one (or none)
+        raise OSError(error.errno, error.strerror, str(path)) from None
+    finally:
+        if tmp.exists():
+            tmp.unlink()
+
+
+TEMP_MARKER = ".tmp-digits-"  # in every temporary name: .TARGET.tmp-digits-PID.SUFFIX, a name no user writes
+
+
+def temporary_name(target, pid=None):
+    """The hidden name atomic_write gives the file that becomes `target` (a file name)."""
+    return f".{target}{TEMP_MARKER}{os.getpid() if pid is None else pid}{Path(target).suffix}"
+
+
+SCRATCH = ".run-digits-"  # OUT/.NAME.run-digits-PID-XXXX: a tool's model run in progress (a folder)
+
+
+def _owner_pid(path):
+    """The pid that made `path` when it is a temporary file of atomic_write (.TARGET.tmp-digits-PID.SUFFIX)
+    or a tool's scratch folder (.NAME.run-digits-PID-XXXX) and is what its name says (a plain
+    file, a real folder); None for anything else."""
+    match = re.fullmatch(r"\.(.+)" + re.escape(TEMP_MARKER) + r"(\d{1,9})(\.[^.]*)?", path.name)
+    if match and Path(match.group(1)).suffix == (match.group(3) or ""):
+        return int(match.group(2)) if stat.S_ISREG(path.lstat().st_mode) else None
+    match = re.fullmatch(rf"\.[A-Za-z0-9_]+{re.escape(SCRATCH)}(\d{{1,9}})-[A-Za-z0-9_]+", path.name)
+    if match and stat.S_ISDIR(path.lstat().st_mode):
+        return int(match.group(1))
+    return None
+
+
+def remove_stale(folder):
+    """Delete what a process killed (SIGKILL) mid-way left in `folder`: atomic_write's temporary
+    files and the tools' scratch folders whose process no longer runs. Nothing else is touched:
+    not a user's .notes.tmp1.md, not a link or a file with a scratch folder's name."""
+    for path in list(Path(folder).glob(f".*{TEMP_MARKER}*")) + list(Path(folder).glob(f".*{SCRATCH}*")):
+        try:
+            pid = _owner_pid(path)
+            if pid is None or pid == os.getpid():
+                continue
+            os.kill(pid, 0)  # raises if no such process
+        except ProcessLookupError:
+            if path.is_dir():
+                shutil.rmtree(path, ignore_errors=True)
+            else:
+                with contextlib.suppress(OSError):  # gone already, or not ours to remove: leave it
+                    path.unlink()
+        except (OSError, OverflowError):  # another user's process is alive; a bogus pid is not
+            pass
+
+
+def finite_or_none(value):
+    if isinstance(value, float) and not math.isfinite(value):
+        return None
+    if isinstance(value, dict):
+        return {k: finite_or_none(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [finite_or_none(v) for v in value]
+    return value
+
+
+def save_json(path, data):
+    text = json.dumps(finite_or_none(data), indent=2, allow_nan=False) + "\n"
+    atomic_write(path, lambda tmp: tmp.write_text(text))
+
+
+def save_arrays(path, arrays):
+    """An array as .npy, or a dict of named arrays as .npz."""
+    def write(tmp):
+        with open(tmp, "wb") as f:
+            np.savez(f, **arrays) if isinstance(arrays, dict) else np.save(f, arrays)
+
+    atomic_write(path, write)
+
+
+def save_image(path, image):
+    """image: uint8 array (H, W) or (H, W, 3)."""
+    from PIL import Image
+
+    atomic_write(path, lambda tmp: Image.fromarray(image).save(tmp, format="PNG"))
+
+
+def image_grid(samples, nrow=8, scale=4):
+    """(N, 64) pixels on 0..16 -> uint8 (H, W) grid, white strokes on black, upscaled `scale` times."""
+    from torchvision.utils import make_grid
+
+    images = (samples.detach().float().cpu().clamp(0, PIXEL_MAX) / PIXEL_MAX).view(-1, 1, 8, 8)
+    grid = make_grid(images, nrow=nrow, padding=1, pad_value=0.35)[0]  # (H, W) in [0, 1]
+    grid = (grid * 255).round().to(torch.uint8).numpy()
+    return np.kron(grid, np.ones((scale, scale), dtype=np.uint8))  # nearest-neighbour upscaling
+
+
+def labelled(image, text):
+    """Add a strip with `text` above a uint8 (H, W) image."""
+    from PIL import Image, ImageDraw
+
+    strip = 18
+    canvas = Image.new("L", (image.shape[1], image.shape[0] + strip), color=255)
+    canvas.paste(Image.fromarray(image), (0, strip))
+    ImageDraw.Draw(canvas).text((4, 3), text, fill=0)
+    return np.asarray(canvas)
+
+
+def save_gif(path, frames, last_frame_seconds=2.0, frame_seconds=0.2):
+    """frames: list of uint8 (H, W), in training order; the last one is held longer."""
+    import imageio.v3 as iio
+
+    durations = [frame_seconds * 1000] * (len(frames) - 1) + [last_frame_seconds * 1000]  # ms
+    if len(frames) == 1:
+        durations = durations[0]  # Pillow wants a number, not a list, for a single frame
+    atomic_write(path, lambda tmp: iio.imwrite(tmp, np.stack(frames), extension=".gif",
+                                              duration=durations, loop=0))
+
+
+def save_curve(path, history, best_epoch, name, objective, val_objective=None):
+    """history: "train" and "val" per epoch, and any other training terms (dashed). A
+    val_objective in other units than `objective` gets an axis of its own on the right."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(6, 4), dpi=100)
+    epochs = np.arange(1, len(history["train"]) + 1)
+    ax.plot(epochs, history["train"], label="train")
+    for key, values in history.items():
+        if key not in ("train", "val"):
+            ax.plot(epochs, values, linestyle="--", linewidth=1, label=f"train: {key}")
+    val_ax = ax.twinx() if val_objective else ax
+    val_ax.plot(epochs, history["val"], color="tab:orange", label="validation")
+    if best_epoch:
+        val_ax.axvline(best_epoch, color="gray", linestyle="--", linewidth=1,
+                       label=f"best epoch {best_epoch} (val {history['val'][best_epoch - 1]:.2f})")
+    ax.set_xlabel("epoch")
+    ax.set_ylabel(objective)
+    if val_objective:  # e.g. a Frechet distance that falls from hundreds to tens: log scale
+        val_ax.set_ylabel(f"validation: {val_objective}", fontsize=7)
+        val_ax.set_yscale("log")
+    ax.set_title(f"{name}: training and validation objective")
+    handles = [h for a in {ax, val_ax} for h in a.get_legend_handles_labels()[0]]
+    ax.legend(handles=handles, fontsize=8)
+    fig.tight_layout()
+    atomic_write(path, lambda tmp: fig.savefig(tmp, format="png"))
+    plt.close(fig)
+
+
+def readme_block(name):
+    """The markers around a page's copy of results/NAME (e.g. "leaderboard.md")."""
+    return f"<!-- results/{name}: written by the script that writes the file -->\n", f"<!-- end results/{name} -->\n"
+
+
+def pages(root):
+    """The pages that hold copies of results tables: README.md and docs/*.md under `root`."""
+    return [path for path in [Path(root) / "README.md", *sorted((Path(root) / "docs").glob("*.md"))] if path.is_file()]
+
+
+def publish_table(path, text, root):
+    """Write the markdown table `text` to path; when path is in the results/ of the repository at
+    `root`, also replace the copy of it between the readme_block markers in whichever page holds
+    it (README.md or docs/*.md), so no page drifts from results/ (a test checks every block)."""
+    path = Path(path)
+    atomic_write(path, lambda tmp: tmp.write_text(text))
+    if path.resolve().parent != Path(root).resolve() / "results":
+        return
+    begin, end = readme_block(path.name)
+    for page in pages(root):
+        current = page.read_text()
+        if begin in current and end in current:
+            head, rest = current.split(begin, 1)
+            updated = head + begin + text.rstrip("\n") + "\n" + end + rest.split(end, 1)[1]
+            if updated != current:
+                atomic_write(page, lambda tmp: tmp.write_text(updated))
+
+
+def check_out(out):
+    """--out must be a folder this process can write: UsageError (one line) otherwise."""
+    if out.exists() and not out.is_dir():
+        raise UsageError(f"--out {out} is a file, not a folder")
+    try:
+        out.mkdir(parents=True, exist_ok=True)
+        probe = out / f".write-test-{os.getpid()}"
+        probe.write_bytes(b"")
+        probe.unlink()
+    except OSError as error:
+        raise UsageError(f"--out {out} can't be written ({error.strerror or error})") from None
+
+
+LOCK_SUFFIX = ".lock-digits"  # OUT/.NAME.lock-digits: held (flock) while a run writes NAME's outputs
+
+
+@contextlib.contextmanager
+def family_lock(out, name):
+    """Hold the lock of family `name`'s outputs in `out` for the block: a second run (or tool)
+    into the same folder is refused in one line (UsageError) instead of mixing its files with
+    this run's. The lock file is removed on the way out; one a SIGKILL left is taken over."""
+    try:
+        import fcntl
+    except ImportError:  # no flock (Windows): unlocked
+        yield
+        return
+    path = Path(out) / f".{name}{LOCK_SUFFIX}"
+    while True:
+        try:
+            fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
+        except OSError as error:
+            raise UsageError(f"--out {out}: can't make the lock file {path.name} ({error.strerror or error})") from None
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except OSError:
+            holder = os.read(fd, 32).decode(errors="replace").strip()
+            os.close(fd)
+            raise UsageError(f"another run{f' (pid {holder})' if holder.isdigit() else ''} is writing {name}'s "
+                             f"outputs in {out}; wait for it to end, or choose another --out") from None
+        try:
+            if os.fstat(fd).st_ino == os.stat(path).st_ino:  # not a file its last holder removed meanwhile
+                break
+        except FileNotFoundError:
+            pass
+        os.close(fd)
+    try:
+        os.ftruncate(fd, 0)
+        os.write(fd, str(os.getpid()).encode())
+        yield
+    finally:
+        try:
+            path.unlink()  # while still holding it: a waiting process then retries on a new file
+        except OSError:
+            pass
+        os.close(fd)

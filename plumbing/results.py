@@ -1,0 +1,320 @@
+"""The tools' side of a run: reading its files (checked: a damaged one is one line and counts as
+missing), telling whether they come from the current code, and making a missing or stale run
+(trained in a scratch folder and moved in whole, or re-scored from its weights)."""
+
+import subprocess
+import json
+import math
+import os
+import shutil
+import sys
+import tempfile
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from plumbing import UsageError
+from common import NUM_PIXELS, PIXEL_MAX, positive_int
+from plumbing.checkpoints import load_trained, scoring_fingerprint, weights_fingerprint
+from plumbing.files import SCRATCH, family_lock, remove_stale, save_json
+from plumbing.processes import SIGNALS, run_child
+from plumbing.registry import ROOT, model_class, output_paths, stem
+from plumbing.runs import DEFAULT_THREADS, MAX_SAMPLES
+
+
+def add_machine_flags(parser):
+    """--threads, --device and --no-progress, as ood.py and inpaint.py take them."""
+    parser.add_argument("--threads", type=positive_int, default=DEFAULT_THREADS,
+                        help="CPU threads for torch and for training a missing family (default %(default)s)")
+    parser.add_argument("--device", default="auto", choices=("auto", "cpu", "cuda", "mps"),
+                        help="auto picks cuda, then mps, then cpu (default %(default)s)")
+    parser.add_argument("--no-progress", action="store_true", help="no progress bar or lines")
+
+
+def out_folder(value):
+    """--out: a relative path is taken from the current directory; None: the project's results/."""
+    return ROOT / "results" if value is None else Path(value).absolute()
+
+
+# what a re-scored run keeps of the metrics of the training that made its weights
+TRAINING_KEYS = ("epochs_run", "best_epoch", "best_val_objective", "stopped", "train_seconds", "train_cpu_seconds",
+                 "train_seconds_to_best", "peak_memory_mb", "threads", "argv", "changed_settings", "train_flags")
+
+
+def train_into(out, name, script, threads, flags=(), extra=(), stdout=None, rescore=False):
+    """Run `script` with its defaults (and `flags`) in a scratch folder in `out`; a finished run
+    (exit 0, metrics not interrupted) replaces the family's files in `out`, moved in under its
+    lock with the metrics last. rescore: no training; the run loads OUT's weights (--sample-only),
+    scores them with the current code and keeps the training record of OUT's metrics. Returns
+    None, or a one-line reason why `out` is unchanged."""
+    out.mkdir(parents=True, exist_ok=True)
+    remove_stale(out)
+    conditional, name = "--conditional" in flags, stem(name, "--conditional" in flags)
+    paths = output_paths(out, name, conditional)
+    scratch = Path(tempfile.mkdtemp(prefix=f".{name}{SCRATCH}{os.getpid()}-", dir=out))
+    try:
+        for cache in out.glob("_digit_*.pt"):  # the cached digit classifiers: no retraining
+            if cache.is_file():
+                shutil.copy2(cache, scratch)
+        trained = None
+        if rescore:
+            trained, problem = read_metrics(paths["metrics"], RUN_KEYS)
+            if problem:
+                return f"{paths['metrics']} {problem}; {out} is unchanged"
+            shutil.copy2(paths["weights"], scratch)
+            extra = (*extra, "--sample-only")
+        command = [sys.executable, str(ROOT / script), "--no-progress", "--threads", str(threads),
+                   "--out", str(scratch), *extra, *flags]
+        code = run_child(command, cwd=ROOT, stdout=stdout)
+        if code != 0:
+            return f"{script} exited with status {code}; {out} is unchanged"
+        metrics_file = scratch / paths["metrics"].name
+        metrics, problem = read_metrics(metrics_file, RUN_KEYS)
+        if problem or metrics.get("interrupted"):
+            return (f"{script} did not finish (" + (f"its metrics file {problem}" if problem else "interrupted")
+                    + f"); {out} is unchanged")
+        if trained is not None:
+            save_json(metrics_file, {**metrics, **{k: trained.get(k) for k in TRAINING_KEYS}})
+        with SIGNALS.held(), family_lock(out, name):
+            moved = [p for p in scratch.iterdir() if p.is_file() and not p.name.startswith(".")]
+            paths["metrics"].unlink(missing_ok=True)  # an interrupted move leaves no metrics
+            for kind, path in paths.items():
+                if not (scratch / path.name).exists() and not (rescore and kind in ("gif", "curve", "resume")):
+                    path.unlink(missing_ok=True)  # e.g. a GIF this run did not draw: no stale one
+            for path in sorted(moved, key=lambda p: p == metrics_file):
+                if path.name.startswith("_digit_") and (out / path.name).exists():
+                    continue  # a cache already there
+                os.replace(path, out / path.name)
+        return None
+    finally:
+        shutil.rmtree(scratch, ignore_errors=True)
+
+
+MAX_METRICS_BYTES = 10 * 2**20
+
+
+RUN_KEYS = dict(model="str", epochs_run="int", interrupted="bool")
+
+
+ROW_KEYS = dict(test_nll_nats="number?", nll_kind="str?", train_seconds="number", sample_seconds="number",
+                train_cpu_seconds="number?", epochs_run="int", best_epoch="int", device="str",
+                frechet_distance="number", classifier_confidence="number", class_coverage="number",
+                copy_rate="number")
+
+
+SEED_KEYS = dict(test_nll_nats="number?", nll_kind="str?", train_seconds="number", epochs_run="int",
+                 frechet_distance="number")
+
+
+def kind_ok(value, kind):
+    if kind.endswith("?"):
+        if value is None:
+            return True
+        kind = kind[:-1]
+    if kind == "number":
+        return isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
+    if kind == "int":
+        return isinstance(value, int) and not isinstance(value, bool)
+    if kind == "bool":
+        return isinstance(value, bool)
+    if kind == "str":
+        return isinstance(value, str)
+    if kind == "dict":
+        return isinstance(value, dict)
+    raise ValueError(kind)
+
+
+def read_metrics(path, keys=ROW_KEYS):
+    """(metrics, None) when `path` is a metrics file with `keys` of the right types (dict key ->
+    "number", "int", "str", "bool", "dict", a "?" allows null); else (None, what is wrong)."""
+    path = Path(path)
+    if not path.is_file():
+        return None, "is missing"
+    try:
+        if path.stat().st_size > MAX_METRICS_BYTES:
+            return None, f"is {path.stat().st_size} bytes, more than a metrics file holds"
+        metrics = json.loads(path.read_text())
+    except (OSError, UnicodeDecodeError, ValueError) as error:
+        return None, f"is unreadable ({str(error).splitlines()[0] if str(error) else type(error).__name__})"
+    if not isinstance(metrics, dict):
+        return None, f"is a JSON {type(metrics).__name__}, not an object"
+    missing = [k for k in keys if k not in metrics]
+    if missing:
+        return None, f"lacks {', '.join(missing)}"
+    wrong = [f"{k}={metrics[k]!r:.40}" for k, kind in keys.items() if not kind_ok(metrics[k], kind)]
+    if wrong:
+        extra = " (a run of fewer than 2 samples has none)" if "frechet_distance" in str(wrong) else ""
+        return None, f"has wrong values: {', '.join(wrong)}{extra}"
+    return metrics, None
+
+
+def read_labelled_samples(path, max_rows=MAX_SAMPLES):
+    """((x (N, 64) float32, y (N,) int64), None) from a conditional run's NAME_conditional_samples.npz;
+    (None, what is wrong) otherwise (checked like read_samples)."""
+    path = Path(path)
+    if not path.is_file():
+        return None, "is missing"
+    try:
+        with np.load(path, allow_pickle=False) as archive:
+            if not {"x", "y"} <= set(archive.files):
+                return None, f"holds {sorted(archive.files)}, not x and y"
+            x, y = archive["x"], archive["y"]
+    except Exception as error:  # numpy's parsers raise OSError, ValueError, EOFError, SyntaxError ... on damage
+        return None, f"is unreadable ({str(error).splitlines()[0] if str(error) else type(error).__name__})"
+    if x.ndim != 2 or x.shape[1] != NUM_PIXELS or not 1 <= len(x) <= max_rows or y.shape != (len(x),):
+        return None, f"has x {x.shape} and y {y.shape}; expected (N, 64) and (N,)"
+    if x.dtype.kind not in "biuf" or y.dtype.kind not in "iu":
+        return None, f"holds x {x.dtype} and y {y.dtype}, not pixels and class labels"
+    x = x.astype(np.float32)
+    if not are_pixels(x) or y.min() < 0 or y.max() > 9:
+        return None, "holds values that are not pixels on 0..16 or classes 0..9"
+    return (x, y.astype(np.int64)), None
+
+
+def read_samples(path, max_rows=MAX_SAMPLES):
+    """(samples (N, 64) float32, None) from a NAME_samples.npy; (None, what is wrong) for a missing,
+    truncated, mis-shaped, oversized or non-finite file. The header is checked before any data
+    is read, so a header claiming 10^12 rows costs nothing."""
+    path = Path(path)
+    if not path.is_file():
+        return None, "is missing"
+    try:
+        with open(path, "rb") as f:
+            version = np.lib.format.read_magic(f)
+            read_header = {(1, 0): np.lib.format.read_array_header_1_0,
+                           (2, 0): np.lib.format.read_array_header_2_0}.get(version)
+            if read_header is None:
+                return None, f"is an .npy file of format {version}"
+            shape, _, dtype = read_header(f)
+            offset = f.tell()
+        if dtype.hasobject or dtype.kind not in "biuf":
+            return None, f"holds {dtype}, not numbers"
+        if len(shape) != 2 or shape[1] != NUM_PIXELS or not 1 <= shape[0] <= max_rows:
+            return None, f"has shape {shape}; expected (N, 64) with 1 <= N <= {max_rows}"
+        if path.stat().st_size < offset + shape[0] * shape[1] * dtype.itemsize:
+            return None, "is truncated"
+        samples = np.load(path, allow_pickle=False)
+    except Exception as error:  # numpy's parsers raise OSError, ValueError, EOFError, SyntaxError ... on damage
+        return None, f"is unreadable ({str(error).splitlines()[0] if str(error) else type(error).__name__})"
+    samples = samples.astype(np.float32)
+    if not are_pixels(samples):
+        return None, "holds values that are not pixels on 0..16 (NaN, infinite or out of range)"
+    return samples, None
+
+
+def are_pixels(x):
+    """Whether every value of the non-empty array x is finite and on the pixel range 0..16."""
+    return bool(np.isfinite(x).all() and x.min() >= 0 and x.max() <= PIXEL_MAX)
+
+
+def run_status(metrics, script, flags=()):
+    """"current" when a metrics file comes from a finished default run (with `flags`, e.g.
+    ("--seed", "1"), and no other setting changed) of the current code; "rescore" when its
+    weights do but the scoring code changed since (re-scored from the weights, no training);
+    "retrain" otherwise. The settings are judged, not the command line: a resumed default run
+    is a default run."""
+    changed, wanted = metrics.get("changed_settings"), _settings(flags)
+    if not (metrics.get("quick") is False and metrics.get("interrupted") is False
+            and metrics.get("stopped") != "non_finite" and isinstance(changed, dict)
+            and set(changed) == set(wanted) and all(str(changed[k]) == v for k, v in wanted.items())
+            and metrics.get("weights_code_sha256") == weights_fingerprint(ROOT / script, ROOT)):
+        return "retrain"
+    return "current" if metrics.get("scoring_code_sha256") == scoring_fingerprint(ROOT / script, ROOT) else "rescore"
+
+
+def is_current(metrics, script, flags=()):
+    return run_status(metrics, script, flags) == "current"
+
+
+def _settings(flags):
+    """("--seed", "1", "--conditional") -> {"seed": "1", "conditional": "True"}: a flag followed by
+    another flag (or by nothing) is a switch."""
+    wanted, i = {}, 0
+    while i < len(flags):
+        key = flags[i].lstrip("-").replace("-", "_")
+        switch = i + 1 == len(flags) or flags[i + 1].startswith("--")
+        wanted[key] = "True" if switch else flags[i + 1]
+        i += 1 if switch else 2
+    return wanted
+
+
+def current_run(name, script, out, train, threads, flags=(), keys=ROW_KEYS, samples=True):
+    """(metrics, samples or None) of OUT/NAME's default run (plus `flags`), made first when it is
+    missing, damaged or stale and train is set; None when there is none. A damaged metrics or
+    samples file is one line naming it and counts as missing."""
+    run = stem(name, "--conditional" in flags)
+
+    def usable():
+        metrics, problem = read_metrics(out / f"{run}_metrics.json", keys)
+        pixels = None
+        if metrics is not None and samples:
+            path = output_paths(out, run, run != name)["npy"]
+            pixels, problem = (read_labelled_samples if run != name else read_samples)(path)
+            problem = problem and f"{path} {problem}"
+        elif problem:
+            problem = f"{out / f'{run}_metrics.json'} {problem}" if problem != "is missing" else None
+        return (None if problem else metrics), pixels, problem
+
+    metrics, pixels, problem = usable()
+    if problem:
+        print(f"leaderboard: {problem}; treated as missing", file=sys.stderr)
+    status = "retrain" if metrics is None else run_status(metrics, script, flags)
+    if status != "current" and train and (ROOT / script).is_file():
+        rescore = status == "rescore" and output_paths(out, run)["weights"].is_file()
+        print(f"leaderboard: {'re-scoring' if rescore else 'training'} {name} with its defaults "
+              f"{' '.join(flags)} ({script})", flush=True)
+        failed = train_into(out, name, script, threads, flags, rescore=rescore)
+        if failed:
+            print(f"leaderboard: {failed}", file=sys.stderr)
+        else:
+            metrics, pixels, problem = usable()
+            if problem:
+                print(f"leaderboard: {problem}", file=sys.stderr)
+    return None if metrics is None else (metrics, pixels)
+
+
+def current_metrics(name, script, out, train, threads, flags=()):
+    """OUT/NAME_metrics.json of the default run (plus `flags`), checked for the seed table's
+    keys; None when there is none (see current_run)."""
+    found = current_run(name, script, out, train, threads, flags, keys=SEED_KEYS, samples=False)
+    return None if found is None else found[0]
+
+
+def load_family(family, out, train, threads, device, sampling=(), tool="ood"):
+    """The trained model of `family` (a Family) with the Sampling settings `sampling`
+    ((field, value) pairs; the rest at their defaults), training it with its defaults when its
+    weights are missing or come from an interrupted run; (None, a one-line reason) when it can't
+    be had. A run trains in a scratch folder and replaces OUT's files only when it finishes. Used
+    by ood.py and inpaint.py (`tool` names the one that prints)."""
+    script = ROOT / family.script
+    if not script.is_file():
+        return None, f"no {family.script}"
+    cls = model_class(family.name)
+    weights = out / f"{family.name}.pt"
+    unfinished = _interrupted(weights)
+    if not weights.is_file() or unfinished:
+        why = f"weights {weights} come from an interrupted run" if unfinished else f"no weights {weights}"
+        if not train:
+            return None, f"{why} (--no-train)"
+        print(f"{tool}: {why}; training {family.name} with its defaults ({family.script})", file=sys.stderr,
+              flush=True)
+        failed = train_into(out, family.name, family.script, threads, extra=("--device", device.type),
+                                        stdout=subprocess.DEVNULL)
+        if failed:
+            return None, f"training failed: {failed}"
+    try:
+        settings = cls.Sampling(**dict(sampling)) if sampling else None
+        return load_trained(cls, out, sampling=settings, device=device), None
+    except UsageError as error:
+        return None, str(error)
+
+
+def _interrupted(weights):
+    """Whether the weights file says its run was interrupted (older files say nothing: finished)."""
+    if not weights.is_file():
+        return False
+    try:
+        return torch.load(weights, map_location="cpu", weights_only=True).get("stopped") == "interrupted"
+    except Exception:  # a damaged file: load_trained says what is wrong, in one line
+        return False
