@@ -119,7 +119,7 @@ def speed_row(name, script, out, splits, labels, device, peaks):
                 seconds_per_1000_samples=metrics["sample_seconds"] * 1000 / metrics["num_samples"],
                 peak_memory_mb=metrics["peak_memory_mb"], step_mflop=flops / 1e6, steps=steps,
                 step_share_of_epoch=min(1.0, steps_per_epoch * step_at_run / epoch_seconds),
-                current=results.is_current(metrics, script))
+                current=results.run_status(metrics, script) != "retrain")  # a re-score keeps the training record
 
 
 def speed_table(out, device, thread_counts):

@@ -303,7 +303,7 @@ def check_finite(values):
     return values
 
 
-VAL_FRECHET = "Frechet distance of samples to the validation split"  # a val_objective common measures
+VAL_FRECHET = "Frechet distance of samples to the validation split"  # a val_objective the run measures (Hooks.sample_distance)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -435,7 +435,7 @@ class DigitsModel(nn.Module):
         return {}
 
     def samplers(self):
-        """Other samplers, name -> fn(n) -> (n, 64): common times each and scores its samples."""
+        """Other samplers, name -> fn(n) -> (n, 64): every run times each and scores its samples."""
         return {}
 
     def extra_images(self, splits):
@@ -752,9 +752,9 @@ def validate(model, data, seed, device, sample_distance=None):
 
 
 class Hooks:
-    """What a run adds around the loop; the defaults do nothing, so train() alone is the algorithm.
-    plumbing/runs.py fills them: signals, the resume checkpoint, a progress bar, the Frechet
-    distance of a VAL_FRECHET objective."""
+    """What a run adds around the loop; the defaults do nothing, so train() alone is the algorithm,
+    except that a VAL_FRECHET family (the GAN) needs sample_distance. plumbing/runs.py fills them:
+    signals, the resume checkpoint, a progress bar, the Frechet distance of a VAL_FRECHET objective."""
 
     sample_distance = None  # (samples, reference) -> float: the val objective of a VAL_FRECHET family
 

@@ -353,7 +353,7 @@ class DDPM(common.DigitsModel):
         return common.pm1_to_pixels(self.ddim(x, steps, y)).round()
 
     def samplers(self):
-        """Both samplers, timed and scored by common (metrics: other_samplers)."""
+        """Both samplers, timed and scored by every run (metrics: other_samplers)."""
         return dict(ancestral=self.sample_ancestral, ddim=self.sample_ddim)
 
     def stratified_steps(self, n, exact, strata, device):

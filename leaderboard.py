@@ -395,7 +395,7 @@ def seed_table(out, seeds, train, threads):
     per seed, their mean and standard deviation. Writes OUT/seeds.md and OUT/seeds.json."""
     rows = []
     for name, script in SCRIPTS.items():
-        runs = []
+        per_seed = []
         for seed in seeds:
             folder = out if seed == 0 else out / "seeds" / f"seed{seed}"
             if seed and (out / "_digit_classifier.pt").is_file() and not (folder / "_digit_classifier.pt").is_file():
@@ -406,14 +406,14 @@ def seed_table(out, seeds, train, threads):
             if metrics is None:
                 print(f"leaderboard: no seed {seed} run of {name}; skipped", file=sys.stderr)
                 continue
-            runs.append(dict(seed=seed, test_nll_nats=metrics["test_nll_nats"], nll_kind=metrics["nll_kind"],
-                             current=results.is_current(metrics, script, flags),
-                             frechet_distance=metrics["frechet_distance"], train_seconds=metrics["train_seconds"],
-                             epochs=metrics["epochs_run"]))
-        if runs:
-            rows.append(dict(model=name, nll_kind=runs[-1]["nll_kind"], runs=runs,
+            per_seed.append(dict(seed=seed, test_nll_nats=metrics["test_nll_nats"], nll_kind=metrics["nll_kind"],
+                                 current=results.is_current(metrics, script, flags),
+                                 frechet_distance=metrics["frechet_distance"], train_seconds=metrics["train_seconds"],
+                                 epochs=metrics["epochs_run"]))
+        if per_seed:
+            rows.append(dict(model=name, nll_kind=per_seed[-1]["nll_kind"], runs=per_seed,
                              **{f"{key}_{stat}": value for key in ("test_nll_nats", "frechet_distance")
-                                for stat, value in zip(("mean", "std"), mean_std([r[key] for r in runs]))}))
+                                for stat, value in zip(("mean", "std"), mean_std([r[key] for r in per_seed]))}))
     lines = [f"| model | NLL kind | test NLL, seeds {', '.join(map(str, seeds))} | mean +- std "
              f"| Frechet distance, seeds {', '.join(map(str, seeds))} | mean +- std | train s |",
              "|---|---|---|---|---|---|---|"]

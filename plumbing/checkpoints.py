@@ -46,8 +46,6 @@ def train_state_from(data, path):
 
 def weights_checksum(weights):
     """sha256 over a state_dict's names, dtypes, shapes and bytes, in key order."""
-    import hashlib
-
     digest = hashlib.sha256()
     for key in sorted(weights):
         tensor = weights[key].detach().to("cpu").contiguous()
@@ -201,7 +199,7 @@ EVALUATION_ONLY = ("complete", "missing_nll", "ood_score", "samplers", "extra_me
 
 def _code(path, keep):
     """The parsed code of a file, docstrings left out (comments never reach the tree), with only
-    the top-level statements and class methods keep(name) accepts: a stable text to hash."""
+    the top-level statements and class methods keep(name) accepts: a stable tree to hash."""
     tree = ast.parse(Path(path).read_text())
     for node in ast.walk(tree):
         body = getattr(node, "body", None)
@@ -211,16 +209,18 @@ def _code(path, keep):
             node.body = body[1:] or [ast.Pass()]
         if isinstance(node, ast.ClassDef):
             node.body = [n for n in node.body if not isinstance(n, ast.FunctionDef) or keep(n.name)] or [ast.Pass()]
-    return ast.dump(tree)
+    return tree
 
 
 def weights_fingerprint(script, root):
     """sha256 of the code that decides a run's trained weights: the family script without its
     evaluation-only methods, and common.py (the data, the contract, the shared maths and
-    networks, the loop). Comments, docstrings and the machinery in plumbing/ leave it unchanged."""
+    networks, the loop). Comments, docstrings and the machinery in plumbing/ leave it unchanged;
+    so does plumbing/runs.py, which passes the loop its seeds and settings: an edit to those
+    calls for a re-run by hand."""
     digest = hashlib.sha256()
-    digest.update(_code(script, lambda name: name not in EVALUATION_ONLY).encode())
-    digest.update(_code(Path(root) / "common.py", lambda name: True).encode())
+    digest.update(ast.dump(_code(script, lambda name: name not in EVALUATION_ONLY)).encode())
+    digest.update(ast.dump(_code(Path(root) / "common.py", lambda name: True)).encode())
     return digest.hexdigest()
 
 
@@ -228,9 +228,10 @@ def scoring_fingerprint(script, root):
     """sha256 of the code that scores trained weights: the sample-quality measures
     (plumbing/quality.py) and the script's evaluation-only methods."""
     digest = hashlib.sha256()
-    digest.update(_code(Path(root) / "plumbing" / "quality.py", lambda name: True).encode())
-    tree = ast.parse(_code(script, lambda name: name in EVALUATION_ONLY or name == "__init__"))
-    methods = [ast.dump(n) for n in ast.walk(tree) if isinstance(n, ast.FunctionDef) and n.name in EVALUATION_ONLY]
+    digest.update(ast.dump(_code(Path(root) / "plumbing" / "quality.py", lambda name: True)).encode())
+    classes = [node for node in _code(script, lambda name: name in EVALUATION_ONLY).body if isinstance(node, ast.ClassDef)]
+    methods = [ast.dump(method) for cls in classes for method in cls.body
+               if isinstance(method, ast.FunctionDef) and method.name in EVALUATION_ONLY]
     digest.update("".join(methods).encode())
     return digest.hexdigest()
 

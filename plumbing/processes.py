@@ -1,6 +1,6 @@
 """Signals and child processes, one mechanism for a model run and for the tools.
 
-A SIGINT, SIGTERM or SIGHUP raises KeyboardInterrupt while work can stop anywhere (training, a
+A SIGINT or SIGTERM raises KeyboardInterrupt while work can stop anywhere (training, a
 tool's loop); inside ``SIGNALS.held()`` (an epoch being recorded, outputs being written) it is
 only recorded and takes effect at the block's end, so that every file is completed; a second
 signal there stops at once (StopNow). A tool's child runs in a process group of its own: the
@@ -16,7 +16,6 @@ import sys
 import threading
 
 from plumbing import EXIT_INTERRUPTED, EXIT_USAGE, UsageError
-
 
 
 class StopNow(BaseException):

@@ -2,11 +2,11 @@
 missing), telling whether they come from the current code, and making a missing or stale run
 (trained in a scratch folder and moved in whole, or re-scored from its weights)."""
 
-import subprocess
 import json
 import math
 import os
 import shutil
+import subprocess
 import sys
 import tempfile
 from pathlib import Path
@@ -300,7 +300,7 @@ def load_family(family, out, train, threads, device, sampling=(), tool="ood"):
         print(f"{tool}: {why}; training {family.name} with its defaults ({family.script})", file=sys.stderr,
               flush=True)
         failed = train_into(out, family.name, family.script, threads, extra=("--device", device.type),
-                                        stdout=subprocess.DEVNULL)
+                            stdout=subprocess.DEVNULL)
         if failed:
             return None, f"training failed: {failed}"
     try:

@@ -14,11 +14,11 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from plumbing import EXIT_INTERRUPTED, EXIT_NONFINITE, EXIT_USAGE, UsageError
 from common import (
     EMA, Hooks, NUM_CLASSES, NUM_PIXELS, TrainState, add_options, batched, cpu_state, draw_samples,
     load_label_splits, load_splits, nats_to_bpd, nonnegative_float, options_from, positive_float, positive_int,
     seed_int, seeded, set_rng_state, set_seed, thread_count, timed, train, unit_interval)
+from plumbing import EXIT_INTERRUPTED, EXIT_NONFINITE, EXIT_USAGE, UsageError
 from plumbing.checkpoints import (
     check_model_size, fingerprints, load_checkpoint, load_weights_into, save_resume, save_weights,
     train_state_from, weights_checksum)
@@ -482,9 +482,9 @@ def summary(metrics, paths, out):
                   if nll is not None else "no likelihood")
     frechet = "n/a" if m["frechet_distance"] is None else f"{m['frechet_distance']:.2f}"
     state = "interrupted, " if m["interrupted"] else ""
-    stem = paths["weights"].stem
-    extra = sorted(p.name for p in out.glob(f"{stem}_*.png") if p not in paths.values()
-                   and (m["conditional"] or not p.name.startswith(f"{stem}_conditional_")))
+    run = paths["weights"].stem
+    extra = sorted(p.name for p in out.glob(f"{run}_*.png") if p not in paths.values()
+                   and (m["conditional"] or not p.name.startswith(f"{run}_conditional_")))
     quality = f"Frechet distance {frechet}"
     if m["conditional"]:
         classifier = m.get("generative_classifier_accuracy")

@@ -70,6 +70,16 @@ def test_a_scoring_change_rescores_and_a_training_change_retrains(copy_root, mon
     assert set(changed.values()) == {"rescore"}
 
 
+def test_an_evaluation_method_of_one_family_rescores_that_family_only(copy_root):
+    """ddpm.py's samplers() (an evaluation-only method): the DDPM runs re-score, their weights
+    stay current, and no other family is touched."""
+    edit(copy_root / "ddpm.py", "        return dict(ancestral=self.sample_ancestral, ddim=self.sample_ddim)",
+         "        return dict(ddim=self.sample_ddim, ancestral=self.sample_ancestral)")
+    changed = statuses()
+    assert changed.pop(("DDPM", False)) == changed.pop(("DDPM", True)) == "rescore"
+    assert set(changed.values()) == {"current"}
+
+
 def test_the_leaderboard_rescores_a_rescore_run_from_its_weights(copy_root, monkeypatch, tmp_path):
     """current_run asks train_into to re-score (no training) when only the scoring code changed."""
     out = tmp_path / "out"
