@@ -79,7 +79,7 @@ from pathlib import Path
 import numpy as np
 
 import common
-from plumbing import UsageError, files, processes, registry, runs
+from plumbing import UsageError, files, first_line, processes, registry, runs
 from plumbing.checkpoints import load_trained
 
 ROOT = registry.ROOT
@@ -478,7 +478,7 @@ def decompress(data, weights_dir, what="input", models=None):
         with one_thread():
             x = decode_pixels(model, info["words"], info["n"])
     except Exception as error:  # noqa: BLE001  the coder ran off a damaged stream
-        raise UsageError(f"{what} does not decode ({str(error).splitlines()[0] if str(error) else 'damaged stream'})") from None
+        raise UsageError(f"{what} does not decode ({first_line(error, 'damaged stream')})") from None
     if pixel_crc(x) != info["crc"] or x.min() < 0 or x.max() > 16:
         raise UsageError(f"{what} decoded to pixels that miss their checksum (damaged, or coded on a machine "
                       f"whose floating point differs)")
@@ -619,7 +619,7 @@ def write_results(result, out):
 
     out.mkdir(parents=True, exist_ok=True)
     text = table(result)
-    files.atomic_write(out / "compress.json", lambda tmp: tmp.write_text(json.dumps(result, indent=2) + "\n"))
+    files.save_json(out / "compress.json", result)
     files.publish_table(out / "compress.md", text, ROOT)  # and its copy in docs/compress.md
     rows = result["rows"]
     names = [r["coder"] for r in rows]
@@ -681,7 +681,7 @@ def load_npy(path):
     except FileNotFoundError:
         raise UsageError(f"no such file: {path}") from None
     except (ValueError, OSError, EOFError) as error:
-        raise UsageError(f"{path} is not a .npy array of digits ({str(error).splitlines()[0] if str(error) else 'unreadable'})") from None
+        raise UsageError(f"{path} is not a .npy array of digits ({first_line(error, 'unreadable')})") from None
 
 
 def run_command(args):
@@ -702,12 +702,7 @@ def run_command(args):
         except OSError as error:
             raise UsageError(f"can't read {args.input} ({error.strerror})") from None
         array = decompress(data, args.weights, args.input)
-
-        def write(tmp):
-            with open(tmp, "wb") as f:
-                np.save(f, array)
-
-        files.atomic_write(Path(args.output), write)
+        files.save_arrays(Path(args.output), array)
         print(f"{args.output}: {len(array)} images decoded")
     else:
         if args.limit is not None and args.limit < 2:

@@ -56,8 +56,8 @@ import numpy as np
 import torch
 
 import common
-from plumbing import baselines, files, processes, quality, registry, results, runs
 import plumbing
+from plumbing import baselines, files, processes, quality, registry, results, runs
 
 SIDE = 8
 COPIES = 4  # completions of the same input for the diversity
@@ -115,7 +115,7 @@ def load_extra_mask(file, n, taken=()):
         raise plumbing.UsageError(f"--extra-mask: no file {file}") from None
     except (OSError, ValueError) as error:
         raise plumbing.UsageError(f"--extra-mask: {file} is not a readable .npy array "
-                                f"({str(error).splitlines()[0] if str(error) else type(error).__name__})") from None
+                                f"({plumbing.first_line(error)})") from None
     if not isinstance(array, np.ndarray):
         raise plumbing.UsageError(f"--extra-mask: {file} holds {type(array).__name__}, not an array")
     if array.dtype != bool:
@@ -534,7 +534,7 @@ def complete_everything(args):
                                               seed=args.seed + 1000 * index + mask_index, device=device,
                                               diversity_digits=args.diversity_digits, batch_size=args.batch_size)
                 except NotImplementedError as error:
-                    reason = str(error).splitlines()[0] if str(error) else "complete() is not implemented"
+                    reason = plumbing.first_line(error, "complete() is not implemented")
                     print(f"inpaint: left out {completer.name}: {reason}", file=sys.stderr)
                     skipped[completer.name] = reason
                     break

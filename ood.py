@@ -50,8 +50,8 @@ import numpy as np
 import torch
 
 import common
-from plumbing import files, processes, registry, results, runs
 import plumbing
+from plumbing import files, processes, registry, results, runs
 
 ROOT = Path(__file__).resolve().parent
 SET_SIZE = 300  # images per random set
@@ -160,7 +160,7 @@ def load_extra_set(spec, taken=()):
         raise plumbing.UsageError(f"--extra-ood {name}: no file {file}") from None
     except (OSError, ValueError, EOFError) as error:  # EOFError: an empty file
         raise plumbing.UsageError(f"--extra-ood {name}: {file} is not a readable .npy array "
-                                f"({str(error).splitlines()[0] if str(error) else type(error).__name__})") from None
+                                f"({plumbing.first_line(error)})") from None
     if not isinstance(array, np.ndarray) or not (np.issubdtype(array.dtype, np.integer)
                                                  or np.issubdtype(array.dtype, np.floating)
                                                  or array.dtype == bool):

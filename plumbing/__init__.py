@@ -20,3 +20,10 @@ class UsageError(Exception):
 
 
 EXIT_USAGE, EXIT_NONFINITE, EXIT_INTERRUPTED = 2, 1, 130
+
+
+def first_line(error, fallback=None):
+    """The first line of an exception's message, for a one-line report; `fallback` (by default
+    the exception's type name) when the message is empty."""
+    text = str(error)
+    return text.splitlines()[0] if text else (type(error).__name__ if fallback is None else fallback)

@@ -17,7 +17,7 @@ from pathlib import Path
 
 import torch
 
-from plumbing import UsageError
+from plumbing import UsageError, first_line
 from common import TrainState, cpu_state
 from plumbing.files import atomic_write
 
@@ -93,10 +93,9 @@ def load_checkpoint(path, name, config, kind, missing_hint, conditional=None):
             raise UsageError(f"refused to load {path}: it holds pickled objects or code that "
                              f"weights-only loading does not allow, so it is not a checkpoint of "
                              f"this project") from None
-        raise UsageError(f"{path} is truncated or corrupted ({str(error).splitlines()[0]})") from None
+        raise UsageError(f"{path} is truncated or corrupted ({first_line(error)})") from None
     except Exception as error:  # zip, EOF, and storage errors of a damaged file
-        first_line = str(error).splitlines()[0] if str(error) else type(error).__name__
-        raise UsageError(f"{path} is truncated or corrupted ({first_line})") from None
+        raise UsageError(f"{path} is truncated or corrupted ({first_line(error)})") from None
     if not isinstance(checkpoint, dict) or not {"format", "kind", "model_name", "config"} <= checkpoint.keys():
         raise UsageError(f"{path} is not a checkpoint of these scripts (missing keys)")
     if checkpoint["model_name"] != name:
@@ -130,7 +129,7 @@ def load_weights_into(model, weights, path):
     try:
         model.load_state_dict(weights)
     except (RuntimeError, TypeError, AttributeError) as error:
-        raise UsageError(f"{path} does not fit this model ({str(error).splitlines()[0]})") from None
+        raise UsageError(f"{path} does not fit this model ({first_line(error)})") from None
 
 
 def load_trained(model_class, out=Path("results"), sampling=None, device="cpu", conditional=False):
@@ -153,7 +152,7 @@ def load_trained(model_class, out=Path("results"), sampling=None, device="cpu", 
         model = model_class(config, sampling)
     except (TypeError, ValueError, RuntimeError, OverflowError) as error:
         raise UsageError(f"{path} has a config this code can't build ({type(error).__name__}: "
-                         f"{str(error).splitlines()[0] if str(error) else ''})") from None
+                         f"{first_line(error, '')})") from None
     load_weights_into(model, checkpoint["weights"], path)
     return model.to(device).eval()
 

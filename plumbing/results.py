@@ -14,7 +14,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from plumbing import UsageError
+from plumbing import UsageError, first_line
 from common import NUM_PIXELS, PIXEL_MAX, positive_int
 from plumbing.checkpoints import load_trained, scoring_fingerprint, weights_fingerprint
 from plumbing.files import SCRATCH, family_lock, remove_stale, save_json
@@ -136,7 +136,7 @@ def read_metrics(path, keys=ROW_KEYS):
             return None, f"is {path.stat().st_size} bytes, more than a metrics file holds"
         metrics = json.loads(path.read_text())
     except (OSError, UnicodeDecodeError, ValueError) as error:
-        return None, f"is unreadable ({str(error).splitlines()[0] if str(error) else type(error).__name__})"
+        return None, f"is unreadable ({first_line(error)})"
     if not isinstance(metrics, dict):
         return None, f"is a JSON {type(metrics).__name__}, not an object"
     missing = [k for k in keys if k not in metrics]
@@ -161,7 +161,7 @@ def read_labelled_samples(path, max_rows=MAX_SAMPLES):
                 return None, f"holds {sorted(archive.files)}, not x and y"
             x, y = archive["x"], archive["y"]
     except Exception as error:  # numpy's parsers raise OSError, ValueError, EOFError, SyntaxError ... on damage
-        return None, f"is unreadable ({str(error).splitlines()[0] if str(error) else type(error).__name__})"
+        return None, f"is unreadable ({first_line(error)})"
     if x.ndim != 2 or x.shape[1] != NUM_PIXELS or not 1 <= len(x) <= max_rows or y.shape != (len(x),):
         return None, f"has x {x.shape} and y {y.shape}; expected (N, 64) and (N,)"
     if x.dtype.kind not in "biuf" or y.dtype.kind not in "iu":
@@ -196,7 +196,7 @@ def read_samples(path, max_rows=MAX_SAMPLES):
             return None, "is truncated"
         samples = np.load(path, allow_pickle=False)
     except Exception as error:  # numpy's parsers raise OSError, ValueError, EOFError, SyntaxError ... on damage
-        return None, f"is unreadable ({str(error).splitlines()[0] if str(error) else type(error).__name__})"
+        return None, f"is unreadable ({first_line(error)})"
     samples = samples.astype(np.float32)
     if not are_pixels(samples):
         return None, "holds values that are not pixels on 0..16 (NaN, infinite or out of range)"

@@ -18,7 +18,7 @@ from common import (
     EMA, Hooks, NUM_CLASSES, NUM_PIXELS, TrainState, add_options, batched, cpu_state, draw_samples,
     load_label_splits, load_splits, nats_to_bpd, nonnegative_float, options_from, positive_float, positive_int,
     seed_int, seeded, set_rng_state, set_seed, thread_count, timed, train, unit_interval)
-from plumbing import EXIT_INTERRUPTED, EXIT_NONFINITE, EXIT_USAGE, UsageError
+from plumbing import EXIT_INTERRUPTED, EXIT_NONFINITE, EXIT_USAGE, UsageError, first_line
 from plumbing.checkpoints import (
     check_model_size, fingerprints, load_checkpoint, load_weights_into, save_resume, save_weights,
     train_state_from, weights_checksum)
@@ -347,7 +347,7 @@ def _run_locked(args, model_class, config, sampling, out, device):
             set_rng_state(state.rng)
         except (KeyError, TypeError, ValueError, AttributeError) as error:
             raise UsageError(f"{paths['resume']} has a damaged or older layout ({type(error).__name__}: "
-                             f"{str(error).splitlines()[0] if str(error) else ''})") from None
+                             f"{first_line(error, '')})") from None
 
     reason = "sample_only"
     if not args.sample_only:
