@@ -402,6 +402,13 @@ class DigitsModel(nn.Module):
         p(x_missing | x_observed), by the method that suits the family (inpaint.py)."""
         raise NotImplementedError(f"{self.name} does not complete digits yet")
 
+    def completion_nll(self, x):
+        """(B,) what a committed completion ranks its draws by (inpaint.py --pick best-of-K): -log
+        p(x) of whole digits, or a bound, or an energy (equal up to a constant per image; the
+        draws of one input share their observed pixels, so ranking by it ranks by p(x_missing |
+        x_observed)). By default the test NLL; NotImplementedError where there is none."""
+        return self.test_nll(x)
+
     def missing_nll(self, x, missing):
         """(B,) -log p(x_missing | x_observed) in nats (or an upper bound), where the family gives
         it for this mask; NotImplementedError where it does not."""
@@ -471,6 +478,33 @@ def guided(predict, y, weight):
         return predict(y)
     return (1 + weight) * predict(y) - weight * predict(torch.full_like(y, NULL_CLASS))
 
+
+
+def repaint(denoise, known, missing, alphas, sigmas, resample):
+    """Inpainting with a denoiser of a Gaussian path z = alpha x + sigma eps (DDPM, SBGM, ScM, FM)
+    as RePaint (Lugmayr et al. 2022): on the levels (alphas[i], sigmas[i]), noisiest first, the
+    observed pixels are set to the data noised to the level, alpha_i known + sigma_i eps, before
+    every call denoise(z, i) -> x0^ (B, D), which is clipped to [-1, 1]; the state then steps to
+    the next level by the Gaussian posterior q(z_i+1 | z_i, x0^), and, `resample` times per level
+    (but the last), is noised back to level i by q(z_i | z_i+1), so that the missing pixels come to
+    agree with the observed ones. known (B, D) on [-1, 1], missing (B, D) bool; returns the last
+    x0^ (B, D). With alpha_i = 0 at the first level, the start is pure noise."""
+    z = sigmas[0] * torch.randn_like(known)
+    for i, (alpha, sigma) in enumerate(zip(alphas, sigmas)):
+        last = i + 1 == len(alphas)
+        for repeat in range(1 if last else resample):
+            z = torch.where(missing, z, alpha * known + sigma * torch.randn_like(known))
+            x0 = denoise(z, i).clamp(-1, 1)
+            if last:
+                break
+            alpha_next, sigma_next = alphas[i + 1], sigmas[i + 1]
+            jump = alpha / alpha_next  # z_i = jump z_i+1 + jump_sigma eps
+            jump_var = max(sigma**2 - jump**2 * sigma_next**2, 0.0)
+            mean = (jump * sigma_next**2 * z + alpha_next * jump_var * x0) / sigma**2
+            z = mean + math.sqrt(jump_var * sigma_next**2 / sigma**2) * torch.randn_like(z)  # z_i+1
+            if repeat + 1 < resample:
+                z = jump * z + math.sqrt(jump_var) * torch.randn_like(z)  # back to level i
+    return x0
 
 # -----------------------------------------------------------------------------
 # a network more than one family uses

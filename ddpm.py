@@ -396,29 +396,24 @@ class DDPM(common.DigitsModel):
 
     @torch.no_grad()
     def complete(self, x, missing, steps=20, resample=2):
-        """Inpainting as RePaint (Lugmayr et al. 2022) on `steps` evenly spaced steps: before every
-        network call the observed pixels are the data noised to that step, sqrt(abar_t) x_0 +
-        sqrt(1 - abar_t) eps; the missing ones take the step of q(x_t' | x_t, x0^) (DDIM with
-        eta = 1) from the network's clipped x0^; every step is taken `resample` times, the state
-        noised back from t' to t by q(x_t | x_t') between, so that both parts come to agree."""
-        known = common.pixels_to_pm1(x)
-        taus = torch.linspace(self.num_steps - 1, 0, min(steps, self.num_steps), dtype=torch.float64).round().long().tolist()
-        z = torch.randn_like(known)
-        for i, step in enumerate(taus):
-            a = self.abar[step]
-            for repeat in range(resample if i + 1 < len(taus) else 1):
-                z = torch.where(missing, z, a.sqrt() * known + (1 - a).sqrt() * torch.randn_like(known))
-                eps, _ = self.network(z, torch.full((len(z),), step, dtype=torch.long, device=z.device))
-                x0 = ((z - (1 - a).sqrt() * eps) / a.sqrt()).clamp(-1, 1)
-                if i + 1 == len(taus):
-                    break
-                a_next = self.abar[taus[i + 1]]
-                ratio = a / a_next  # alpha of the jump from t' = taus[i + 1] to t
-                mean = (a_next.sqrt() * (1 - ratio) * x0 + ratio.sqrt() * (1 - a_next) * z) / (1 - a)
-                z_next = mean + ((1 - ratio) * (1 - a_next) / (1 - a)).sqrt() * torch.randn_like(z)
-                z = (ratio.sqrt() * z_next + (1 - ratio).sqrt() * torch.randn_like(z)
-                     if repeat + 1 < resample else z_next)
+        """Inpainting as RePaint (Lugmayr et al. 2022, common.repaint) on `steps` evenly spaced steps
+        of the T: the observed pixels set to the data noised to the step, sqrt(abar_t) x_0 +
+        sqrt(1 - abar_t) eps, x0^ from the network's eps, the ancestral step (DDIM with eta = 1)
+        to the next, `resample` times per step; then the pixel values of the last x0^."""
+        taus = torch.linspace(self.num_steps - 1, 0, min(steps, self.num_steps), dtype=torch.float64).round().long()
+        abar = self.abar[taus.to(self.abar.device)]
+        alphas, sigmas = abar.sqrt(), (1 - abar).sqrt()
+
+        def denoise(z, i):
+            eps, _ = self.network(z, torch.full((len(z),), int(taus[i]), dtype=torch.long, device=z.device))
+            return (z - sigmas[i] * eps) / alphas[i]
+
+        x0 = common.repaint(denoise, common.pixels_to_pm1(x), missing, alphas.tolist(), sigmas.tolist(), resample)
         return torch.where(missing, common.pm1_to_pixels(x0).round(), x)
+
+    def completion_nll(self, x):
+        """(B,) the stratified estimate of the bound (ood_score): what best-of-K ranks by."""
+        return self.ood_score(x)
 
 
 # -----------------------------------------------------------------------------

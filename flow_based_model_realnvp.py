@@ -432,21 +432,24 @@ class RealNVP(common.DigitsModel):
         return -self.combine(torch.stack(log_w))
 
     @torch.no_grad()
-    def complete(self, x, missing, steps=25, first_step=0.5, last_step=0.01):
-        """Inpainting by Langevin dynamics on the flow's exact log-density log p(v) over the missing
-        coordinates of v = x + u, the observed ones fixed at their box centres x_o + 1/2:
-        v_m <- v_m + e_k / 2 grad log p(v) + sqrt(e_k) z, `steps` steps whose size e_k falls
-        geometrically from first_step to last_step (pixel units^2), kept inside [0, 17); the chains
-        start from a sample of the flow; then the bin floor(v_m)."""
-        centres = x + 0.5
-        v = torch.where(missing, self.inverse(torch.randn_like(x)).clamp(0.01, common.NUM_LEVELS - 0.01), centres)
-        for size in torch.logspace(math.log10(first_step), math.log10(last_step), steps).tolist():
+    def complete(self, x, missing, steps=30, step_size=0.05, first_width=3.0, last_width=0.5):
+        """Inpainting by Langevin dynamics in the flow's latent space, where the prior N(0, I) is
+        round and chains mix (as in posterior sampling with a flow prior, e.g. Whang et al. 2021,
+        "Composing Normalizing Flows for Inverse Problems"): z <- z + e / 2 grad log pi(z) +
+        sqrt(e) eps on pi(z) = N(z; 0, I) N(v_o(z); x_o + 1/2, w_k^2 I), v = f^-1(z), the observed
+        pixels' tie to their box centres tightened geometrically from first_width to last_width
+        (pixel units) over `steps` steps of size e = step_size (chosen on the validation split:
+        docs/inpainting.md); then the bin floor(v_m) of the missing pixels."""
+        centres, observed = x + 0.5, (~missing).to(x.dtype)
+        z = torch.randn_like(x)
+        for width in torch.logspace(math.log10(first_width), math.log10(last_width), steps).tolist():
             with torch.enable_grad():
-                v = v.detach().requires_grad_(True)
-                (grad,) = torch.autograd.grad(self.log_prob(v).sum(), v)
-            moved = v.detach() + 0.5 * size * grad + math.sqrt(size) * torch.randn_like(v)
-            v = torch.where(missing, moved.clamp(0.01, common.NUM_LEVELS - 0.01), centres)
-        return torch.where(missing, v.floor().clamp(0, common.PIXEL_MAX), x)
+                z = z.detach().requires_grad_(True)
+                log_pi = (common.standard_normal_log_prob(z)
+                          - 0.5 * (((self.inverse(z) - centres) * observed) ** 2).sum(1) / width**2)
+                (grad,) = torch.autograd.grad(log_pi.sum(), z)
+            z = z.detach() + 0.5 * step_size * grad + math.sqrt(step_size) * torch.randn_like(z)
+        return torch.where(missing, self.inverse(z).floor().clamp(0, common.PIXEL_MAX), x)
 
     def extra_metrics(self, splits, labels):
         """The NLL bound on train and validation with one dequantization draw each (the

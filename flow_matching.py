@@ -337,25 +337,25 @@ class FM(common.DigitsModel):
         return torch.stack(columns, 1)
 
     @torch.no_grad()
-    def complete(self, x, missing, steps=8):
-        """Inpainting by replacement on the straight path x_t = t x_1 + (1 - t) x_0: from x_0 ~
-        N(0, I), `steps` midpoint steps of the ODE, the observed pixels set before every velocity
-        evaluation to their own point of the path, t c + (1 - t) x_0, with c their box centres on
-        [-1, 1] and the same x_0; then the value whose box holds x_1."""
-        noise, centres = torch.randn_like(x), common.pixels_to_pm1(x)
-        z = noise
+    def complete(self, x, missing, steps=5, resample=10, t_end=0.999):
+        """Inpainting as RePaint (Lugmayr et al. 2022, common.repaint) on the straight path as a
+        Gaussian one, x_t = t x_1 + (1 - t) x_0 (alpha_t = t, sigma_t = 1 - t), at `steps` equal
+        times from 0 to t_end: the observed pixels set to the data on the path, t c + (1 - t) eps
+        (c their box centres on [-1, 1]), x1^ = x_t + (1 - t) v(x_t, t), the ancestral step to the
+        next time, `resample` times per step (chosen on the validation split: docs/inpainting.md);
+        then the value whose box holds the last x1^."""
+        times = torch.linspace(0.0, t_end, steps, dtype=torch.float64).tolist()
 
-        def velocity(z, t):
-            on_path = torch.where(missing, z, t * centres + (1 - t) * noise)
-            return self.velocity(on_path, torch.full((len(z),), t, dtype=z.dtype, device=z.device)), on_path
+        def denoise(z, i):
+            return z + (1 - times[i]) * self.velocity(z, torch.full((len(z),), times[i], dtype=z.dtype, device=z.device))
 
-        times = torch.linspace(0, 1, steps + 1, dtype=torch.float64).tolist()
-        for t, t_next in zip(times[:-1], times[1:]):
-            h = t_next - t
-            v, z = velocity(z, t)
-            z = z + h * velocity(z + 0.5 * h * v, t + 0.5 * h)[0]
-        pixels = torch.floor((z + 1) * 8 + 0.5).clamp(0, common.PIXEL_MAX)
-        return torch.where(missing, pixels, x)
+        x1 = common.repaint(denoise, common.pixels_to_pm1(x), missing, times, [1 - t for t in times], resample)
+        return torch.where(missing, torch.floor((x1 + 1) * 8 + 0.5).clamp(0, common.PIXEL_MAX), x)
+
+    def completion_nll(self, x, draws=4):
+        """(B,) the variational bound, `draws` noise draws per image: what best-of-K ranks
+        completions by (cheaper than the ODE likelihood)."""
+        return torch.stack([self.bound(x) for _ in range(draws)]).mean(0)
 
     def extra_metrics(self, splits, labels):
         """The variational bound on the test split (10 noise draws per image; of p(x | y) for a

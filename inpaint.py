@@ -1,4 +1,4 @@
-"""Inpainting: complete half-hidden test digits with every trained family of this collection, the
+"""Inpainting: complete half-hidden digits with every trained family of this collection, the
 third use of a learned p(x) after sampling and out-of-distribution detection (ood.py).
 
 Each of the 447 test digits is shown with some pixels hidden (True = missing in a mask) and each
@@ -6,35 +6,36 @@ family fills them in by drawing from its own p(x_missing | x_observed); the obse
 kept exactly (checked on every completion). Masks: the bottom, top, left and right halves, the
 centre 4 x 4, and 50% and 75% of the pixels at random (32 or 48 of the 64, a different seeded set
 for every digit); `--extra-mask FILE.npy` adds a (64,) boolean mask for every digit, or (N, 64)
-whose row i mod N hides the pixels of test digit i.
+whose row i mod N hides the pixels of digit i.
 
-How each family completes (its `complete` method, in its own script; a family whose `complete`
-raises NotImplementedError is named in one line and left out):
+How each family completes (its `complete` method, in its own script; settings chosen on the
+validation split, `--split val`; a family whose `complete` raises NotImplementedError is named in
+one line and left out):
 - ARM: exact ancestral sampling where every missing pixel follows every observed one in raster
-  order (the bottom half), the observed pixels fed in as they come, and the exact NLL of the
-  missing pixels; for other masks sampling-importance-resampling over 8 such passes, weighted by
-  the exact conditionals of the observed pixels (van den Oord et al. 2016; Rubin 1988).
-- RealNVP: Langevin dynamics on the flow's exact log-density over the missing pixels (Dinh et al.
-  2017). ScM: annealed Langevin with the observed pixels clamped to the data noised to each level
-  (Song & Ermon 2019). SBGM, FM: the reverse SDE / the ODE with the observed pixels replaced, at
-  every step, by the data noised to that time (Song et al. 2021); DDPM: the same, with RePaint's
-  resampling (Lugmayr et al. 2022).
-- EBM: its short-run SGLD chain on the energy E(x) from noise on the missing pixels, the observed
-  ones clamped (Nijkamp et al. 2019).
-- MDM: its own any-order conditional (masked_diffusion.py).
-- VAE: Metropolis-within-Gibbs over (z, x_missing) (Mattei & Frellsen 2018).
-- GAN: the latent z optimised so that G(z) matches the observed pixels, then G(z)'s pixels
-  (Yeh et al. 2017).
+  order (the bottom half); elsewhere sampling-importance-resampling over 8 ancestral passes,
+  weighted by the exact conditionals of the observed pixels (van den Oord et al. 2016; Rubin 1988).
+- RealNVP: Langevin dynamics in the flow's latent space on the prior times a tie of the observed
+  pixels to their values, tightened step by step (posterior sampling with a flow prior).
+- ScM, SBGM, DDPM, FM: RePaint (Lugmayr et al. 2022; common.repaint): the observed pixels noised
+  to each level, the missing ones moved by the model's denoiser, each level resampled.
+- EBM: its short-run SGLD chain on E(x) from noise on the missing pixels, the observed ones
+  clamped (Nijkamp et al. 2019). MDM: its own any-order conditional. VAE: Metropolis-within-Gibbs
+  (Mattei & Frellsen 2018). GAN: the latent optimised to match the observed pixels (Yeh et al. 2017).
 - Baselines: a GaussianMixture on dequantized pixels with exact Gaussian conditioning (k chosen
-  on the validation split, as in leaderboard.py), the nearest training digit on the observed
-  pixels (deterministic), independent pixels (each missing pixel from its own categorical).
+  on the validation split), the nearest training digit on the observed pixels (deterministic),
+  independent pixels (each missing pixel from its own categorical).
 
-Metrics per (model, mask), one completion per test digit: accuracy of the project's digit
-classifier (quality.digit_classifier) on the completed digits against their true labels; mean
-squared error on the missing pixels (pixel units^2); -log p(x_missing | x_observed) of the true
-missing pixels in nats where the model gives it (or an upper bound); diversity, the mean pairwise
-L2 distance (pixels) between 4 completions of the same input (over the first `--diversity-digits`
-test digits); seconds of wall time.
+Measures per (model, mask), first the proper score: -log p(x_missing | x_observed) of the true
+missing pixels in nats where the model gives it, exactly, as a bound or (the ARM's other masks) as
+an importance-sampling estimate; then the classifier accuracy (quality.digit_classifier) and the
+squared error of one draw per digit, which is meant to vary; with `--pick best-of-K` (default
+best-of-8) the committed completion, the most likely of K draws under the family's own
+likelihood, bound or energy (`completion_nll`), on the first `--copied` digits beside one draw's
+numbers on them; the diversity, the mean L2 distance between 4 draws for the same input; seconds.
+
+`--input DIGITS.npy --mask NAME|FILE.npy` completes your own digits instead ((N, 64) or (N, 8, 8)
+on 0..16): OUT/inpaint_input.png shows each input with its hidden pixels, then each family's 4
+draws and its committed completion; OUT/inpaint_input.npz holds them.
 
 Uses the trained weights OUT/NAME.pt of every family (shipped in results/), trains a family with
 its defaults only when its weights are missing (never with --no-train), and skips a family whose
@@ -42,7 +43,7 @@ weights do not load, with a one-line note.
 
 Run:  python inpaint.py                    # writes results/inpaint.md, .json, .png, _completions.npz
       python inpaint.py --models ARM VAE --masks bottom random75 --no-train
-      python inpaint.py --extra-mask my_mask.npy
+      python inpaint.py --input my_digits.npy --mask bottom --out my_folder
       python inpaint.py --help
 """
 
@@ -66,6 +67,7 @@ MASK_DESCRIPTIONS = dict(
     centre="the central 4 x 4 missing", random50="32 of 64 pixels missing, seeded per digit",
     random75="48 of 64 pixels missing, seeded per digit")
 MASK_NAMES = tuple(MASK_DESCRIPTIONS)
+FIXED_MASKS = ("bottom", "top", "left", "right", "centre")  # the masks --mask names
 BASELINES = ("GaussianMixture", "Nearest neighbour", "Independent pixels")
 NAME_PATTERN = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.-]{0,39}")
 
@@ -101,6 +103,20 @@ def built_in_masks(n, seed):
     return masks
 
 
+def read_array(file, flag):
+    """An array from a .npy file a user names (no pickles); a missing or unreadable file, or one
+    that holds no array, a one-line plumbing.UsageError naming the flag."""
+    try:
+        array = np.load(Path(file), allow_pickle=False)
+    except FileNotFoundError:
+        raise plumbing.UsageError(f"{flag}: no file {file}") from None
+    except (OSError, ValueError) as error:
+        raise plumbing.UsageError(f"{flag}: {file} is not a readable .npy array ({plumbing.first_line(error)})") from None
+    if not isinstance(array, np.ndarray):
+        raise plumbing.UsageError(f"{flag}: {file} holds {type(array).__name__}, not an array")
+    return array
+
+
 def load_extra_mask(file, n, taken=()):
     """FILE.npy -> (name, (n, 64) bool): a (64,) boolean array hides the same pixels of every image,
     an (N, 64) one hides row i mod N's pixels of image i. Booleans, or integers 0 and 1. Every row
@@ -109,29 +125,31 @@ def load_extra_mask(file, n, taken=()):
     name = path.stem if NAME_PATTERN.fullmatch(path.stem) else "extra"
     if name in taken:
         raise plumbing.UsageError(f"--extra-mask {file}: the name {name!r} is taken; rename the file")
-    try:
-        array = np.load(path, allow_pickle=False)
-    except FileNotFoundError:
-        raise plumbing.UsageError(f"--extra-mask: no file {file}") from None
-    except (OSError, ValueError) as error:
-        raise plumbing.UsageError(f"--extra-mask: {file} is not a readable .npy array "
-                                f"({plumbing.first_line(error)})") from None
-    if not isinstance(array, np.ndarray):
-        raise plumbing.UsageError(f"--extra-mask: {file} holds {type(array).__name__}, not an array")
-    if array.dtype != bool:
-        if not np.issubdtype(array.dtype, np.integer) or not np.isin(array, (0, 1)).all():
-            raise plumbing.UsageError(f"--extra-mask: {file} holds {array.dtype} values other than 0 and 1; "
-                                    f"expected booleans (True = missing)")
-        array = array.astype(bool)
+    array = as_mask(read_array(file, "--extra-mask"), f"--extra-mask: {file}")
     if array.shape == (common.NUM_PIXELS,):
         array = array[None]
     if array.ndim != 2 or array.shape[1] != common.NUM_PIXELS or len(array) == 0:
         raise plumbing.UsageError(f"--extra-mask: {file} has shape {array.shape}; expected (64,) or (N, 64) "
                                 f"with N >= 1")
-    if not array.any(1).all() or array.all(1).any():
-        raise plumbing.UsageError(f"--extra-mask: {file} has a row that hides no pixel or every pixel; "
-                                f"each must hide at least one and show at least one")
+    check_rows(array, f"--extra-mask: {file}")
     return name, array[np.arange(n) % len(array)]
+
+
+def as_mask(array, where):
+    """Booleans, or integers 0 and 1 made booleans; other values a one-line plumbing.UsageError."""
+    if array.dtype == bool:
+        return array
+    if not np.issubdtype(array.dtype, np.integer) or not np.isin(array, (0, 1)).all():
+        raise plumbing.UsageError(f"{where} holds {array.dtype} values other than 0 and 1; expected booleans "
+                                  "(True = missing)")
+    return array.astype(bool)
+
+
+def check_rows(masks, where):
+    """(N, 64) bool: every row hides a pixel and shows one, else a one-line plumbing.UsageError."""
+    if not masks.any(1).all() or masks.all(1).any():
+        raise plumbing.UsageError(f"{where} has a row that hides no pixel or every pixel; each must hide at least "
+                                  "one and show at least one")
 
 
 # -----------------------------------------------------------------------------
@@ -181,7 +199,14 @@ def _by_pattern(missing):
         yield pattern, np.flatnonzero(inverse.reshape(-1) == index)
 
 
-class GaussianMixtureCompleter:
+class Baseline:
+    """What the baselines share: nothing to rank draws by but what a subclass gives."""
+
+    def completion_nll(self, x):
+        raise NotImplementedError(f"{self.name} ranks no draws (a baseline)")
+
+
+class GaussianMixtureCompleter(Baseline):
     """A full-covariance GaussianMixture of the dequantized pixels v = x + u (fitted as
     leaderboard.gaussian_mixture: k chosen on val), conditioned exactly on the observed pixels at
     the centres of their dequantization boxes, v_o = x_o + 1/2; a drawn v_m gives the pixels
@@ -230,7 +255,7 @@ class GaussianMixtureCompleter:
         return torch.from_numpy(nll).to(x)
 
 
-class NearestNeighbourCompleter:
+class NearestNeighbourCompleter(Baseline):
     """The training digit nearest (L2) on the observed pixels lends its missing pixels: one
     deterministic completion (diversity 0), no likelihood."""
 
@@ -251,8 +276,14 @@ class NearestNeighbourCompleter:
     def missing_nll(self, x, missing):
         raise NotImplementedError("the nearest neighbour gives no likelihood")
 
+    def completion_nll(self, x):
+        """(B,) zeros: the draws of an input are all the same digit, so any is the committed one."""
+        return x.new_zeros(len(x))
 
-class IndependentPixelsCompleter:
+
+
+
+class IndependentPixelsCompleter(Baseline):
     """Every missing pixel from its own categorical over 0..16 (common.independent_pixel_log_probs,
     add-0.5 smoothing on train), whatever is observed; missing_nll exact under that model."""
 
@@ -282,109 +313,197 @@ def pairwise_distance(completions):
     return float(np.mean([(completions[a] - completions[b]).norm(dim=1).mean().item() for a, b in pairs]))
 
 
-def evaluate(completer, x, labels, missing, classifier, *, seed, device, diversity_digits, batch_size):
-    """One completion of every digit, COPIES of the first `diversity_digits` (for the diversity),
-    the missing pixels' NLL where given. x (N, 64) and missing (N, 64) on `device`, labels (N,).
-    Returns (metrics dict, first completions (N, 64) on 0..16 on the CPU). Raises AssertionError
-    when a completion changes an observed pixel or has the wrong shape."""
-    n, d = len(x), min(diversity_digits, len(x))
-    inputs = torch.cat([x] + [x[:d]] * (COPIES - 1))
-    masks = torch.cat([missing] + [missing[:d]] * (COPIES - 1))
-    start = time.perf_counter()
+def pick_flag(text):
+    """--pick: "draw" -> 1, "best-of-K" (K >= 2) -> K; anything else a one-line error."""
+    match = re.fullmatch(r"best-of-([0-9]{1,3})", text)
+    if text == "draw":
+        return 1
+    if match and int(match.group(1)) >= 2:
+        return int(match.group(1))
+    raise argparse.ArgumentTypeError(f"expected draw or best-of-K with K >= 2 (e.g. best-of-8), got {text!r}")
+
+
+def draw_completions(completer, x, missing, draws, copied, *, seed, device, batch_size):
+    """One completion of every input and `draws` of the first `copied`, all seeded by `seed`:
+    ((N, 64) first completions, (draws, copied, 64) draws of the first inputs, whose first is the
+    first completion), on the CPU, clamped to 0..16. Raises AssertionError when a completion
+    changes an observed pixel or has the wrong shape."""
+    n = len(x)
+    inputs = torch.cat([x] + [x[:copied]] * (draws - 1))
+    masks = torch.cat([missing] + [missing[:copied]] * (draws - 1))
     with common.seeded(seed, device), torch.no_grad():
         completed = torch.cat([completer.complete(inputs[i:i + batch_size], masks[i:i + batch_size])
                                for i in range(0, len(inputs), batch_size)])
-    complete_seconds = time.perf_counter() - start
     assert completed.shape == inputs.shape, f"{completer.name} returned shape {tuple(completed.shape)}"
     assert torch.equal(completed[~masks], inputs[~masks]), f"{completer.name} changed observed pixels"
     completed = completed.float().cpu().clamp(0, common.PIXEL_MAX)
-    first, truth, hidden = completed[:n], x.cpu(), missing.cpu()
-    with torch.no_grad():
-        accuracy = (classifier(first).argmax(1) == torch.as_tensor(labels)).double().mean().item()
-    mse = ((first - truth)[hidden] ** 2).mean().item()
-    copies = torch.stack([first[:d]] + list(completed[n:].view(COPIES - 1, d, -1)))
-    nll, nll_seconds = None, None
+    first = completed[:n]
+    return first, torch.cat([first[None, :copied], completed[n:].view(draws - 1, copied, -1)])
+
+
+def best_of(completer, draws, *, seed, device, batch_size):
+    """The committed completion: of the K draws (K, N, 64) of each input, the one of lowest
+    completer.completion_nll (its -log p(x), bound or energy; the draws of an input share their
+    observed pixels, so this ranks by p(x_missing | x_observed)) -> (N, 64); None when the
+    completer has no likelihood."""
+    flat = draws.reshape(-1, draws.shape[-1]).to(device)
+    try:
+        with common.seeded(seed, device), torch.no_grad():
+            scores = torch.cat([completer.completion_nll(flat[i:i + batch_size]).double().cpu()
+                                for i in range(0, len(flat), batch_size)])
+    except NotImplementedError:
+        return None
+    pick = scores.view(draws.shape[:2]).argmin(0)  # (N,)
+    return draws[pick, torch.arange(draws.shape[1])]
+
+
+def evaluate(completer, x, labels, missing, classifier, *, seed, device, copied, draws, batch_size):
+    """The metrics of one (model, mask): one completion of every digit; `draws` of the first
+    `copied` digits, for the diversity (the first COPIES) and for the committed completion (best
+    of all `draws`, when draws > 1); the missing pixels' NLL where given. x (N, 64) and missing
+    (N, 64) on `device`, labels (N,). Returns (metrics, first completions (N, 64), the draws
+    (draws, copied, 64), the committed completions (copied, 64) or None), on the CPU."""
+    copied = min(copied, len(x))
+    start = time.perf_counter()
+    first, drawn = draw_completions(completer, x, missing, max(draws, COPIES), copied, seed=seed, device=device,
+                                    batch_size=batch_size)
+    complete_seconds = time.perf_counter() - start
+    truth, hidden, labels = x.cpu(), missing.cpu(), torch.as_tensor(labels)
+
+    def accuracy(completed, n):
+        with torch.no_grad():
+            return (classifier(completed).argmax(1) == labels[:n]).double().mean().item()
+
+    def mse(completed, n):
+        return ((completed - truth[:n])[hidden[:n]] ** 2).mean().item()
+
+    metrics = dict(accuracy=accuracy(first, len(x)), mse=mse(first, len(x)), diversity=pairwise_distance(drawn[:COPIES]))
+    metrics.update(missing_nll=None, nll_seconds=None, committed_accuracy=None, committed_mse=None)
     try:
         start = time.perf_counter()
         with common.seeded(seed + 1, device), torch.no_grad():
-            nll = float(torch.cat([completer.missing_nll(x[i:i + batch_size], missing[i:i + batch_size])
-                                   for i in range(0, n, batch_size)]).double().mean())
-        nll_seconds = time.perf_counter() - start
+            metrics["missing_nll"] = float(torch.cat([completer.missing_nll(x[i:i + batch_size], missing[i:i + batch_size])
+                                                      for i in range(0, len(x), batch_size)]).double().mean())
+        metrics["nll_seconds"] = round(time.perf_counter() - start, 2)
     except NotImplementedError:
         pass
-    seconds = complete_seconds + (nll_seconds or 0.0)
-    return dict(accuracy=accuracy, mse=mse, missing_nll=nll, diversity=pairwise_distance(copies),
-                seconds=round(seconds, 2), complete_seconds=round(complete_seconds, 2),
-                nll_seconds=nll_seconds and round(nll_seconds, 2)), first
+    committed, pick_seconds = None, 0.0
+    if draws > 1:
+        start = time.perf_counter()
+        committed = best_of(completer, drawn[:draws], seed=seed + 2, device=device, batch_size=batch_size)
+        pick_seconds = time.perf_counter() - start
+        metrics.update(draw_accuracy_first=accuracy(first[:copied], copied), draw_mse_first=mse(first[:copied], copied))
+        if committed is not None:
+            metrics.update(committed_accuracy=accuracy(committed, copied), committed_mse=mse(committed, copied))
+    metrics.update(complete_seconds=round(complete_seconds, 2), pick_seconds=round(pick_seconds, 2),
+                   seconds=round(complete_seconds + (metrics["nll_seconds"] or 0.0) + pick_seconds, 2))
+    return metrics, first, drawn, committed
 
 
 # -----------------------------------------------------------------------------
 # the table and the picture
 
+MARGIN = 0.10  # the accuracy above independent pixels that every family should reach on every mask
+
 
 def verdict(rows, masks, families):
-    """Which family is best (highest mean accuracy over the masks), whether it beats the nearest
-    neighbour and the GaussianMixture on every mask, and which families fall below either."""
-    accuracy = {(r["model"], r["mask"]): r["accuracy"] for r in rows}
-    present = [f for f in families if all((f, m) in accuracy for m in masks)]
-    if not present:
-        return dict(best=None, beats_baselines_everywhere=None, below={})
-    best = max(present, key=lambda f: np.mean([accuracy[f, m] for m in masks]))
-    references = [b for b in ("Nearest neighbour", "GaussianMixture") if all((b, m) in accuracy for m in masks)]
+    """Which family completes best (lowest mean -log p(x_missing | x_observed) among those that
+    give it on every mask; highest mean accuracy of one draw), the families whose one-draw
+    accuracy is not MARGIN above independent pixels' on a mask, and the masks where the ARM or the
+    MDM does not beat the GaussianMixture's bound."""
+    by = {(r["model"], r["mask"]): r for r in rows}
+    present = [f for f in families if all((f, m) in by for m in masks)]
+    scored = [f for f in present if all(by[f, m]["missing_nll"] is not None for m in masks)]
+    best_nll = min(scored, key=lambda f: np.mean([by[f, m]["missing_nll"] for m in masks]), default=None)
+    best_draw = max(present, key=lambda f: np.mean([by[f, m]["accuracy"] for m in masks]), default=None)
+    independent = "Independent pixels"
+    short = {}
+    if all((independent, m) in by for m in masks):
+        short = {f: [m for m in masks if by[f, m]["accuracy"] < by[independent, m]["accuracy"] + MARGIN] for f in present}
+    mixture = "GaussianMixture"
+    not_below = {}
+    if all((mixture, m) in by for m in masks):
+        not_below = {f: [m for m in masks if by[f, m]["missing_nll"] is None
+                         or by[f, m]["missing_nll"] >= by[mixture, m]["missing_nll"]]
+                     for f in ("ARM", "MDM") if f in present}
+    return dict(best_nll=best_nll, best_draw=best_draw, margin=MARGIN,
+                short_of_independent=({f: ms for f, ms in short.items() if ms} if short else None),
+                not_below_mixture=({f: ms for f, ms in not_below.items() if ms} if not_below else None))
 
-    def floor(m):
-        return max([accuracy[b, m] for b in references], default=-1.0)
 
-    below = {f: [m for m in masks if accuracy[f, m] < floor(m)] for f in present}
-    return dict(best=best, beats_baselines_everywhere=not below[best] if references else None,
-                below={f: ms for f, ms in below.items() if ms})
-
-
-def markdown(rows, masks, families, seconds, cpu_seconds, skipped, diversity_digits, verdict_):
+def markdown(rows, masks, families, seconds, cpu_seconds, skipped, setup, verdict_):
+    """inpaint.md: the proper score first, then one draw's accuracy and squared error, the
+    committed completion, the diversity, the verdict."""
     mask_names = list(masks)
     by = {(r["model"], r["mask"]): r for r in rows}
     models = [m for m in dict.fromkeys(r["model"] for r in rows)]
-    lines = ["Completions of the 447 test digits (one per digit; observed pixels kept exactly). Masks:", "",
-             "| mask | missing |", "|---|---|"]
+    lines = [f"Completions of the {setup['digits']} {setup['split']} digits (observed pixels kept exactly). Masks:",
+             "", "| mask | missing |", "|---|---|"]
     lines += [f"| {name} | {info['description']} |" for name, info in masks.items()]
 
-    def table(metric, title, digits, bold_max=None):
-        out = ["", title, "", "| model | " + " | ".join(mask_names) + (" | seconds (CPU s) |" if metric == "accuracy" else " |"),
-               "|---|" + "---|" * (len(mask_names) + (metric == "accuracy"))]
-        best = {}
-        if bold_max is not None:
-            for m in mask_names:
-                values = [by[f, m][metric] for f in families if (f, m) in by and by[f, m][metric] is not None]
-                best[m] = (max if bold_max else min)(values) if values else None
-        for model in models:
+    def cell(model, mask, metric, digits):
+        value = by.get((model, mask), {}).get(metric)
+        return "-" if value is None else f"{value:.{digits}f}"
+
+    def table(metric, title, digits, best=None, keep=lambda model: True, timing=False, pair=None):
+        out = ["", title, "", "| model | " + " | ".join(mask_names) + (" | seconds (CPU s) |" if timing else " |"),
+               "|---|" + "---|" * (len(mask_names) + timing)]
+        bests = {}
+        for m in mask_names:
+            values = [by[f, m][metric] for f in families if (f, m) in by and by[f, m].get(metric) is not None]
+            bests[m] = best(values) if best and values else None
+        for model in filter(keep, models):
             cells = []
             for m in mask_names:
+                text = cell(model, m, metric, digits)
+                if pair:
+                    text = f"{cell(model, m, pair, digits)} -> {text}"
                 value = by.get((model, m), {}).get(metric)
-                text = "-" if value is None else f"{value:.{digits}f}"
-                cells.append(f"**{text}**" if value is not None and value == best.get(m) and model in families else text)
-            extra = f" | {seconds[model]:.1f} ({cpu_seconds[model]:.1f})" if metric == "accuracy" and model in seconds else (
-                " | -" if metric == "accuracy" else "")
+                cells.append(f"**{text}**" if value is not None and value == bests.get(m) and model in families else text)
+            extra = (f" | {seconds[model]:.1f} ({cpu_seconds[model]:.1f})" if model in seconds else " | -") if timing else ""
             out.append(f"| {model} | " + " | ".join(cells) + extra + " |")
         return out
 
-    lines += table("accuracy", "Classifier accuracy of the completed digits against their true labels (higher is "
-                   "better; best family in bold); seconds: the family's wall time over all masks, with the "
-                   "process's CPU seconds:", 3, True)
-    lines += table("mse", "Mean squared error on the missing pixels (pixel units^2; lower is better):", 2, False)
-    lines += table("missing_nll", "-log p(x_missing | x_observed) of the true missing pixels, nats per digit, where the "
-                   "model gives it (ARM: exact, for masks whose missing pixels follow every observed one; "
-                   "MDM: its order-agnostic upper bound; GaussianMixture: upper bound by dequantization; independent "
-                   "pixels: exact):", 1, False)
-    lines += table("diversity", f"Diversity: mean L2 distance (pixels) between {COPIES} completions of the same "
-                   f"input, first {diversity_digits} test digits:", 2, None)
-    if verdict_["best"]:
-        below = verdict_["below"]
-        lines += ["", f"Best family by mean accuracy: **{verdict_['best']}**; "
-                  + ("above both the nearest neighbour and the GaussianMixture on every mask."
-                     if verdict_["beats_baselines_everywhere"] else
-                     f"below a baseline on {', '.join(below.get(verdict_['best'], []))}.")]
-        lines += ["Families below the nearest neighbour or the GaussianMixture: " + (
-            "; ".join(f"{f} ({', '.join(ms)})" for f, ms in below.items()) if below else "none") + "."]
+    has_nll = lambda model: any(by.get((model, m), {}).get("missing_nll") is not None for m in mask_names)  # noqa: E731
+    lines += table("missing_nll", "**The proper score**: -log p(x_missing | x_observed) of the true missing pixels, "
+                   "nats per digit (lower is better; best family in bold), for every model that gives it. ARM: exact "
+                   "where every missing pixel follows every observed one in raster order (bottom), elsewhere an "
+                   "importance-sampling estimate with 32 of its ancestral passes (low in expectation, by a gap that "
+                   "shrinks as the passes grow; docs/inpainting.md); MDM: its order-agnostic upper bound; "
+                   "GaussianMixture: an upper bound by dequantization; independent pixels: exact. The other families "
+                   "give no likelihood of a part of the digit (the flows, diffusions and the VAE would need p(x_observed), "
+                   "a marginal they can't compute):", 1, min, has_nll)
+    lines += table("accuracy", "Classifier accuracy of **one draw** per digit against the true labels (higher is "
+                   "better; best family in bold; a draw from p(x_missing | x_observed) is meant to vary, so a good model "
+                   "can sit below a completer that always commits); seconds: the family's wall time over all masks "
+                   "(draws, likelihoods and picks), with the process's CPU seconds:", 3, max, timing=True)
+    lines += table("mse", "Mean squared error of one draw on the missing pixels (pixel units^2; lower is better):",
+                   2, min)
+    if setup["draws"] > 1:
+        committed = lambda model: any(by.get((model, m), {}).get("committed_accuracy") is not None  # noqa: E731
+                                      or model == "Nearest neighbour" for m in mask_names)
+        lines += table("committed_accuracy", f"**Committed completion** (--pick best-of-{setup['draws']}): of "
+                       f"{setup['draws']} draws the most likely under the family's own likelihood, bound or energy, on "
+                       f"the first {setup['copied']} digits; each cell is one draw's accuracy on the same digits -> the "
+                       "committed one's (families without a likelihood are left out; the nearest neighbour, which always "
+                       "commits, for reference):", 3, max, committed, pair="draw_accuracy_first")
+        lines += table("committed_mse", "The same, mean squared error on the missing pixels (one draw -> committed):",
+                       2, min, committed, pair="draw_mse_first")
+    lines += table("diversity", f"Diversity: mean L2 distance (pixels) between {COPIES} draws for the same input, "
+                   f"first {setup['copied']} digits:", 2)
+    lines.append("")
+    if verdict_["best_nll"]:
+        lines.append(f"Lowest -log p(x_missing | x_observed) over the masks: **{verdict_['best_nll']}**. "
+                     f"Highest mean accuracy of one draw: **{verdict_['best_draw']}**.")
+    short = verdict_["short_of_independent"]
+    if short is not None:
+        lines.append(f"Families whose one draw is not {MARGIN:.2f} above independent pixels' accuracy: " + (
+            "; ".join(f"{f} ({', '.join(ms)})" for f, ms in short.items()) if short else "none") + ".")
+    not_below = verdict_["not_below_mixture"]
+    if not_below is not None:
+        lines.append("ARM and MDM below the GaussianMixture's -log p(x_missing | x_observed): " + (
+            "not on " + "; ".join(f"{f} ({', '.join(ms)})" for f, ms in not_below.items()) if not_below
+            else "on every mask") + ".")
     if skipped:
         lines += ["", "Left out: " + "; ".join(f"{k} ({v})" for k, v in skipped.items()) + "."]
     return "\n".join(lines) + "\n"
@@ -399,46 +518,65 @@ def _rgb(grid, mask_grid=None):
     return image
 
 
-def picture(path, x, missing_by_mask, completions, columns):
-    """For each mask a panel of the digits `columns`: the true digit, the masked input (missing
-    pixels red), then every model's first completion, one row each, the model named on the left."""
+def panel(title, x, missing, truth, draws, committed, shown=4, scale=3):
+    """A PIL image: for each input (column group) the true digit (when known) and the input with
+    its hidden pixels dark red, then per model (rows) `shown` draws and the committed completion
+    (a grey cell where there is none). draws: {model: (K, N, 64)}, committed: {model: (N, 64) or
+    None}; x, missing: (N, 64)."""
     from PIL import Image, ImageDraw
 
-    label_width, strip = 120, 18
-    panels = []
-    models = list(dict.fromkeys(model for model, _ in completions))
-    for mask_name, missing in missing_by_mask.items():
-        rows = [("true digit", _rgb(files.image_grid(x[columns], nrow=len(columns)))),
-                ("input", _rgb(files.image_grid(x[columns] * ~missing[columns], nrow=len(columns)),
-                               files.image_grid(missing[columns].float() * common.PIXEL_MAX, nrow=len(columns))))]
-        rows += [(model, _rgb(files.image_grid(completions[model, mask_name][columns], nrow=len(columns))))
-                 for model in models if (model, mask_name) in completions]
-        width = rows[0][1].shape[1]
-        canvas = Image.new("RGB", (width, strip + sum(r.shape[0] for _, r in rows)), (255, 255, 255))
-        ImageDraw.Draw(canvas).text((4, 3), mask_name, fill=(0, 0, 0))
-        top = strip
-        for _, row in rows:
-            canvas.paste(Image.fromarray(row), (0, top))
-            top += row.shape[0]
-        panels.append((canvas, [(name, row.shape[0]) for name, row in rows]))
-    labels = Image.new("RGB", (label_width, panels[0][0].height), (255, 255, 255))
-    draw, top = ImageDraw.Draw(labels), strip
-    for name, height in panels[0][1]:
-        draw.text((4, top + height // 2 - 5), name, fill=(0, 0, 0))
-        top += height
-    images = [labels] + [p for p, _ in panels]
-    whole = Image.new("RGB", (sum(i.width + 6 for i in images), max(i.height for i in images)), (255, 255, 255))
+    label_width, strip, gap = 130, 30, 8
+    blank = torch.full((common.NUM_PIXELS,), common.PIXEL_MAX * 0.35)
+
+    def group(cells, mask=None):  # (shown + 1, 64) -> one strip of cells
+        image = files.image_grid(torch.stack(cells), nrow=len(cells), scale=scale)
+        mask_image = None if mask is None else files.image_grid(torch.stack(mask), nrow=len(cells), scale=scale)
+        return _rgb(image, mask_image)
+
+    rows = []
+    for i in range(len(x)):
+        head = ([truth[i]] if truth is not None else []) + [x[i] * ~missing[i]]
+        head_mask = ([torch.zeros(common.NUM_PIXELS)] if truth is not None else []) + [missing[i].float() * common.PIXEL_MAX]
+        head += [blank] * (shown + 1 - len(head))
+        head_mask += [torch.zeros(common.NUM_PIXELS)] * (shown + 1 - len(head_mask))
+        column = [group(head, head_mask)]
+        for model, drawn in draws.items():
+            best = committed.get(model)
+            column.append(group([drawn[k, i] for k in range(min(shown, len(drawn)))]
+                                + [best[i] if best is not None else blank]))
+        rows.append(column)
+    cell_h, group_w = rows[0][0].shape[0], rows[0][0].shape[1]
+    names = [("true / input" if truth is not None else "input (red: hidden)")] + list(draws)
+    canvas = Image.new("RGB", (label_width + len(rows) * (group_w + gap), strip + len(names) * (cell_h + 2)),
+                       (255, 255, 255))
+    draw = ImageDraw.Draw(canvas)
+    draw.text((4, 2), title, fill=(0, 0, 0))
+    for j in range(len(rows)):
+        draw.text((label_width + j * (group_w + gap), 16), f"{shown} draws | best", fill=(90, 90, 90))
+    for r, name in enumerate(names):
+        top = strip + r * (cell_h + 2)
+        draw.text((4, top + cell_h // 2 - 5), name, fill=(0, 0, 0))
+        for j, column in enumerate(rows):
+            canvas.paste(Image.fromarray(column[r]), (label_width + j * (group_w + gap), top))
+    return canvas
+
+
+def save_panels(path, panels):
+    """Panels side by side into one PNG."""
+    from PIL import Image
+
+    whole = Image.new("RGB", (sum(p.width + 10 for p in panels), max(p.height for p in panels)), (255, 255, 255))
     left = 0
-    for image in images:
+    for image in panels:
         whole.paste(image, (left, 0))
-        left += image.width + 6
+        left += image.width + 10
     files.save_image(path, np.asarray(whole))
 
 
 def save_completions(path, completions):
-    """OUT/inpaint_completions.npz: one uint8 (N, 64) array on 0..16 per key "MODEL/MASK"."""
-    arrays = {f"{model}/{mask}": pixels.round().clamp(0, common.PIXEL_MAX).to(torch.uint8).numpy()
-              for (model, mask), pixels in completions.items()}
+    """A .npz of uint8 arrays on 0..16, one per key ("MODEL/MASK", or "MODEL/draws")."""
+    arrays = {key: pixels.round().clamp(0, common.PIXEL_MAX).to(torch.uint8).numpy()
+              for key, pixels in completions.items()}
 
     def write(tmp):
         with open(tmp, "wb") as f:
@@ -455,12 +593,28 @@ def main(argv=None):
     family_names = [f.name for f in registry.FAMILIES]
     parser = runs.Parser(prog="inpaint.py", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--models", nargs="+", default=None, metavar="NAME",
-                        help=f"families and baselines to run (default all: {', '.join(family_names + list(BASELINES))})")
+                        help=f"families and baselines to run (default all: {', '.join(family_names + list(BASELINES))}; "
+                             "with --input, every family)")
     parser.add_argument("--masks", nargs="+", default=list(MASK_NAMES), choices=MASK_NAMES, metavar="MASK",
                         help=f"built-in masks (default all: {', '.join(MASK_NAMES)})")
     parser.add_argument("--extra-mask", action="append", default=[], metavar="FILE.npy",
                         help="add a mask: (64,) booleans (True = missing) for every digit, or (N, 64) whose row "
-                             "i mod N is test digit i's; named after the file; repeatable")
+                             "i mod N is digit i's; named after the file; repeatable")
+    parser.add_argument("--input", type=Path, default=None, metavar="DIGITS.npy",
+                        help="complete your own digits instead: (N, 64) or (N, 8, 8) pixels on 0..16, hidden by "
+                             "--mask; writes OUT/inpaint_input.png and OUT/inpaint_input.npz")
+    parser.add_argument("--mask", default=None, metavar="NAME|FILE.npy",
+                        help=f"with --input: the pixels to hide, one of {', '.join(FIXED_MASKS)} or a boolean .npy "
+                             "((64,), (8, 8), or one row per digit; True = hidden)")
+    parser.add_argument("--pick", type=pick_flag, default=8, metavar="draw|best-of-K",
+                        help="draw: one draw per digit only; best-of-K: also the committed completion, the most likely "
+                             "of K draws under the family's own likelihood (default best-of-8)")
+    parser.add_argument("--copied", type=common.positive_int, default=50, metavar="N",
+                        help="the first N digits are drawn K times, for the committed completion and (4 draws) the "
+                             "diversity (default %(default)s)")
+    parser.add_argument("--split", choices=("test", "val"), default="test",
+                        help="the digits to complete: test to report, val to choose a method's settings "
+                             "(default %(default)s)")
     parser.add_argument("--out", type=Path, default=None,
                         help="folder of the trained weights and of inpaint.md, .json, .png and "
                              "inpaint_completions.npz (default: the project's results/; a relative path is "
@@ -469,44 +623,32 @@ def main(argv=None):
                         help="never train: skip a family whose weights OUT/NAME.pt are missing")
     parser.add_argument("--seed", type=common.seed_int, default=0,
                         help="seed of the random masks and of every completion (default %(default)s)")
-    parser.add_argument("--diversity-digits", type=common.positive_int, default=50,
-                        help=f"test digits completed {COPIES} times for the diversity (default %(default)s)")
     parser.add_argument("--batch-size", type=common.positive_int, default=512,
                         help="digits per complete() call (default %(default)s)")
     results.add_machine_flags(parser)
     args = parser.parse_args(argv)
     args.argv = list(sys.argv[1:] if argv is None else argv)  # recorded in inpaint.json
-    processes.tool("inpaint.py", lambda: complete_everything(args),
-                     "a model run it started was stopped and its files discarded; the files in --out are whole")
+    if (args.input is None) != (args.mask is None):
+        parser.error("--input and --mask go together")
+    body = complete_yours if args.input is not None else complete_everything
+    processes.tool("inpaint.py", lambda: body(args),
+                   "a model run it started was stopped and its files discarded; the files in --out are whole")
 
 
-def complete_everything(args):
-    """The body of main(): every family and baseline on every mask, then the outputs."""
+def chosen_models(args, names):
+    """The --models asked for (default `names`), an unknown one a one-line error."""
     family_names = [f.name for f in registry.FAMILIES]
-    start = time.perf_counter()
-    models = args.models or family_names + list(BASELINES)
+    models = args.models or names
     unknown = [m for m in models if m not in family_names + list(BASELINES)]
     if unknown:
         raise plumbing.UsageError(f"unknown model {unknown[0]!r}; choose from "
-                                f"{', '.join(family_names + list(BASELINES))}")
-    device = runs.choose_device(args.device)  # before --out is made: a refused device leaves nothing
-    out = results.out_folder(args.out)
-    files.check_out(out)
-    pixels, labels = common.load_digits_arrays()
-    splits, label_splits = common.split_arrays(pixels), common.split_arrays(labels)
-    n = len(splits["test"])
-    all_masks = built_in_masks(n, args.seed)
-    masks = {name: all_masks[name] for name in dict.fromkeys(args.masks)}
-    descriptions = {name: MASK_DESCRIPTIONS[name] for name in masks}
-    for file in args.extra_mask:
-        name, mask = load_extra_mask(file, n, taken=(*MASK_NAMES, *masks))
-        masks[name], descriptions[name] = mask, f"--extra-mask {Path(file).name}"
-    torch.set_num_threads(args.threads)
-    show = not args.no_progress and sys.stderr.isatty()
-    classifier, classifier_accuracy = quality.digit_classifier(out)
-    x = torch.from_numpy(splits["test"]).to(device)
-    missing = {name: torch.from_numpy(mask).to(device) for name, mask in masks.items()}
+                                  f"{', '.join(family_names + list(BASELINES))}")
+    return models
 
+
+def load_completers(models, args, out, device, splits):
+    """The families' trained models and the baselines named in `models`: (completers, {skipped
+    name: reason}, {baseline: seconds to fit})."""
     completers, skipped, setup_seconds = [], {}, {}
     for family in registry.FAMILIES:
         if family.name in models:
@@ -523,23 +665,50 @@ def complete_everything(args):
             with common.timed(torch.device("cpu")) as took:  # fitting counts in the baseline's seconds
                 completers.append(make())
             setup_seconds[name] = took
+    return completers, skipped, setup_seconds
 
-    rows, completions, seconds, cpu_seconds = [], {}, {}, {}
+
+def complete_everything(args):
+    """The body of main(): every family and baseline on every mask, then the outputs."""
+    start = time.perf_counter()
+    models = chosen_models(args, [f.name for f in registry.FAMILIES] + list(BASELINES))
+    device = runs.choose_device(args.device)  # before --out is made: a refused device leaves nothing
+    out = results.out_folder(args.out)
+    files.check_out(out)
+    pixels, labels = common.load_digits_arrays()
+    splits, label_splits = common.split_arrays(pixels), common.split_arrays(labels)
+    digits, digit_labels = splits[args.split], label_splits[args.split]
+    n = len(digits)
+    all_masks = built_in_masks(n, args.seed + (args.split == "val"))  # val's random masks differ from test's
+    masks = {name: all_masks[name] for name in dict.fromkeys(args.masks)}
+    descriptions = {name: MASK_DESCRIPTIONS[name] for name in masks}
+    for file in args.extra_mask:
+        name, mask = load_extra_mask(file, n, taken=(*MASK_NAMES, *masks))
+        masks[name], descriptions[name] = mask, f"--extra-mask {Path(file).name}"
+    torch.set_num_threads(args.threads)
+    show = not args.no_progress and sys.stderr.isatty()
+    classifier, classifier_accuracy = quality.digit_classifier(out)
+    x = torch.from_numpy(digits).to(device)
+    missing = {name: torch.from_numpy(mask).to(device) for name, mask in masks.items()}
+    completers, skipped, setup_seconds = load_completers(models, args, out, device, splits)
+
+    rows, completions, drawn, committed, seconds, cpu_seconds = [], {}, {}, {}, {}, {}
     for index, completer in enumerate(completers):
         family_start, family_cpu = time.perf_counter(), time.process_time()
         for mask_index, (mask_name, mask) in enumerate(missing.items()):
             with quality.announced(f"inpaint: {completer.name} on {mask_name}", show):
                 try:
-                    metrics, first = evaluate(completer, x, label_splits["test"], mask, classifier,
-                                              seed=args.seed + 1000 * index + mask_index, device=device,
-                                              diversity_digits=args.diversity_digits, batch_size=args.batch_size)
+                    metrics, first, draws, best = evaluate(
+                        completer, x, digit_labels, mask, classifier, seed=args.seed + 1000 * index + mask_index,
+                        device=device, copied=args.copied, draws=args.pick, batch_size=args.batch_size)
                 except NotImplementedError as error:
                     reason = plumbing.first_line(error, "complete() is not implemented")
                     print(f"inpaint: left out {completer.name}: {reason}", file=sys.stderr)
                     skipped[completer.name] = reason
                     break
             rows.append(dict(model=completer.name, mask=mask_name, **metrics))
-            completions[completer.name, mask_name] = first
+            completions[completer.name, mask_name], drawn[completer.name, mask_name] = first, draws
+            committed[completer.name, mask_name] = best
         else:
             setup = setup_seconds.get(completer.name, dict(wall=0.0, cpu=0.0))
             seconds[completer.name] = round(time.perf_counter() - family_start + setup["wall"], 2)
@@ -550,33 +719,121 @@ def complete_everything(args):
 
     # references: the true digits, and the observed pixels alone (missing = 0)
     with torch.no_grad():
-        true_accuracy = (classifier(x.cpu()).argmax(1) == torch.from_numpy(label_splits["test"])).double().mean().item()
+        true_accuracy = (classifier(x.cpu()).argmax(1) == torch.from_numpy(digit_labels)).double().mean().item()
         for mask_name, mask in missing.items():
             blanked = x.cpu() * ~mask.cpu()
             rows.append(dict(model="Observed only (missing = 0)", mask=mask_name,
-                             accuracy=(classifier(blanked).argmax(1) == torch.from_numpy(label_splits["test"]))
+                             accuracy=(classifier(blanked).argmax(1) == torch.from_numpy(digit_labels))
                              .double().mean().item(),
                              mse=((x.cpu()[mask.cpu()]) ** 2).mean().item(), missing_nll=None, diversity=0.0,
                              seconds=0.0))
-    family_names_run = [c.name for c in completers if c.name in family_names and c.name in seconds]
+    family_names_run = [c.name for c in completers if c.name in seconds and c.name not in BASELINES]
     mask_info = {name: dict(description=descriptions[name], missing_pixels=float(masks[name].sum(1).mean()))
                  for name in masks}
+    setup = dict(split=args.split, digits=n, draws=args.pick, copied=min(args.copied, n))
     verdict_ = verdict(rows, list(masks), family_names_run)
-    table = markdown(rows, mask_info, family_names_run, seconds, cpu_seconds, skipped, args.diversity_digits, verdict_)
-    table += (f"\nThe classifier's accuracy on the whole test digits is {true_accuracy:.3f}; \"Observed only\" "
+    table = markdown(rows, mask_info, family_names_run, seconds, cpu_seconds, skipped, setup, verdict_)
+    table += (f"\nThe classifier's accuracy on the whole {args.split} digits is {true_accuracy:.3f}; \"Observed only\" "
               f"classifies the inputs with the missing pixels at 0.\n")
     files.publish_table(out / "inpaint.md", table, registry.ROOT)
-    columns = [int(np.flatnonzero(label_splits["test"] == digit)[0]) for digit in range(10)]
-    picture(out / "inpaint.png", x.cpu(), {k: v.cpu() for k, v in missing.items()}, completions, columns)
-    save_completions(out / "inpaint_completions.npz", completions)
+    shown = [int(np.flatnonzero(digit_labels[:setup["copied"]] == digit)[0]) for digit in (2, 5, 8)
+             if (digit_labels[:setup["copied"]] == digit).any()][:3] or [0]
+    caption = (f": hidden pixels dark red; per family {COPIES} draws, then the most likely of {args.pick} "
+               "(grey: no likelihood to rank by)" if args.pick > 1 else f": hidden pixels dark red; {COPIES} draws")
+    panels = [panel(mask_name + caption * (mask_name == next(iter(missing))), x.cpu()[shown], missing[mask_name].cpu()[shown], x.cpu()[shown],
+                    {m: d[:, shown] for (m, k), d in drawn.items() if k == mask_name},
+                    {m: (b[shown] if b is not None else None) for (m, k), b in committed.items() if k == mask_name})
+              for mask_name in missing]
+    save_panels(out / "inpaint.png", panels)
+    save_completions(out / "inpaint_completions.npz", {f"{model}/{mask}": c for (model, mask), c in completions.items()})
     files.save_json(out / "inpaint.json", dict(
         masks=mask_info, rows=rows, verdict=verdict_, family_seconds=seconds, family_cpu_seconds=cpu_seconds,
-        skipped=skipped,
-        classifier_accuracy_on_test_digits=true_accuracy, classifier_reported_accuracy=classifier_accuracy,
-        seed=args.seed, diversity_digits=args.diversity_digits, copies=COPIES, device=str(device),
+        skipped=skipped, setup=setup,
+        classifier_accuracy_on_digits=true_accuracy, classifier_reported_accuracy=classifier_accuracy,
+        seed=args.seed, copies=COPIES, device=str(device),
         threads=torch.get_num_threads(), seconds=round(time.perf_counter() - start, 2),
         argv=args.argv))
     print(table)
+
+
+def read_user_digits(file):
+    """--input FILE.npy -> (N, 64) float pixels: (N, 64) or (N, 8, 8) numbers on 0..16 (integers,
+    or floats that are whole); anything else a one-line plumbing.UsageError."""
+    array = read_array(file, "--input")
+    if array.dtype == bool or not (np.issubdtype(array.dtype, np.integer) or np.issubdtype(array.dtype, np.floating)):
+        raise plumbing.UsageError(f"--input: {file} holds {array.dtype}; expected numbers on 0..16")
+    if array.ndim == 3 and array.shape[1:] == (SIDE, SIDE):
+        array = array.reshape(len(array), -1)
+    if array.ndim != 2 or array.shape[1] != common.NUM_PIXELS or len(array) == 0:
+        raise plumbing.UsageError(f"--input: {file} has shape {array.shape}; expected (N, 64) or (N, 8, 8) with N >= 1")
+    values = array.astype(np.float64)
+    if not np.isfinite(values).all() or values.min() < 0 or values.max() > common.PIXEL_MAX or (values != np.round(values)).any():
+        raise plumbing.UsageError(f"--input: {file} holds values outside the whole numbers 0..16 (NaN, infinite, "
+                                  "negative, fractional or above 16); digits are 8x8 pixels on 0..16")
+    return values
+
+
+def read_user_mask(text, n):
+    """--mask NAME or FILE.npy -> (n, 64) bool: a named half or the centre, or booleans (True =
+    hidden) of shape (64,), (8, 8), (n, 64) or (n, 8, 8); every row must hide a pixel and show one."""
+    if text in FIXED_MASKS:
+        return np.repeat(built_in_masks(1, 0)[text], n, 0)
+    if not text.endswith(".npy"):
+        raise plumbing.UsageError(f"--mask: expected one of {', '.join(FIXED_MASKS)} or a .npy file, got {text!r}")
+    array = as_mask(read_array(text, "--mask"), f"--mask: {text}")
+    if array.shape in ((common.NUM_PIXELS,), (SIDE, SIDE)):
+        array = np.repeat(array.reshape(1, -1), n, 0)
+    elif array.shape in ((n, common.NUM_PIXELS), (n, SIDE, SIDE)):
+        array = array.reshape(n, -1)
+    else:
+        raise plumbing.UsageError(f"--mask: {text} has shape {array.shape}; expected (64,), (8, 8), ({n}, 64) or "
+                                  f"({n}, 8, 8) for the {n} digits of --input")
+    check_rows(array, f"--mask: {text}")
+    return array
+
+
+def complete_yours(args):
+    """--input: the user's digits completed by every family (4 draws and the committed one) into
+    OUT/inpaint_input.png and .npz; nothing written on a bad input."""
+    x_np = read_user_digits(args.input)
+    missing_np = read_user_mask(args.mask, len(x_np))
+    models = chosen_models(args, [f.name for f in registry.FAMILIES])
+    device = runs.choose_device(args.device)
+    out = results.out_folder(args.out)
+    files.check_out(out)
+    torch.set_num_threads(args.threads)
+    splits = common.split_arrays(common.load_digits_arrays()[0])
+    x, missing = torch.from_numpy(x_np).float().to(device), torch.from_numpy(missing_np).to(device)
+    completers, skipped, _ = load_completers(models, args, out, device, splits)
+    draws, committed, arrays = {}, {}, {}
+    for index, completer in enumerate(completers):
+        try:
+            _, drawn = draw_completions(completer, x, missing, max(args.pick, COPIES), len(x), seed=args.seed + index,
+                                        device=device, batch_size=args.batch_size)
+        except NotImplementedError as error:
+            skipped[completer.name] = plumbing.first_line(error, "complete() is not implemented")
+            continue
+        draws[completer.name] = drawn
+        committed[completer.name] = (best_of(completer, drawn[:args.pick], seed=args.seed, device=device,
+                                             batch_size=args.batch_size) if args.pick > 1 else None)
+        arrays[f"{completer.name}/draws"] = drawn
+        if committed[completer.name] is not None:
+            arrays[f"{completer.name}/committed"] = committed[completer.name]
+        print(f"inpaint: {completer.name}: {len(drawn)} draws of {len(x)} digits"
+              + (", committed: best of " + str(args.pick) if committed[completer.name] is not None else
+                 ", no likelihood to commit by"), file=sys.stderr, flush=True)
+    for name, reason in skipped.items():
+        print(f"inpaint: left out {name}: {reason}", file=sys.stderr)
+    if not draws:
+        raise plumbing.UsageError("no family could complete the digits; nothing written")
+    shown = list(range(min(len(x), 12)))
+    title = (f"{args.input.name}, mask {Path(args.mask).name}: hidden pixels dark red; per family {COPIES} draws, then "
+             f"the most likely of {args.pick} (grey: no likelihood to rank by)")
+    save_panels(out / "inpaint_input.png", [panel(title, x.cpu()[shown], missing.cpu()[shown], None,
+                                                  {m: d[:, shown] for m, d in draws.items()},
+                                                  {m: (b[shown] if b is not None else None) for m, b in committed.items()})])
+    save_completions(out / "inpaint_input.npz", dict(arrays, input=x.cpu(), mask=missing.cpu().to(torch.uint8)))
+    print(f"inpaint: wrote {out / 'inpaint_input.png'} and {out / 'inpaint_input.npz'}")
 
 
 if __name__ == "__main__":

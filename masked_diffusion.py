@@ -409,6 +409,21 @@ class MDM(common.DigitsModel):
             total = total + (high - low) * nll / m.repeat(common.NUM_CLASSES)
         return -total.view(common.NUM_CLASSES, n).T
 
+    def completion_nll(self, x, strata=8):
+        """(B,) the discrete bound of test_nll estimated with one level m in each of `strata` strata
+        of equal width w per image, sum over strata of w (1/m) sum_{i in M} -log p(x_i | x outside
+        M) (unbiased for the bound, as eval_loss): what best-of-K ranks completions by, 32 times
+        cheaper than test_nll."""
+        target = x.round().long()
+        n, d = target.shape
+        width, every_pixel = d // strata, torch.ones_like(target, dtype=torch.bool)
+        total = 0.0
+        for stratum in range(strata):
+            m = stratum * width + 1 + torch.randint(width, (n,), device=target.device)  # (B,)
+            total = total + width * masked_cross_entropy(self.given(None), target, random_subset(every_pixel, m),
+                                                         MASK) / m
+        return total
+
     def missing_nll(self, x, missing, masks_per_level=1):
         """(B,) upper bound on -log p(x_missing | x_observed), nats; missing (B, 64) bool. One
         random mask per level by default (the test NLL draws --masks-per-level): an unbiased estimate

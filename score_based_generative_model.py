@@ -452,28 +452,25 @@ class SBGM(common.DigitsModel):
         return -total.view(k, n).T
 
     @torch.no_grad()
-    def complete(self, x, missing, steps=25):
-        """Inpainting by replacement (Song et al. 2021, appendix I.2): Euler-Maruyama on the reverse
-        SDE from t = 1 to t_eps on `steps` equal steps, the observed pixels set before every step
-        to the data noised to that time, alpha_t x_0 + sigma_t eps, x_0 their box centres on
-        [-1, 1]; then Tweedie's E[x_0 | z] and the value whose box holds it."""
-        known, n = common.pixels_to_pm1(x), len(x)
-        times = torch.linspace(1.0, self.config.t_eps, steps + 1, dtype=x.dtype, device=x.device)
-        z = torch.randn_like(known) * math.sqrt(self.sde.prior_var())
-        for i in range(steps):
-            t = times[i].expand(n)
-            alpha, sigma = self.sde.marginal(t)
-            z = torch.where(missing, z, alpha[:, None] * known + sigma[:, None] * torch.randn_like(z))
-            f, g2 = self.sde.coefficients(t)
-            dt = float(times[i] - times[i + 1])
-            score = -self.eps(z, t) / sigma[:, None]
-            z = z + (-f[:, None] * z + g2[:, None] * score) * dt
-            if i < steps - 1:
-                z = z + (g2[:, None] * dt).sqrt() * torch.randn_like(z)
-        t = times[-1].expand(n)
-        alpha, sigma = self.sde.marginal(t)
-        x0 = (z - sigma[:, None] * self.eps(z, t)) / alpha[:, None]
+    def complete(self, x, missing, steps=10, resample=10):
+        """Inpainting as RePaint (Lugmayr et al. 2022, common.repaint) on `steps` equal steps of
+        time from t = 1 to t_eps: the observed pixels set to the data noised to that time,
+        alpha_t x_0 + sigma_t eps, x0^ = (z - sigma_t eps(z, t)) / alpha_t, the ancestral step to
+        the next time, `resample` times per step (chosen on the validation split:
+        docs/inpainting.md); then the value whose box holds the last x0^."""
+        times = torch.linspace(1.0, self.config.t_eps, steps, dtype=x.dtype, device=x.device)
+        alphas, sigmas = self.sde.marginal(times)
+
+        def denoise(z, i):
+            return (z - sigmas[i] * self.eps(z, times[i].expand(len(z)))) / alphas[i]
+
+        x0 = common.repaint(denoise, common.pixels_to_pm1(x), missing, alphas.tolist(), sigmas.tolist(), resample)
         return torch.where(missing, torch.floor((x0 + 1) * 8 + 0.5).clamp(0, common.PIXEL_MAX), x)
+
+    def completion_nll(self, x, draws=4):
+        """(B,) the SDE's variational bound (the training objective), `draws` noise draws per image:
+        what best-of-K ranks completions by (cheaper than the ODE likelihood)."""
+        return torch.stack([self.bound(x) for _ in range(draws)]).mean(0)
 
     def extra_metrics(self, splits, labels):
         """The SDE's variational bound on the test split (the training objective; given the

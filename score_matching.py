@@ -290,16 +290,22 @@ class ScoreMatching(common.DigitsModel):
         return (self.score(v, level) * self.sigmas[-1]).norm(dim=1)
 
     @torch.no_grad()
-    def complete(self, x, missing):
-        """Inpainting by annealed Langevin dynamics with the observed pixels clamped to the data
-        noised to the current level, v_o + sigma_i z (Song & Ermon 2019, their inpainting): the
-        sampler's levels, steps, step size and rule move the missing pixels from uniform noise; then the
-        Tweedie denoising step."""
-        v, s = common.pixels_to_pm1(x), self.sampling
-        u = torch.where(missing, torch.rand_like(v) * 2 - 1, v)
-        clamp = lambda u, sigma: torch.where(missing, u, v + sigma * torch.randn_like(v))  # noqa: E731
-        u = annealed_langevin(self.score, u, self.sigmas, s.langevin_steps, s.step_size, s.denoise, s.rule, clamp)
-        return torch.where(missing, common.pm1_to_pixels(u), x)
+    def complete(self, x, missing, every=2, resample=10):
+        """Inpainting as RePaint (Lugmayr et al. 2022, common.repaint) on every `every`-th noise
+        level (and the last), the variance-exploding path z = x + sigma_i eps: the observed
+        pixels set to the data noised to the level, x0^ = z + sigma_i^2 s(z, sigma_i) (Tweedie),
+        the ancestral step to the next level, `resample` times per level (chosen on the validation
+        split: docs/inpainting.md); then the pixel values of the last x0^."""
+        levels = list(range(0, len(self.sigmas), every))
+        levels += [len(self.sigmas) - 1] if levels[-1] != len(self.sigmas) - 1 else []
+        sigmas = self.sigmas[levels].tolist()
+
+        def denoise(z, i):
+            level = torch.full((len(z),), levels[i], dtype=torch.long, device=z.device)
+            return z + sigmas[i] ** 2 * self.score(z, level)
+
+        x0 = common.repaint(denoise, common.pixels_to_pm1(x), missing, [1.0] * len(levels), sigmas, resample)
+        return torch.where(missing, common.pm1_to_pixels(x0).round(), x)
 
     @torch.no_grad()
     def extra_metrics(self, splits, labels):

@@ -395,8 +395,12 @@ class VAE(common.DigitsModel):
     def samplers(self):
         return {"decoder_means": self.sample_means}
 
+    def completion_nll(self, x, k=20):
+        """(B,) the IWAE bound with k draws of z: what best-of-K ranks completions by."""
+        return self.iwae_nll(x, k)
+
     @torch.no_grad()
-    def complete(self, x, missing, iterations=30):
+    def complete(self, x, missing, iterations=50):
         """Inpainting by Metropolis-within-Gibbs (Mattei & Frellsen 2018) on (z, x_m), x = (x_o, x_m):
         z' ~ q(z | x) accepted with probability min(1, [p(x | z') p(z') q(z | x)] /
         [p(x | z) p(z) q(z' | x)]) (an independence sampler of p(z | x)), then x_m ~ p(x_m | z),

@@ -190,15 +190,19 @@ def check_model_size(model_class, config, sampling, source):
                          f"at most {MAX_PARAMETERS:,} fit here")
 
 
-# The methods of DigitsModel that only evaluate a trained model: a change to them re-scores a run
-# from its weights; a change to any other code of the family script, or to common.py, retrains it.
-EVALUATION_ONLY = ("complete", "missing_nll", "ood_score", "samplers", "extra_metrics", "extra_images",
-                   "class_log_likelihoods")
+# Code that only evaluates a trained model, by name (methods of a model class, or functions of
+# common.py and the family scripts): SCORED writes numbers into a run's metrics, so a change to it
+# re-scores the run from its weights; TOOL_ONLY is used by the tools (ood.py, inpaint.py), which
+# compute afresh on every run, so a change to it leaves the run current. Any other code of the
+# family script, or of common.py, decides the weights: a change to it retrains the run.
+SCORED = ("samplers", "extra_metrics", "extra_images", "class_log_likelihoods")
+TOOL_ONLY = ("complete", "missing_nll", "completion_nll", "ood_score", "repaint")
+EVALUATION_ONLY = SCORED + TOOL_ONLY
 
 
 def _code(path, keep):
     """The parsed code of a file, docstrings left out (comments never reach the tree), with only
-    the top-level statements and class methods keep(name) accepts: a stable tree to hash."""
+    the functions and class methods whose names keep(name) accepts: a stable tree to hash."""
     tree = ast.parse(Path(path).read_text())
     for node in ast.walk(tree):
         body = getattr(node, "body", None)
@@ -206,31 +210,31 @@ def _code(path, keep):
                 and isinstance(body[0], ast.Expr) and isinstance(body[0].value, ast.Constant)
                 and isinstance(body[0].value.value, str)):
             node.body = body[1:] or [ast.Pass()]
-        if isinstance(node, ast.ClassDef):
+        if isinstance(node, (ast.Module, ast.ClassDef)):
             node.body = [n for n in node.body if not isinstance(n, ast.FunctionDef) or keep(n.name)] or [ast.Pass()]
     return tree
 
 
 def weights_fingerprint(script, root):
-    """sha256 of the code that decides a run's trained weights: the family script without its
-    evaluation-only methods, and common.py (the data, the contract, the shared maths and
-    networks, the loop). Comments, docstrings and the machinery in plumbing/ leave it unchanged;
-    so does plumbing/runs.py, which passes the loop its seeds and settings: an edit to those
-    calls for a re-run by hand."""
+    """sha256 of the code that decides a run's trained weights: the family script and common.py
+    (the data, the contract, the shared maths and networks, the loop), each without its
+    evaluation-only functions. Comments, docstrings and the machinery in plumbing/ leave it
+    unchanged; so does plumbing/runs.py, which passes the loop its seeds and settings: an edit to
+    those calls for a re-run by hand."""
     digest = hashlib.sha256()
-    digest.update(ast.dump(_code(script, lambda name: name not in EVALUATION_ONLY)).encode())
-    digest.update(ast.dump(_code(Path(root) / "common.py", lambda name: True)).encode())
+    for path in (script, Path(root) / "common.py"):
+        digest.update(ast.dump(_code(path, lambda name: name not in EVALUATION_ONLY)).encode())
     return digest.hexdigest()
 
 
 def scoring_fingerprint(script, root):
-    """sha256 of the code that scores trained weights: the sample-quality measures
-    (plumbing/quality.py) and the script's evaluation-only methods."""
+    """sha256 of the code that computes a run's recorded scores from its weights: the
+    sample-quality measures (plumbing/quality.py) and the script's SCORED methods."""
     digest = hashlib.sha256()
     digest.update(ast.dump(_code(Path(root) / "plumbing" / "quality.py", lambda name: True)).encode())
-    classes = [node for node in _code(script, lambda name: name in EVALUATION_ONLY).body if isinstance(node, ast.ClassDef)]
+    classes = [node for node in _code(script, lambda name: name in SCORED).body if isinstance(node, ast.ClassDef)]
     methods = [ast.dump(method) for cls in classes for method in cls.body
-               if isinstance(method, ast.FunctionDef) and method.name in EVALUATION_ONLY]
+               if isinstance(method, ast.FunctionDef) and method.name in SCORED]
     digest.update("".join(methods).encode())
     return digest.hexdigest()
 

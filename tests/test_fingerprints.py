@@ -57,6 +57,17 @@ def test_comment_docstring_readme_lock_and_signal_edits_leave_every_run_current(
     assert set(statuses().values()) == {"current"}
 
 
+def test_completion_and_ood_edits_leave_every_run_current(copy_root):
+    """What only the tools use (complete, missing_nll, completion_nll, ood_score, common.repaint)
+    is computed afresh by every tool run: an edit to it neither retrains nor re-scores a run."""
+    edit(copy_root / "ddpm.py", "    def complete(self, x, missing, steps=20, resample=2):",
+         "    def complete(self, x, missing, steps=30, resample=3):")
+    edit(copy_root / "common.py", "    z = sigmas[0] * torch.randn_like(known)\n",
+         "    z = sigmas[0] * torch.randn_like(known)\n    z = z + 0\n")
+    edit(copy_root / "energy_based_model.py", "    def ood_score(self, x):\n", "    def ood_score(self, x):\n        x = x + 0\n")
+    assert set(statuses().values()) == {"current"}
+
+
 def test_a_scoring_change_rescores_and_a_training_change_retrains(copy_root, monkeypatch):
     edit(copy_root / "plumbing" / "quality.py", "\ndef sample_quality(", "\nSCALE = 1.0\n\n\ndef sample_quality(")
     assert set(statuses().values()) == {"rescore"}
