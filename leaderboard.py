@@ -37,7 +37,6 @@ digit classifier. Writes OUT/conditional.md, .json and .png (row c of each grid:
 
 import argparse
 import math
-import shutil
 import sys
 import time
 from pathlib import Path
@@ -400,7 +399,7 @@ def seed_table(out, seeds, train, threads):
             folder = out if seed == 0 else out / "seeds" / f"seed{seed}"
             if seed and (out / "_digit_classifier.pt").is_file() and not (folder / "_digit_classifier.pt").is_file():
                 folder.mkdir(parents=True, exist_ok=True)
-                shutil.copy(out / "_digit_classifier.pt", folder)
+                files.copy_file(out / "_digit_classifier.pt", folder / "_digit_classifier.pt")
             flags = ("--seed", str(seed)) if seed else ()
             metrics = results.current_metrics(name, script, folder, train, threads, flags)
             if metrics is None:

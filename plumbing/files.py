@@ -3,51 +3,73 @@ images, GIFs and curves, the tables copied into README.md and docs/, the lock of
 outputs, and the cleaning of what a killed process left behind."""
 
 import contextlib
+import errno
 import json
 import math
 import os
 import re
+import secrets
 import shutil
 import stat
+import tempfile
 from pathlib import Path
 
 import numpy as np
 import torch
 
-from plumbing import UsageError
+from plumbing import UsageError, first_line
 from common import PIXEL_MAX
 
 
 def atomic_write(path, write):
-    """Call write(tmp_path), then rename over path: a killed run never leaves a truncated file."""
-    path = Path(path)
-    tmp = path.with_name(temporary_name(path.name))
+    """Call write(tmp_path), then rename over path: a killed run never leaves a truncated file. The
+    temporary is created new (never through a link planted at its name), and the rename replaces a
+    link at `path` instead of writing through it."""
+    path, tmp = Path(path), None
     try:
+        tmp = create_new(path.parent, lambda tag: temporary_name(path.name, tag=tag))
         write(tmp)
         os.replace(tmp, path)
     except OSError as error:  # name the file the user knows, not the temporary one (or none)
-        raise OSError(error.errno, error.strerror, str(path)) from None
+        raise OSError(error.errno, error.strerror or first_line(error, "the write failed"), str(path)) from None
     finally:
-        if tmp.exists():
-            tmp.unlink()
+        if tmp is not None:
+            with contextlib.suppress(OSError):
+                tmp.unlink()  # gone after the rename; unlinks a link itself, never its target
 
 
-TEMP_MARKER = ".tmp-digits-"  # in every temporary name: .TARGET.tmp-digits-PID.SUFFIX, a name no user writes
+def create_new(folder, name):
+    """Create an empty file in `folder` named name(tag) for a fresh random tag, with O_EXCL and
+    O_NOFOLLOW: nothing already there (a planted link, another's file) is opened or followed.
+    Returns its path."""
+    flags = os.O_WRONLY | os.O_CREAT | os.O_EXCL | getattr(os, "O_NOFOLLOW", 0)
+    for _ in range(100):
+        path = Path(folder) / name(secrets.token_hex(4))
+        try:
+            os.close(os.open(path, flags, 0o666))
+            return path
+        except FileExistsError:
+            continue
+    raise FileExistsError(errno.EEXIST, "no free temporary name", str(path))
 
 
-def temporary_name(target, pid=None):
-    """The hidden name atomic_write gives the file that becomes `target` (a file name)."""
-    return f".{target}{TEMP_MARKER}{os.getpid() if pid is None else pid}{Path(target).suffix}"
+TEMP_MARKER = ".tmp-digits-"  # in every temporary name: .TARGET.tmp-digits-PID-TAG.SUFFIX, a name no user writes
+
+
+def temporary_name(target, pid=None, tag=None):
+    """The hidden name atomic_write gives the file that becomes `target` (a file name); `tag`
+    (random) makes it unguessable."""
+    return f".{target}{TEMP_MARKER}{os.getpid() if pid is None else pid}{f'-{tag}' if tag else ''}{Path(target).suffix}"
 
 
 SCRATCH = ".run-digits-"  # OUT/.NAME.run-digits-PID-XXXX: a tool's model run in progress (a folder)
 
 
 def _owner_pid(path):
-    """The pid that made `path` when it is a temporary file of atomic_write (.TARGET.tmp-digits-PID.SUFFIX)
+    """The pid that made `path` when it is a temporary file of atomic_write (.TARGET.tmp-digits-PID-TAG.SUFFIX)
     or a tool's scratch folder (.NAME.run-digits-PID-XXXX) and is what its name says (a plain
     file, a real folder); None for anything else."""
-    match = re.fullmatch(r"\.(.+)" + re.escape(TEMP_MARKER) + r"(\d{1,9})(\.[^.]*)?", path.name)
+    match = re.fullmatch(r"\.(.+)" + re.escape(TEMP_MARKER) + r"(\d{1,9})(?:-[0-9a-f]{1,16})?(\.[^.]*)?", path.name)
     if match and Path(match.group(1)).suffix == (match.group(3) or ""):
         return int(match.group(2)) if stat.S_ISREG(path.lstat().st_mode) else None
     match = re.fullmatch(rf"\.[A-Za-z0-9_]+{re.escape(SCRATCH)}(\d{{1,9}})-[A-Za-z0-9_]+", path.name)
@@ -74,6 +96,11 @@ def remove_stale(folder):
                     path.unlink()
         except (OSError, OverflowError):  # another user's process is alive; a bogus pid is not
             pass
+
+
+def copy_file(source, target):
+    """Copy `source` to `target` atomically (never through a link planted at target)."""
+    atomic_write(target, lambda tmp: shutil.copyfile(source, tmp))
 
 
 def finite_or_none(value):
@@ -205,9 +232,8 @@ def check_out(out):
         raise UsageError(f"--out {out} is a file, not a folder")
     try:
         out.mkdir(parents=True, exist_ok=True)
-        probe = out / f".write-test-{os.getpid()}"
-        probe.write_bytes(b"")
-        probe.unlink()
+        with tempfile.TemporaryFile(dir=out):  # a new file without a name (or a random one): no link followed
+            pass
     except OSError as error:
         raise UsageError(f"--out {out} can't be written ({error.strerror or error})") from None
 
@@ -227,10 +253,16 @@ def family_lock(out, name):
         return
     path = Path(out) / f".{name}{LOCK_SUFFIX}"
     while True:
-        try:
-            fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
+        try:  # never through a link planted at the lock's name (it would truncate the file it points to)
+            fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_NONBLOCK | getattr(os, "O_NOFOLLOW", 0), 0o644)
         except OSError as error:
-            raise UsageError(f"--out {out}: can't make the lock file {path.name} ({error.strerror or error})") from None
+            why = "it is a symbolic link; remove it" if error.errno == errno.ELOOP else error.strerror or error
+            raise UsageError(f"--out {out}: can't make the lock file {path.name} ({why})") from None
+        found = os.fstat(fd)
+        if not stat.S_ISREG(found.st_mode) or found.st_nlink != 1:  # a FIFO, or a hard link to another file
+            os.close(fd)
+            raise UsageError(f"--out {out}: the lock file {path.name} is not a plain file of its own "
+                             f"(a link, a FIFO or a device); remove it")
         try:
             fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
         except OSError:
