@@ -4,6 +4,7 @@ outputs, and the cleaning of what a killed process left behind."""
 
 import contextlib
 import errno
+import hashlib
 import json
 import math
 import os
@@ -103,6 +104,119 @@ def copy_file(source, target):
     atomic_write(target, lambda tmp: shutil.copyfile(source, tmp))
 
 
+class DamagedFile(UsageError):
+    """An input file that can't be read as what it should be: `problem` says why (after its path)."""
+
+    def __init__(self, path, problem):
+        super().__init__(f"{path} {problem}")
+        self.path, self.problem = path, problem
+
+
+MAX_INPUT_BYTES = 2**30  # an input array or JSON file larger than this is refused before it is read
+
+
+def open_regular(path):
+    """A binary file object of the regular file at `path`. Anything else is refused before a byte is
+    read (DamagedFile): a folder, and a FIFO or a device, which a read would wait on forever."""
+    try:
+        fd = os.open(path, os.O_RDONLY | os.O_NONBLOCK)  # a FIFO opens at once, its reads are never reached
+    except FileNotFoundError:
+        raise DamagedFile(path, "is missing") from None
+    except OSError as error:
+        raise DamagedFile(path, f"can't be read ({error.strerror or first_line(error)})") from None
+    mode = os.fstat(fd).st_mode
+    if not stat.S_ISREG(mode):
+        os.close(fd)
+        kind = "a folder" if stat.S_ISDIR(mode) else "a FIFO" if stat.S_ISFIFO(mode) else "a device or socket"
+        raise DamagedFile(path, f"is {kind}, not a file")
+    os.set_blocking(fd, True)
+    return os.fdopen(fd, "rb")
+
+
+NPY_MAGIC, ZIP_MAGIC = b"\x93NUMPY", b"PK\x03\x04"
+
+
+def _read_npy_stream(f, path, size, check, max_bytes):
+    """The array of an .npy stream `f` of `size` bytes, its header checked (DamagedFile) before any
+    data is read: numbers only (no pickled objects), check(shape, dtype) -> a problem or None, at
+    most max_bytes, not truncated."""
+    magic = f.read(len(NPY_MAGIC))
+    if magic != NPY_MAGIC:
+        raise DamagedFile(path, "is an .npz archive, not an .npy array" if magic.startswith(b"PK")
+                          else "is not an .npy array (no .npy header)")
+    f.seek(0)
+    try:
+        version = np.lib.format.read_magic(f)
+        read_header = {(1, 0): np.lib.format.read_array_header_1_0,
+                       (2, 0): np.lib.format.read_array_header_2_0}.get(version)
+        if read_header is None:
+            raise DamagedFile(path, f"is an .npy file of format {version}, which is not read here")
+        shape, fortran, dtype = read_header(f)  # the header alone: no data read yet
+    except (ValueError, EOFError, SyntaxError, TypeError) as error:
+        raise DamagedFile(path, f"has a damaged .npy header ({first_line(error)})") from None
+    if dtype.hasobject or dtype.kind not in "biuf":
+        raise DamagedFile(path, f"holds {dtype}, not numbers")
+    problem = check(shape, dtype)
+    if problem:
+        raise DamagedFile(path, problem)
+    nbytes = dtype.itemsize * math.prod(shape)
+    if nbytes > max_bytes:
+        raise DamagedFile(path, f"holds {nbytes / 2**30:.1f} GiB; at most {max_bytes / 2**30:.1f} GiB is read")
+    data = f.read(nbytes) if size is None or size >= f.tell() + nbytes else b""
+    if len(data) < nbytes:
+        raise DamagedFile(path, "is truncated")
+    return np.frombuffer(bytearray(data), dtype).reshape(shape, order="F" if fortran else "C")
+
+
+def read_npy(path, check=lambda shape, dtype: None, max_bytes=MAX_INPUT_BYTES):
+    """The array of the .npy file at `path`, checked from its header before its data is read (see
+    _read_npy_stream); any problem is one line (DamagedFile, a UsageError)."""
+    with open_regular(path) as f:
+        return _read_npy_stream(f, path, os.fstat(f.fileno()).st_size, check, max_bytes)
+
+
+def read_npz(path, checks, max_bytes=MAX_INPUT_BYTES):
+    """{key: array} of the .npz archive at `path` for each key of `checks` (key -> check(shape, dtype),
+    see read_npy), each array's header checked before its data is read; any problem (a missing
+    key, an .npy file, a damaged archive) is one line (DamagedFile)."""
+    import zipfile
+
+    with open_regular(path) as f:
+        magic = f.read(len(ZIP_MAGIC))
+        if magic != ZIP_MAGIC:
+            raise DamagedFile(path, "is an .npy array, not an .npz archive" if magic.startswith(NPY_MAGIC[:4])
+                              else "is not an .npz archive")
+        f.seek(0)
+        try:
+            with zipfile.ZipFile(f) as archive:
+                members = {name[:-4]: name for name in archive.namelist() if name.endswith(".npy")}
+                if not set(checks) <= set(members):
+                    raise DamagedFile(path, f"holds {sorted(members)}, not {', '.join(checks)}")
+                arrays = {}
+                for key, check in checks.items():
+                    size = archive.getinfo(members[key]).file_size
+                    with archive.open(members[key]) as member:
+                        arrays[key] = _read_npy_stream(member, path, size, check, max_bytes)
+                return arrays
+        except (zipfile.BadZipFile, zipfile.LargeZipFile, EOFError, OSError, ValueError, NotImplementedError) as error:
+            raise DamagedFile(path, f"is a damaged archive ({first_line(error)})") from None
+
+
+def read_json(path, max_bytes=10 * 2**20):
+    """The JSON value of the file at `path`; too large, not UTF-8, not JSON, or nested too deep for
+    the parser is one line (DamagedFile)."""
+    with open_regular(path) as f:
+        size = os.fstat(f.fileno()).st_size
+        if size > max_bytes:
+            raise DamagedFile(path, f"is {size} bytes, more than {max_bytes} a JSON file of this project holds")
+        try:
+            return json.loads(f.read().decode())
+        except RecursionError:
+            raise DamagedFile(path, "is JSON nested too deep to read") from None
+        except (OSError, UnicodeDecodeError, ValueError) as error:
+            raise DamagedFile(path, f"is unreadable ({first_line(error)})") from None
+
+
 def finite_or_none(value):
     if isinstance(value, float) and not math.isfinite(value):
         return None
@@ -116,6 +230,16 @@ def finite_or_none(value):
 def save_json(path, data):
     text = json.dumps(finite_or_none(data), indent=2, allow_nan=False) + "\n"
     atomic_write(path, lambda tmp: tmp.write_text(text))
+
+
+def arrays_checksum(*arrays):
+    """sha256 over arrays' dtypes, shapes and bytes: what a run's metrics record of its samples, so
+    that samples and metrics of two different runs are never read as one."""
+    digest = hashlib.sha256()
+    for array in arrays:
+        array = np.ascontiguousarray(array)
+        digest.update(f"{array.dtype.str}|{array.shape}|".encode() + array.tobytes())
+    return digest.hexdigest()
 
 
 def save_arrays(path, arrays):
@@ -224,6 +348,14 @@ def publish_table(path, text, root):
             updated = head + begin + text.rstrip("\n") + "\n" + end + rest.split(end, 1)[1]
             if updated != current:
                 atomic_write(page, lambda tmp: tmp.write_text(updated))
+
+
+def keep_table(path, scored):
+    """A tool run that scored no family (`scored` empty: every one skipped) must not replace the
+    table at `path` with an empty one: UsageError (one line) when one is there."""
+    if not scored and Path(path).exists():
+        raise UsageError(f"no family could be scored (every one was skipped); {path} and the files written "
+                         f"with it are left as they were")
 
 
 def check_out(out):
