@@ -94,7 +94,7 @@ def load_checkpoint(path, name, config, kind, missing_hint, conditional=None):
                              f"weights-only loading does not allow, so it is not a checkpoint of "
                              f"this project") from None
         raise UsageError(f"{path} is truncated or corrupted ({first_line(error)})") from None
-    except OSError as error:  # unreadable, not damaged: a permission, a folder, an I/O error
+    except (PermissionError, IsADirectoryError) as error:  # unreadable, not damaged (torch says EINVAL to damage)
         raise UsageError(f"can't read {path} ({error.strerror or first_line(error)})") from None
     except Exception as error:  # zip, EOF, and storage errors of a damaged file
         raise UsageError(f"{path} is truncated or corrupted ({first_line(error)})") from None
