@@ -262,6 +262,23 @@ class RunHooks(Hooks):
         self.saver.finish(state.epoch)
 
 
+# a sampler setting of magnitude outside this range means nothing in float32 arithmetic (a temperature of
+# 1e-45 divides logits into inf, and torch.multinomial fails on the NaN probabilities): refused where parsed
+FLOAT_SETTING_RANGE = (1e-30, 1e30)
+
+
+def unusable_float(settings):
+    """The one-line reason a float field of the dataclass `settings` is unusable (nonzero and of
+    magnitude outside FLOAT_SETTING_RANGE), or None."""
+    low, high = FLOAT_SETTING_RANGE
+    for field in dataclasses.fields(settings):
+        value = getattr(settings, field.name)
+        if isinstance(value, float) and value != 0 and not low <= abs(value) <= high:
+            return (f"argument --{field.name.replace('_', '-')}: {value:g} is outside what float32 sampling can "
+                    f"use (0, or a magnitude from {low:g} to {high:g})")
+    return None
+
+
 def main(model_class, doc, argv=None, *, settle=None, extra_flags=None, **training):
     """A family script's main(): its flags (the shared ones with the script's training defaults
     `training`, one per field of model_class.Config and .Sampling, and extra_flags(parser)'s),
@@ -277,6 +294,9 @@ def main(model_class, doc, argv=None, *, settle=None, extra_flags=None, **traini
                     model_class.Sampling)
     args = parse_args(parser, argv)
     config, sampling = options_from(args, model_class.Config), options_from(args, model_class.Sampling)
+    unusable = unusable_float(sampling)
+    if unusable:
+        parser.error(unusable)
     if settle:
         try:
             config, sampling = settle(args, config, sampling)

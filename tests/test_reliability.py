@@ -368,3 +368,12 @@ def test_a_run_of_one_piece_is_read_and_the_shipped_runs_are_pairs(two_runs):
         weights = shipped / metrics_path.name.replace("_metrics.json", ".pt")
         checkpoint = torch.load(weights, map_location="cpu", weights_only=True)
         assert checkpoints.pair_problem(checkpoint, metrics) is None, weights
+
+
+def test_a_float_sampler_setting_beyond_float32_is_refused_where_parsed(tmp_path, capsys):
+    import masked_diffusion
+
+    code = run_main(masked_diffusion.main, ["--quick", "--out", str(tmp_path), "--temperature", "1e-45"])
+    assert code == 2 and "--temperature: 1e-45 is outside" in one_line(capsys.readouterr().err)
+    assert list(tmp_path.iterdir()) == []
+    assert runs.unusable_float(masked_diffusion.MDM.Sampling(temperature=1e-3)) is None
