@@ -175,8 +175,9 @@ def pair_problem(checkpoint, metrics):
     Metrics that record no checksum (or are unreadable: their readers say so) are not judged."""
     recorded = metrics.get("weights_sha256") if isinstance(metrics, dict) else None
     if isinstance(recorded, str) and recorded != checkpoint.get("weights_sha256"):
-        return (f"holds other weights than its metrics were measured on (weights sha256 {str(checkpoint.get('weights_sha256'))[:12]} "
-                f"vs {recorded[:12]} in the metrics): a run stopped while it replaced its files; run it again")
+        stored = str(checkpoint.get("weights_sha256"))[:12]
+        return (f"holds other weights than its metrics were measured on (weights sha256 {stored} vs "
+                f"{recorded[:12]} in the metrics): a run stopped while it replaced its files; run it again")
     return None
 
 

@@ -1,7 +1,7 @@
 """Signals and child processes, one mechanism for a model run and for the tools.
 
-A SIGINT, SIGTERM or SIGHUP (a closed terminal) raises KeyboardInterrupt while work can stop anywhere (training, a
-tool's loop); inside ``SIGNALS.held()`` (an epoch being recorded, outputs being written) it is
+A SIGINT, SIGTERM or SIGHUP (a closed terminal) raises KeyboardInterrupt while work can stop
+anywhere (training, a tool's loop); inside ``SIGNALS.held()`` (an epoch being recorded, outputs being written) it is
 only recorded and takes effect at the block's end, so that every file is completed; a second
 signal there stops at once (StopNow). A tool's child runs in a process group of its own: the
 signal is forwarded to it (or it is killed, for helpers such as benchmark's busy loop) and the

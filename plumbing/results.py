@@ -16,7 +16,8 @@ import torch
 from plumbing import UsageError
 from common import NUM_PIXELS, PIXEL_MAX, positive_int
 from plumbing.checkpoints import load_trained, pair_problem, scoring_fingerprint, weights_fingerprint
-from plumbing.files import SCRATCH, DamagedFile, arrays_checksum, family_lock, read_json, read_npy, read_npz, remove_stale, save_json
+from plumbing.files import (
+    SCRATCH, DamagedFile, arrays_checksum, family_lock, read_json, read_npy, read_npz, remove_stale, save_json)
 from plumbing.processes import SIGNALS, emit, run_child
 from plumbing.registry import ROOT, model_class, output_paths, stem
 from plumbing.runs import DEFAULT_THREADS, MAX_SAMPLES

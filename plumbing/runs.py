@@ -23,8 +23,8 @@ from plumbing.checkpoints import (
     check_model_size, fingerprints, load_checkpoint, load_weights_into, save_resume, save_weights,
     train_state_from, weights_checksum)
 from plumbing.files import (
-    arrays_checksum, check_out, family_lock, finite_or_none, image_grid, labelled, remove_stale, save_arrays, save_curve, save_gif,
-    save_image, save_json)
+    arrays_checksum, check_out, family_lock, finite_or_none, image_grid, labelled, remove_stale, save_arrays, save_curve,
+    save_gif, save_image, save_json)
 from plumbing.processes import SIGNALS, StopNow, emit, report
 from plumbing.quality import (
     NonFiniteSamples, announced, check_samples, conditional_quality, frechet_to, generative_classifier,
@@ -446,7 +446,8 @@ def _final_outputs(model, splits, labels, args, device, paths, state, reason, wr
                 predicted = generative_classifier(model, splits["test"], labels["train"])
             extra.update(generative_classifier_accuracy=None if predicted is None else
                          float((predicted == labels["test"]).double().mean()),
-                         generative_classifier_seconds=None if predicted is None else round(classify_seconds["wall"], 2))
+                         generative_classifier_seconds=None if predicted is None else
+                         round(classify_seconds["wall"], 2))
 
         # a conditional model draws num_samples // k of each of the k classes asked for, class by class
         digits = torch.tensor(args.digits or range(NUM_CLASSES), device=device)
@@ -463,8 +464,9 @@ def _final_outputs(model, splits, labels, args, device, paths, state, reason, wr
                     timed(device) as seconds:
                 other = draw_samples(model, args.num_samples, args.seed + 5, device, sampler=sampler).cpu()
             check_samples(other, f"sampler {sampler_name}")
+            frechet = sample_quality(other.numpy(), out, extended=False)["frechet_distance"]
             other_samplers[sampler_name] = dict(seconds=round(seconds["wall"], 3), cpu_seconds=round(seconds["cpu"], 3),
-                                                frechet_distance=sample_quality(other.numpy(), out, extended=False)["frechet_distance"])
+                                                frechet_distance=frechet)
 
     write_training()
     save_image(out / "_Digit_real_image.png", image_grid(splits["test"][:64]))

@@ -19,7 +19,7 @@ import torch
 import autoregressive_model as arm_script
 import plumbing
 from conftest import run_main
-from plumbing import checkpoints, files, processes, registry, results, runs
+from plumbing import checkpoints, files, registry, results, runs
 
 ROOT = registry.ROOT
 TINY = ["--quick", "--no-progress", "--channels", "8", "--layers", "2", "--members", "1",
@@ -249,7 +249,8 @@ def test_a_fifo_as_extra_ood_is_refused_at_once(tmp_path, capsys):
     import ood
 
     os.mkfifo(tmp_path / "set.npy")
-    assert run_main(ood.main, ["--out", str(tmp_path / "o"), "--no-train", "--extra-ood", f"x={tmp_path / 'set.npy'}"]) == 2
+    fifo = tmp_path / "set.npy"
+    assert run_main(ood.main, ["--out", str(tmp_path / "o"), "--no-train", "--extra-ood", f"x={fifo}"]) == 2
     assert "is a FIFO" in one_line(capsys.readouterr().err)
 
 
@@ -276,7 +277,7 @@ def test_compress_reads_its_input_with_the_checked_reader(tmp_path, capsys):
 # principle 6: a tool locks its --out; a run that scored nothing keeps the table
 
 
-def test_a_second_tool_run_into_the_same_out_is_refused_in_one_line(tmp_path):
+def test_a_second_tool_run_into_the_same_out_is_refused_in_one_line(tmp_path, capsys):
     import ood
 
     holder = subprocess.Popen(
@@ -286,9 +287,8 @@ def test_a_second_tool_run_into_the_same_out_is_refused_in_one_line(tmp_path):
                                f"time.sleep(60)))"], stdout=subprocess.PIPE, text=True)
     try:
         assert holder.stdout.readline().strip() == "held"
-        second = subprocess.run([sys.executable, str(ROOT / "ood.py"), "--out", str(tmp_path), "--no-train",
-                                 "--device", "cpu", "--threads", "1"], capture_output=True, text=True, timeout=120)
-        assert second.returncode == 2 and f"pid {holder.pid}" in one_line(second.stderr)
+        assert run_main(ood.main, ["--out", str(tmp_path), "--no-train", "--device", "cpu", "--no-progress"]) == 2
+        assert f"pid {holder.pid}" in one_line(capsys.readouterr().err)
     finally:
         holder.kill()
         holder.wait()
