@@ -377,3 +377,12 @@ def test_a_float_sampler_setting_beyond_float32_is_refused_where_parsed(tmp_path
     assert code == 2 and "--temperature: 1e-45 is outside" in one_line(capsys.readouterr().err)
     assert list(tmp_path.iterdir()) == []
     assert runs.unusable_float(masked_diffusion.MDM.Sampling(temperature=1e-3)) is None
+
+
+def test_compress_decode_refuses_a_fifo_at_once(tmp_path, capsys):
+    import compress
+
+    os.mkfifo(tmp_path / "coded.bin")
+    with pytest.raises(SystemExit) as exit_:
+        compress.main(["decode", str(tmp_path / "coded.bin"), str(tmp_path / "out.npy")])
+    assert exit_.value.code == 2 and "is a FIFO" in one_line(capsys.readouterr().err)
