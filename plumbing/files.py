@@ -185,13 +185,13 @@ def read_npz(path, checks, max_bytes=MAX_INPUT_BYTES):
         magic = f.read(len(ZIP_MAGIC))
         if magic != ZIP_MAGIC:
             raise DamagedFile(path, "is an .npy array, not an .npz archive" if magic.startswith(NPY_MAGIC[:4])
-                              else "is not an .npz archive")
+                              else "is unreadable (not an .npz archive)")
         f.seek(0)
         try:
             with zipfile.ZipFile(f) as archive:
                 members = {name[:-4]: name for name in archive.namelist() if name.endswith(".npy")}
                 if not set(checks) <= set(members):
-                    raise DamagedFile(path, f"holds {sorted(members)}, not {', '.join(checks)}")
+                    raise DamagedFile(path, f"holds {sorted(members)}, not {' and '.join(checks)}")
                 arrays = {}
                 for key, check in checks.items():
                     size = archive.getinfo(members[key]).file_size

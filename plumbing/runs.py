@@ -106,6 +106,7 @@ def make_parser(script, doc, *, epochs, batch_size, lr, patience, ema=0.0, gif_e
 
 def parse_args(parser, argv=None):
     args = parser.parse_args(argv)
+    asked_samples = args.num_samples is not None  # not a default
     if args.epochs is None:
         args.epochs = 2 if args.quick else args._full_epochs
     if args.num_samples is None:
@@ -116,11 +117,11 @@ def parse_args(parser, argv=None):
         parser.error("--resume and --sample-only exclude each other")
     if args.digits is not None and not args.conditional:
         parser.error("--digits picks the classes of a conditional model; add --conditional")
-    if args.conditional and args.num_samples < len(args.digits or range(NUM_CLASSES)):
-        parser.error(f"--num-samples {args.num_samples} is fewer than the {len(args.digits or range(NUM_CLASSES))} "
-                     f"classes to draw")
     classes = len(args.digits or range(NUM_CLASSES))
-    if args.conditional and args.num_samples % classes:  # an equal share per class: the rest is not drawn
+    if args.conditional and args.num_samples < classes:
+        parser.error(f"--num-samples {args.num_samples} is fewer than the {classes} classes to draw")
+    # equal shares per class, the rest not drawn: said when the count or the classes were asked for
+    if args.conditional and (asked_samples or args.digits) and args.num_samples % classes:
         print(f"{parser.prog}: note: --num-samples {args.num_samples} shared by {classes} classes draws "
               f"{args.num_samples // classes} of each, {args.num_samples // classes * classes} in all", file=sys.stderr)
     if args.num_samples > MAX_SAMPLES:  # refused up front: the quality measures compare every pair
