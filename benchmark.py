@@ -130,7 +130,7 @@ def speed_table(out, device, thread_counts):
     splits, labels = common.load_splits(device), common.load_label_splits(device)
     rows = []
     for name, script in SCRIPTS.items():
-        print(f"benchmark: {name} training step", flush=True)
+        processes.emit(f"benchmark: {name} training step")
         rows.append(speed_row(name, script, out, splits, labels, device, peaks))
     one, most = min(thread_counts), max(thread_counts)
     lines = [f"Machine: {os.cpu_count()} CPU cores, device {device}, torch {torch.__version__}; fp32 matmul "
@@ -197,7 +197,7 @@ def busy_table(out, families=BUSY_FAMILIES):
             hog = processes.spawn([sys.executable, "-c", BUSY_LOOP, str(os.getpid())], how="kill")
             try:
                 time.sleep(1.0)  # let it show in the idle-core measurement
-                print(f"benchmark: {name} beside a busy core, --threads {threads}", flush=True)
+                processes.emit(f"benchmark: {name} beside a busy core, --threads {threads}")
                 busy = default_run(name, SCRIPTS[name], out, ["--threads", threads])
             finally:
                 hog.kill()
@@ -222,7 +222,7 @@ def write(out, stem, table, data):
     with processes.SIGNALS.held():  # both files complete, then a signal's exit 130
         files.publish_table(out / f"{stem}.md", table, registry.ROOT)
         files.save_json(out / f"{stem}.json", data)
-    print(table)
+    processes.emit(table)
 
 
 SPEED_KEYS = dict(train_flags="dict", threads="int", epochs_run="int", train_seconds="number",
@@ -278,7 +278,7 @@ def benchmark(args, out):
     if missing:
         raise plumbing.UsageError(f"no usable default runs of {', '.join(missing)} in {out}; make them with: "
                                 f"python leaderboard.py --out {out}")
-    files.check_out(out)
+    processes.claim_out(out, "benchmark.py")
     if args.busy:
         try:
             busy_table(out, families)

@@ -66,7 +66,6 @@ import bz2
 import gzip
 import hashlib
 import io
-import json
 import lzma
 import math
 import os
@@ -524,8 +523,11 @@ def model_numbers(models, x, weights_dir):
         joint = arm_class_log_joint(models["ARM-bits-back"], x)
         numbers["ARM-class-first"] = (float(-joint.max(1).mean()), "-log p(y*) p(x | y*)")
         numbers["ARM-bits-back"] = (float(-np.logaddexp.reduce(joint, axis=1).mean()), "exact -log sum_y p(y) p(x | y)")
-        metrics = Path(weights_dir) / "MDM_metrics.json"
-        mdm = json.loads(metrics.read_text()).get("test_nll_nats") if metrics.is_file() and len(x) == 447 else None
+        try:  # the bound of its metrics, on the whole test split only
+            metrics = files.read_json(Path(weights_dir) / "MDM_metrics.json") if len(x) == 447 else {}
+        except files.DamagedFile:
+            metrics = {}
+        mdm = metrics.get("test_nll_nats") if isinstance(metrics, dict) else None
         numbers["MDM"] = (mdm, "bound (order-agnostic, its metrics)")
         torch.manual_seed(0)
         numbers["VAE"] = (float(-models["VAE"].net.log_weights(xt, 100).mean()), "-ELBO (100 draws)")
@@ -675,13 +677,17 @@ def make_parser():
 
 
 def load_npy(path):
+    """An .npy array of digits, its header checked before it is read (files.read_npy); check_digits
+    judges its values."""
+    def not_too_many(shape, dtype):
+        if shape and shape[0] > MAX_IMAGES:
+            return f"holds {shape[0]:,} images; at most {MAX_IMAGES:,}"
+
     try:
-        with open(path, "rb") as f:
-            return np.load(f, allow_pickle=False)
-    except FileNotFoundError:
-        raise UsageError(f"no such file: {path}") from None
-    except (ValueError, OSError, EOFError) as error:
-        raise UsageError(f"{path} is not a .npy array of digits ({first_line(error, 'unreadable')})") from None
+        return files.read_npy(path, not_too_many)
+    except files.DamagedFile as error:
+        raise UsageError(f"no such file: {path}" if error.problem == "is missing" else
+                         f"{path} is not a .npy array of digits ({error.problem})") from None
 
 
 def run_command(args):
@@ -695,20 +701,24 @@ def run_command(args):
         check_digits(array, args.input)
         data = compress(Model(coder, args.weights), array)
         files.atomic_write(Path(args.output), lambda tmp: tmp.write_bytes(data))
-        print(f"{args.output}: {len(array)} images, {8 * len(data) / len(array):.1f} bits an image ({coder})")
+        processes.emit(f"{args.output}: {len(array)} images, {8 * len(data) / len(array):.1f} bits an image ({coder})")
     elif args.command == "decode":
-        try:
-            data = Path(args.input).read_bytes()
+        try:  # a regular file only: a FIFO would be waited on
+            with files.open_regular(args.input) as f:
+                data = f.read()
+        except files.DamagedFile as error:
+            raise UsageError(f"can't read {args.input} ({error.problem})") from None
         except OSError as error:
             raise UsageError(f"can't read {args.input} ({error.strerror})") from None
         array = decompress(data, args.weights, args.input)
         files.save_arrays(Path(args.output), array)
-        print(f"{args.output}: {len(array)} images decoded")
+        processes.emit(f"{args.output}: {len(array)} images decoded")
     else:
         if args.limit is not None and args.limit < 2:
             raise UsageError("--limit: at least 2 images")
+        processes.claim_out(Path(args.out), "compress.py")
         result = run_benchmark(args.weights, args.out, args.limit)
-        sys.stdout.write(table(result))
+        processes.emit(table(result).rstrip("\n"))
 
 
 def main(argv=None):

@@ -37,7 +37,6 @@ digit classifier. Writes OUT/conditional.md, .json and .png (row c of each grid:
 
 import argparse
 import math
-import shutil
 import sys
 import time
 from pathlib import Path
@@ -317,6 +316,7 @@ def conditional_board(out, train, threads, seed):
                          generative_classifier_accuracy=metrics.get("generative_classifier_accuracy"),
                          train_cpu_seconds=metrics.get("train_cpu_seconds"), sampling=metrics.get("sampling")))
         panels.append((name, x, y))
+    files.keep_table(out / "conditional.md", rows)
     nll, predicted, x, y, fit_seconds, sample_seconds = conditional_gaussian_mixture(splits, labels, 100, seed)
     scores = quality.conditional_quality(x, y, out)
     rows.append(dict(model="GaussianMixture per class", current=True, test_nll_nats=nll, nll_kind="upper_bound",
@@ -336,7 +336,7 @@ def conditional_board(out, train, threads, seed):
         files.publish_table(out / "conditional.md", table, registry.ROOT)
         files.save_json(out / "conditional.json", rows)
         picture([(name, _class_rows(x, y)) for name, x, y in panels], out / "conditional.png", nrow=10, count=100)
-    print(table)
+    processes.emit(table)
 
 
 CONDITIONAL_QUALITY = ("class_accuracy", "frechet_mean_over_classes", "frechet_worst", "frechet_worst_class",
@@ -400,7 +400,7 @@ def seed_table(out, seeds, train, threads):
             folder = out if seed == 0 else out / "seeds" / f"seed{seed}"
             if seed and (out / "_digit_classifier.pt").is_file() and not (folder / "_digit_classifier.pt").is_file():
                 folder.mkdir(parents=True, exist_ok=True)
-                shutil.copy(out / "_digit_classifier.pt", folder)
+                files.copy_file(out / "_digit_classifier.pt", folder / "_digit_classifier.pt")
             flags = ("--seed", str(seed)) if seed else ()
             metrics = results.current_metrics(name, script, folder, train, threads, flags)
             if metrics is None:
@@ -414,6 +414,7 @@ def seed_table(out, seeds, train, threads):
             rows.append(dict(model=name, nll_kind=per_seed[-1]["nll_kind"], runs=per_seed,
                              **{f"{key}_{stat}": value for key in ("test_nll_nats", "frechet_distance")
                                 for stat, value in zip(("mean", "std"), mean_std([r[key] for r in per_seed]))}))
+    files.keep_table(out / "seeds.md", rows)
     lines = [f"| model | NLL kind | test NLL, seeds {', '.join(map(str, seeds))} | mean +- std "
              f"| Frechet distance, seeds {', '.join(map(str, seeds))} | mean +- std | train s |",
              "|---|---|---|---|---|---|---|"]
@@ -432,7 +433,7 @@ def seed_table(out, seeds, train, threads):
     with processes.SIGNALS.held():
         files.publish_table(out / "seeds.md", table, registry.ROOT)
         files.save_json(out / "seeds.json", dict(seeds=list(seeds), rows=rows))
-    print(table)
+    processes.emit(table)
 
 
 def mean_std(values):
@@ -467,7 +468,7 @@ def main(argv=None):
 
 
 def leaderboard(args, out):
-    files.check_out(out)
+    processes.claim_out(out, "leaderboard.py")
     torch.set_num_threads(args.threads)
     if args.seeds is not None:
         seed_table(out, list(dict.fromkeys(args.seeds)), not args.no_train, args.threads)
@@ -486,6 +487,7 @@ def leaderboard(args, out):
             continue
         rows.append(result[0])
         panels.append((name, result[1]))
+    files.keep_table(out / "leaderboard.md", rows)
     baselines = (("Independent pixels", independent_categorical),
                  ("GaussianMixture", gaussian_mixture), ("KernelDensity", kernel_density))
     for name, fit in baselines:
@@ -507,7 +509,7 @@ def leaderboard(args, out):
         files.publish_table(out / "headline.md", headline(rows), registry.ROOT)
         files.save_json(out / "leaderboard.json", rows)
         picture(panels, out / "leaderboard.png")
-    print(table)
+    processes.emit(table)
 
 
 if __name__ == "__main__":

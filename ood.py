@@ -40,7 +40,6 @@ Run:  python ood.py                      # writes results/ood.md, ood.json, ood.
 
 import argparse
 import dataclasses
-import math
 import re
 import sys
 import time
@@ -153,49 +152,31 @@ def load_extra_set(spec, taken=()):
         raise plumbing.UsageError(f"--extra-ood name {name!r}: use up to 40 letters, digits, '_', '.', '-'")
     if name in taken:
         raise plumbing.UsageError(f"--extra-ood name {name!r} is taken; choose another")
+    def images(shape, dtype):
+        if len(shape) not in (2, 3) or tuple(shape[1:]) not in ((64,), (8, 8)) or shape[0] == 0:
+            return f"has shape {shape}; expected (N, 64) or (N, 8, 8) with N >= 1"
+        if shape[0] > MAX_EXTRA_IMAGES:
+            return f"holds {shape[0]:,} images; at most {MAX_EXTRA_IMAGES:,} are scored (take a subset)"
+
     try:
-        _check_npy_header(name, file)
-        array = np.load(file, allow_pickle=False)
-    except FileNotFoundError:
-        raise plumbing.UsageError(f"--extra-ood {name}: no file {file}") from None
-    except (OSError, ValueError, EOFError) as error:  # EOFError: an empty file
-        raise plumbing.UsageError(f"--extra-ood {name}: {file} is not a readable .npy array "
-                                f"({plumbing.first_line(error)})") from None
-    if not isinstance(array, np.ndarray) or not (np.issubdtype(array.dtype, np.integer)
-                                                 or np.issubdtype(array.dtype, np.floating)
-                                                 or array.dtype == bool):
-        raise plumbing.UsageError(f"--extra-ood {name}: {file} holds {getattr(array, 'dtype', type(array))}, not numbers")
-    if array.ndim not in (2, 3) or array.shape[1:] not in ((64,), (8, 8)) or len(array) == 0:
-        raise plumbing.UsageError(f"--extra-ood {name}: {file} has shape {array.shape}; expected (N, 64) or "
-                                f"(N, 8, 8) with N >= 1")
+        array = files.read_npy(file, images)
+    except files.DamagedFile as error:
+        raise plumbing.UsageError(f"--extra-ood {name}: no file {file}" if error.problem == "is missing" else
+                                  f"--extra-ood {name}: {file} is not a readable .npy array of images "
+                                  f"({error.problem})") from None
     array = array.reshape(len(array), common.NUM_PIXELS).astype(np.float64)
     if not np.isfinite(array).all():
         raise plumbing.UsageError(f"--extra-ood {name}: {file} holds NaN or infinite values")
     if array.min() < 0 or array.max() > common.PIXEL_MAX:
         raise plumbing.UsageError(f"--extra-ood {name}: {file} has values in [{array.min():g}, {array.max():g}]; "
                                 f"pixels must lie on 0..16 (the scale of load_digits().data)")
+    if array.max() <= 1 and not np.array_equal(array, np.round(array)):  # rounding would leave only 0 and 1
+        raise plumbing.UsageError(f"--extra-ood {name}: {file} has fractional values in [0, 1], pixels scaled to "
+                                  f"0..1, it seems; multiply them by 16 (pixels lie on 0..16, rounded to integers)")
     return name, np.round(array).astype(np.float32)
 
 
 MAX_EXTRA_IMAGES = 100_000  # an --extra-ood set larger than this is refused before it is read
-
-
-def _check_npy_header(name, file):
-    """Refuse (one line) an .npy file whose header promises more images than MAX_EXTRA_IMAGES,
-    before any data is read; an unreadable header is left to np.load's own error."""
-    with open(file, "rb") as f:
-        try:
-            version = np.lib.format.read_magic(f)
-            shape, _, dtype = (np.lib.format.read_array_header_1_0 if version == (1, 0)
-                               else np.lib.format.read_array_header_2_0)(f)
-        except (ValueError, EOFError, OSError):
-            return
-    if shape and shape[0] > MAX_EXTRA_IMAGES:
-        raise plumbing.UsageError(f"--extra-ood {name}: {file} holds {shape[0]:,} images; at most "
-                                f"{MAX_EXTRA_IMAGES:,} are scored (take a subset)")
-    if dtype.itemsize * math.prod(shape) > 2**30:
-        raise plumbing.UsageError(f"--extra-ood {name}: {file} holds {dtype.itemsize * math.prod(shape) / 2**30:.1f} "
-                                f"GiB; at most 1 GiB is read")
 
 
 # -----------------------------------------------------------------------------
@@ -514,7 +495,7 @@ def score_everything(args):
     for spec in args.extra_ood:
         name, images = load_extra_set(spec, taken=(*sets, "test", "val"))
         sets[name] = images
-    files.check_out(out)
+    processes.claim_out(out, "ood.py")
     torch.set_num_threads(args.threads)
     inputs = dict(val=splits["val"], test=splits["test"], **sets)  # val: calibration only
 
@@ -546,6 +527,7 @@ def score_everything(args):
             for row in family_rows:
                 row["images_per_set"] = scoring.max_images
         rows += family_rows
+    files.keep_table(out / "ood.md", all_scores)
     for name, nll in baselines.items():
         stat = {k: nll(v) for k, v in inputs.items()}
         mirrored = None if nll is markov else {k: np.stack([nll(g) for g in mirror_images(v)])
@@ -564,7 +546,7 @@ def score_everything(args):
             rows=rows, recommended=recommended, skipped=skipped, seed=args.seed, device=str(device),
             threads=torch.get_num_threads(), family_seconds=seconds,
             seconds=round(time.perf_counter() - start, 2), cpu_seconds=round(time.process_time() - cpu_start, 2)))
-    print(table)
+    processes.emit(table)
 
 
 def write_outputs(out, table, all_scores, recommended, sets, data):

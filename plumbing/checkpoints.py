@@ -19,7 +19,7 @@ import torch
 
 from plumbing import UsageError, first_line
 from common import TrainState, cpu_state
-from plumbing.files import atomic_write
+from plumbing.files import DamagedFile, atomic_write, read_json
 
 
 CHECKPOINT_FORMAT = 2  # bump when the layout below changes; older files are refused in one line
@@ -94,6 +94,8 @@ def load_checkpoint(path, name, config, kind, missing_hint, conditional=None):
                              f"weights-only loading does not allow, so it is not a checkpoint of "
                              f"this project") from None
         raise UsageError(f"{path} is truncated or corrupted ({first_line(error)})") from None
+    except (PermissionError, IsADirectoryError) as error:  # unreadable, not damaged (torch says EINVAL to damage)
+        raise UsageError(f"can't read {path} ({error.strerror or first_line(error)})") from None
     except Exception as error:  # zip, EOF, and storage errors of a damaged file
         raise UsageError(f"{path} is truncated or corrupted ({first_line(error)})") from None
     if not isinstance(checkpoint, dict) or not {"format", "kind", "model_name", "config"} <= checkpoint.keys():
@@ -122,7 +124,16 @@ def load_checkpoint(path, name, config, kind, missing_hint, conditional=None):
         weights = checkpoint.get("weights")
         if not isinstance(weights, dict) or weights_checksum(weights) != checkpoint.get("weights_sha256"):
             raise UsageError(f"{path} is damaged: its weights do not match their sha256 checksum")
+        check_finite_weights(weights, path)
     return checkpoint
+
+
+def check_finite_weights(weights, path):
+    """Every floating tensor of a state_dict finite (NaN weights would reach the samplers and the
+    scores, however valid their checksum): a one-line UsageError naming the first that is not."""
+    for key, tensor in weights.items():
+        if torch.is_tensor(tensor) and tensor.is_floating_point() and not torch.isfinite(tensor).all():
+            raise UsageError(f"{path} is damaged: its weights {key} hold NaN or infinite values")
 
 
 def load_weights_into(model, weights, path):
@@ -153,8 +164,32 @@ def load_trained(model_class, out=Path("results"), sampling=None, device="cpu", 
     except (TypeError, ValueError, RuntimeError, OverflowError) as error:
         raise UsageError(f"{path} has a config this code can't build ({type(error).__name__}: "
                          f"{first_line(error, '')})") from None
+    check_pair(path, checkpoint, Path(out) / f"{stem}_metrics.json")
     load_weights_into(model, checkpoint["weights"], path)
     return model.to(device).eval()
+
+
+def pair_problem(checkpoint, metrics):
+    """Why the weights of a loaded weights file and a run's metrics do not come from one run (the
+    weights sha256 the metrics record differs: a run stopped between writing the two), or None.
+    Metrics that record no checksum (or are unreadable: their readers say so) are not judged."""
+    recorded = metrics.get("weights_sha256") if isinstance(metrics, dict) else None
+    if isinstance(recorded, str) and recorded != checkpoint.get("weights_sha256"):
+        stored = str(checkpoint.get("weights_sha256"))[:12]
+        return (f"holds other weights than its metrics were measured on (weights sha256 {stored} vs "
+                f"{recorded[:12]} in the metrics): a run stopped while it replaced its files; run it again")
+    return None
+
+
+def check_pair(weights_path, checkpoint, metrics_path):
+    """UsageError (one line) when the weights file and the metrics beside it are not one run's."""
+    try:
+        metrics = read_json(metrics_path)
+    except DamagedFile:
+        return
+    problem = pair_problem(checkpoint, metrics)
+    if problem:
+        raise UsageError(f"{weights_path} {problem}")
 
 
 def check_config_types(config, path):

@@ -3,51 +3,74 @@ images, GIFs and curves, the tables copied into README.md and docs/, the lock of
 outputs, and the cleaning of what a killed process left behind."""
 
 import contextlib
+import errno
+import hashlib
 import json
 import math
 import os
 import re
+import secrets
 import shutil
 import stat
+import tempfile
 from pathlib import Path
 
 import numpy as np
 import torch
 
-from plumbing import UsageError
+from plumbing import UsageError, first_line
 from common import PIXEL_MAX
 
 
 def atomic_write(path, write):
-    """Call write(tmp_path), then rename over path: a killed run never leaves a truncated file."""
-    path = Path(path)
-    tmp = path.with_name(temporary_name(path.name))
+    """Call write(tmp_path), then rename over path: a killed run never leaves a truncated file. The
+    temporary is created new (never through a link planted at its name), and the rename replaces a
+    link at `path` instead of writing through it."""
+    path, tmp = Path(path), None
     try:
+        tmp = create_new(path.parent, lambda tag: temporary_name(path.name, tag=tag))
         write(tmp)
         os.replace(tmp, path)
     except OSError as error:  # name the file the user knows, not the temporary one (or none)
-        raise OSError(error.errno, error.strerror, str(path)) from None
+        raise OSError(error.errno, error.strerror or first_line(error, "the write failed"), str(path)) from None
     finally:
-        if tmp.exists():
-            tmp.unlink()
+        if tmp is not None:
+            with contextlib.suppress(OSError):
+                tmp.unlink()  # gone after the rename; unlinks a link itself, never its target
 
 
-TEMP_MARKER = ".tmp-digits-"  # in every temporary name: .TARGET.tmp-digits-PID.SUFFIX, a name no user writes
+def create_new(folder, name):
+    """Create an empty file in `folder` named name(tag) for a fresh random tag, with O_EXCL and
+    O_NOFOLLOW: nothing already there (a planted link, another's file) is opened or followed.
+    Returns its path."""
+    flags = os.O_WRONLY | os.O_CREAT | os.O_EXCL | getattr(os, "O_NOFOLLOW", 0)
+    for _ in range(100):
+        path = Path(folder) / name(secrets.token_hex(4))
+        try:
+            os.close(os.open(path, flags, 0o666))
+            return path
+        except FileExistsError:
+            continue
+    raise FileExistsError(errno.EEXIST, "no free temporary name", str(path))
 
 
-def temporary_name(target, pid=None):
-    """The hidden name atomic_write gives the file that becomes `target` (a file name)."""
-    return f".{target}{TEMP_MARKER}{os.getpid() if pid is None else pid}{Path(target).suffix}"
+TEMP_MARKER = ".tmp-digits-"  # in every temporary name: .TARGET.tmp-digits-PID-TAG.SUFFIX, a name no user writes
+
+
+def temporary_name(target, pid=None, tag=None):
+    """The hidden name atomic_write gives the file that becomes `target` (a file name); `tag`
+    (random) makes it unguessable."""
+    return f".{target}{TEMP_MARKER}{os.getpid() if pid is None else pid}{f'-{tag}' if tag else ''}{Path(target).suffix}"
 
 
 SCRATCH = ".run-digits-"  # OUT/.NAME.run-digits-PID-XXXX: a tool's model run in progress (a folder)
 
 
 def _owner_pid(path):
-    """The pid that made `path` when it is a temporary file of atomic_write (.TARGET.tmp-digits-PID.SUFFIX)
+    """The pid that made `path` when it is a temporary file of atomic_write (.TARGET.tmp-digits-PID-TAG.SUFFIX)
     or a tool's scratch folder (.NAME.run-digits-PID-XXXX) and is what its name says (a plain
     file, a real folder); None for anything else."""
-    match = re.fullmatch(r"\.(.+)" + re.escape(TEMP_MARKER) + r"(\d{1,9})(\.[^.]*)?", path.name)
+    match = re.fullmatch(r"\.(.+)" + re.escape(TEMP_MARKER) + r"(\d{1,9})(?:-[0-9a-f]{1,16})?(\.[^.]*)?", path.name)
     if match and Path(match.group(1)).suffix == (match.group(3) or ""):
         return int(match.group(2)) if stat.S_ISREG(path.lstat().st_mode) else None
     match = re.fullmatch(rf"\.[A-Za-z0-9_]+{re.escape(SCRATCH)}(\d{{1,9}})-[A-Za-z0-9_]+", path.name)
@@ -76,6 +99,124 @@ def remove_stale(folder):
             pass
 
 
+def copy_file(source, target):
+    """Copy `source` to `target` atomically (never through a link planted at target)."""
+    atomic_write(target, lambda tmp: shutil.copyfile(source, tmp))
+
+
+class DamagedFile(UsageError):
+    """An input file that can't be read as what it should be: `problem` says why (after its path)."""
+
+    def __init__(self, path, problem):
+        super().__init__(f"{path} {problem}")
+        self.path, self.problem = path, problem
+
+
+MAX_INPUT_BYTES = 2**30  # an input array or JSON file larger than this is refused before it is read
+
+
+def open_regular(path):
+    """A binary file object of the regular file at `path`. Anything else is refused before a byte is
+    read (DamagedFile): a folder, and a FIFO or a device, which a read would wait on forever."""
+    try:
+        fd = os.open(path, os.O_RDONLY | os.O_NONBLOCK)  # a FIFO opens at once, its reads are never reached
+    except FileNotFoundError:
+        raise DamagedFile(path, "is missing") from None
+    except OSError as error:
+        raise DamagedFile(path, f"can't be read ({error.strerror or first_line(error)})") from None
+    mode = os.fstat(fd).st_mode
+    if not stat.S_ISREG(mode):
+        os.close(fd)
+        kind = "a folder" if stat.S_ISDIR(mode) else "a FIFO" if stat.S_ISFIFO(mode) else "a device or socket"
+        raise DamagedFile(path, f"is {kind}, not a file")
+    os.set_blocking(fd, True)
+    return os.fdopen(fd, "rb")
+
+
+NPY_MAGIC, ZIP_MAGIC = b"\x93NUMPY", b"PK\x03\x04"
+
+
+def _read_npy_stream(f, path, size, check, max_bytes):
+    """The array of an .npy stream `f` of `size` bytes, its header checked (DamagedFile) before any
+    data is read: numbers only (no pickled objects), check(shape, dtype) -> a problem or None, at
+    most max_bytes, not truncated."""
+    magic = f.read(len(NPY_MAGIC))
+    if magic != NPY_MAGIC:
+        raise DamagedFile(path, "is an .npz archive, not an .npy array" if magic.startswith(b"PK")
+                          else "is not an .npy array (no .npy header)")
+    f.seek(0)
+    try:
+        version = np.lib.format.read_magic(f)
+        read_header = {(1, 0): np.lib.format.read_array_header_1_0,
+                       (2, 0): np.lib.format.read_array_header_2_0}.get(version)
+        if read_header is None:
+            raise DamagedFile(path, f"is an .npy file of format {version}, which is not read here")
+        shape, fortran, dtype = read_header(f)  # the header alone: no data read yet
+    except (ValueError, EOFError, SyntaxError, TypeError) as error:
+        raise DamagedFile(path, f"has a damaged .npy header ({first_line(error)})") from None
+    if dtype.hasobject or dtype.kind not in "biuf":
+        raise DamagedFile(path, f"holds {dtype}, not numbers")
+    problem = check(shape, dtype)
+    if problem:
+        raise DamagedFile(path, problem)
+    nbytes = dtype.itemsize * math.prod(shape)
+    if nbytes > max_bytes:
+        raise DamagedFile(path, f"holds {nbytes / 2**30:.1f} GiB; at most {max_bytes / 2**30:.1f} GiB is read")
+    data = f.read(nbytes) if size is None or size >= f.tell() + nbytes else b""
+    if len(data) < nbytes:
+        raise DamagedFile(path, "is truncated")
+    return np.frombuffer(bytearray(data), dtype).reshape(shape, order="F" if fortran else "C")
+
+
+def read_npy(path, check=lambda shape, dtype: None, max_bytes=MAX_INPUT_BYTES):
+    """The array of the .npy file at `path`, checked from its header before its data is read (see
+    _read_npy_stream); any problem is one line (DamagedFile, a UsageError)."""
+    with open_regular(path) as f:
+        return _read_npy_stream(f, path, os.fstat(f.fileno()).st_size, check, max_bytes)
+
+
+def read_npz(path, checks, max_bytes=MAX_INPUT_BYTES):
+    """{key: array} of the .npz archive at `path` for each key of `checks` (key -> check(shape, dtype),
+    see read_npy), each array's header checked before its data is read; any problem (a missing
+    key, an .npy file, a damaged archive) is one line (DamagedFile)."""
+    import zipfile
+
+    with open_regular(path) as f:
+        magic = f.read(len(ZIP_MAGIC))
+        if magic != ZIP_MAGIC:
+            raise DamagedFile(path, "is an .npy array, not an .npz archive" if magic.startswith(NPY_MAGIC[:4])
+                              else "is unreadable (not an .npz archive)")
+        f.seek(0)
+        try:
+            with zipfile.ZipFile(f) as archive:
+                members = {name[:-4]: name for name in archive.namelist() if name.endswith(".npy")}
+                if not set(checks) <= set(members):
+                    raise DamagedFile(path, f"holds {sorted(members)}, not {' and '.join(checks)}")
+                arrays = {}
+                for key, check in checks.items():
+                    size = archive.getinfo(members[key]).file_size
+                    with archive.open(members[key]) as member:
+                        arrays[key] = _read_npy_stream(member, path, size, check, max_bytes)
+                return arrays
+        except (zipfile.BadZipFile, zipfile.LargeZipFile, EOFError, OSError, ValueError, NotImplementedError) as error:
+            raise DamagedFile(path, f"is a damaged archive ({first_line(error)})") from None
+
+
+def read_json(path, max_bytes=10 * 2**20):
+    """The JSON value of the file at `path`; too large, not UTF-8, not JSON, or nested too deep for
+    the parser is one line (DamagedFile)."""
+    with open_regular(path) as f:
+        size = os.fstat(f.fileno()).st_size
+        if size > max_bytes:
+            raise DamagedFile(path, f"is {size} bytes, more than {max_bytes} a JSON file of this project holds")
+        try:
+            return json.loads(f.read().decode())
+        except RecursionError:
+            raise DamagedFile(path, "is JSON nested too deep to read") from None
+        except (OSError, UnicodeDecodeError, ValueError) as error:
+            raise DamagedFile(path, f"is unreadable ({first_line(error)})") from None
+
+
 def finite_or_none(value):
     if isinstance(value, float) and not math.isfinite(value):
         return None
@@ -89,6 +230,16 @@ def finite_or_none(value):
 def save_json(path, data):
     text = json.dumps(finite_or_none(data), indent=2, allow_nan=False) + "\n"
     atomic_write(path, lambda tmp: tmp.write_text(text))
+
+
+def arrays_checksum(*arrays):
+    """sha256 over arrays' dtypes, shapes and bytes: what a run's metrics record of its samples, so
+    that samples and metrics of two different runs are never read as one."""
+    digest = hashlib.sha256()
+    for array in arrays:
+        array = np.ascontiguousarray(array)
+        digest.update(f"{array.dtype.str}|{array.shape}|".encode() + array.tobytes())
+    return digest.hexdigest()
 
 
 def save_arrays(path, arrays):
@@ -199,15 +350,22 @@ def publish_table(path, text, root):
                 atomic_write(page, lambda tmp: tmp.write_text(updated))
 
 
+def keep_table(path, scored):
+    """A tool run that scored no family (`scored` empty: every one skipped) must not replace the
+    table at `path` with an empty one: UsageError (one line) when one is there."""
+    if not scored and Path(path).exists():
+        raise UsageError(f"no family could be scored (every one was skipped); {path} and the files written "
+                         f"with it are left as they were")
+
+
 def check_out(out):
     """--out must be a folder this process can write: UsageError (one line) otherwise."""
     if out.exists() and not out.is_dir():
         raise UsageError(f"--out {out} is a file, not a folder")
     try:
         out.mkdir(parents=True, exist_ok=True)
-        probe = out / f".write-test-{os.getpid()}"
-        probe.write_bytes(b"")
-        probe.unlink()
+        with tempfile.TemporaryFile(dir=out):  # a new file without a name (or a random one): no link followed
+            pass
     except OSError as error:
         raise UsageError(f"--out {out} can't be written ({error.strerror or error})") from None
 
@@ -227,10 +385,16 @@ def family_lock(out, name):
         return
     path = Path(out) / f".{name}{LOCK_SUFFIX}"
     while True:
-        try:
-            fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
+        try:  # never through a link planted at the lock's name (it would truncate the file it points to)
+            fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_NONBLOCK | getattr(os, "O_NOFOLLOW", 0), 0o644)
         except OSError as error:
-            raise UsageError(f"--out {out}: can't make the lock file {path.name} ({error.strerror or error})") from None
+            why = "it is a symbolic link; remove it" if error.errno == errno.ELOOP else error.strerror or error
+            raise UsageError(f"--out {out}: can't make the lock file {path.name} ({why})") from None
+        found = os.fstat(fd)
+        if not stat.S_ISREG(found.st_mode) or found.st_nlink != 1:  # a FIFO, or a hard link to another file
+            os.close(fd)
+            raise UsageError(f"--out {out}: the lock file {path.name} is not a plain file of its own "
+                             f"(a link, a FIFO or a device); remove it")
         try:
             fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
         except OSError:

@@ -1,11 +1,13 @@
 """Signals and child processes, one mechanism for a model run and for the tools.
 
-A SIGINT or SIGTERM raises KeyboardInterrupt while work can stop anywhere (training, a
-tool's loop); inside ``SIGNALS.held()`` (an epoch being recorded, outputs being written) it is
+A SIGINT, SIGTERM or SIGHUP (a closed terminal) raises KeyboardInterrupt while work can stop
+anywhere (training, a tool's loop); inside ``SIGNALS.held()`` (an epoch being recorded, outputs being written) it is
 only recorded and takes effect at the block's end, so that every file is completed; a second
 signal there stops at once (StopNow). A tool's child runs in a process group of its own: the
 signal is forwarded to it (or it is killed, for helpers such as benchmark's busy loop) and the
-tool waits for it to finish its outputs, then exits 130 with one line.
+tool waits for it to finish its outputs, then exits 130 with one line. A child dies with its
+parent, even a SIGKILLed one (Linux: PR_SET_PDEATHSIG). A tool holds a lock in its --out while
+it runs (claim_out), as a model run holds its family's.
 """
 
 import contextlib
@@ -14,8 +16,13 @@ import signal
 import subprocess
 import sys
 import threading
+from pathlib import Path
 
-from plumbing import EXIT_INTERRUPTED, EXIT_USAGE, UsageError
+from plumbing import EXIT_INTERRUPTED, EXIT_USAGE, UsageError, first_line
+from plumbing.files import check_out, family_lock
+
+# the signals that stop a run or a tool: Ctrl-C, kill, and a terminal that closed
+STOP_SIGNALS = tuple(getattr(signal, name) for name in ("SIGINT", "SIGTERM", "SIGHUP") if hasattr(signal, name))
 
 
 class StopNow(BaseException):
@@ -24,7 +31,7 @@ class StopNow(BaseException):
 
 
 class Signals:
-    """The process's one signal handler. The first SIGINT/SIGTERM raises KeyboardInterrupt, unless
+    """The process's one signal handler. The first SIGINT/SIGTERM/SIGHUP raises KeyboardInterrupt, unless
     it comes inside held(), which records it and raises at the block's end; each is forwarded to
     the spawned children. A later one: StopNow for a model run (stop_on_second), for a tool only
     forwarded (the tool is waiting for its children to finish their outputs)."""
@@ -53,10 +60,10 @@ class Signals:
 
     @contextlib.contextmanager
     def installed(self, stop_on_second):
-        """The handler on SIGINT and SIGTERM for the block (in the main thread), then the previous ones."""
+        """The handler on STOP_SIGNALS for the block (in the main thread), then the previous ones."""
         self.reset(stop_on_second)
         if threading.current_thread() is threading.main_thread():
-            for sig in (signal.SIGINT, signal.SIGTERM):
+            for sig in STOP_SIGNALS:
                 self.previous[sig] = signal.signal(sig, self._handle)
         try:
             yield
@@ -85,10 +92,37 @@ class Signals:
 SIGNALS = Signals()
 
 
+def _parent_death_signal():
+    """prctl(PR_SET_PDEATHSIG, ...) from the C library (Linux), or None: a child that calls it is
+    sent the signal when its parent dies, however it dies (no handler runs on SIGKILL)."""
+    if not sys.platform.startswith("linux"):
+        return None
+    try:
+        import ctypes
+
+        return ctypes.CDLL(None, use_errno=True).prctl
+    except (OSError, AttributeError):
+        return None
+
+
+_PRCTL, PR_SET_PDEATHSIG = _parent_death_signal(), 1
+
+
+def _die_with(parent):
+    """The child's preexec_fn: SIGKILL when `parent` dies (and at once if it died already).
+    Only a call into libc, resolved before the fork: safe beside the parent's threads."""
+    def setup():
+        _PRCTL(PR_SET_PDEATHSIG, int(signal.SIGKILL))
+        if os.getppid() != parent:  # the parent died before the call
+            os._exit(EXIT_INTERRUPTED)
+    return setup
+
+
 def spawn(command, how="forward", **kwargs):
     """Popen in a process group of its own, registered so that a signal to the tool reaches it
-    (forwarded, or SIGKILL for helpers such as benchmark's busy loop)."""
-    child = subprocess.Popen(command, start_new_session=True, **kwargs)  # (no preexec_fn: torch has threads)
+    (forwarded, or SIGKILL for helpers such as benchmark's busy loop); it dies with the tool."""
+    preexec = _die_with(os.getpid()) if _PRCTL is not None else None
+    child = subprocess.Popen(command, start_new_session=True, preexec_fn=preexec, **kwargs)
     SIGNALS.children.append((child, how))
     if SIGNALS.received is not None:  # a signal came while it started
         os.killpg(child.pid, SIGNALS.received if how == "forward" else signal.SIGKILL)
@@ -116,22 +150,56 @@ def run_child(command, **kwargs):
     return finish(spawn(command, **kwargs))
 
 
+def report(text):
+    """A line on stderr that can't fail (a closed terminal: SIGHUP's usual cause)."""
+    with contextlib.suppress(OSError, ValueError):
+        print(text, file=sys.stderr, flush=True)
+
+
+def emit(text):
+    """`text` on stdout. A reader that went away (`| head`) is no failure of the run: stdout then
+    points at /dev/null, so that later lines and the exit's flush do not fail either."""
+    try:
+        print(text, flush=True)
+    except BrokenPipeError:
+        devnull = os.open(os.devnull, os.O_WRONLY)
+        os.dup2(devnull, sys.stdout.fileno())
+        os.close(devnull)
+
+
+_CLAIMS = []  # the running tool()'s ExitStack: the locks claim_out took, released when it ends
+
+
+def claim_out(out, prog):
+    """Check that --out can be written (files.check_out), then hold the tool's lock in it
+    (OUT/.TOOL.lock-digits, as a model run holds its family's) until tool() ends: a second run of
+    the same tool into the same folder is refused in one line instead of mixing its files with
+    this one's. Called by a tool's body once its --out is known."""
+    check_out(out)
+    if not _CLAIMS:
+        raise RuntimeError("claim_out() is called from the body of processes.tool()")
+    _CLAIMS[-1].enter_context(family_lock(out, Path(prog).stem))
+
+
 def tool(prog, body, interrupted="no table was written; the files in --out are whole"):
     """Run body() with the tools' signal handling: exit 130 with one line when interrupted, 2 with
-    one line for a UsageError or a failed write."""
-    with SIGNALS.installed(stop_on_second=False):
+    one line for a UsageError or a failed write; the locks of claim_out released at the end."""
+    with SIGNALS.installed(stop_on_second=False), contextlib.ExitStack() as claims:
+        _CLAIMS.append(claims)
         try:
             body()
         except KeyboardInterrupt:
             for child, _ in list(SIGNALS.children):  # one the signal caught between its start and its wait
                 with contextlib.suppress(Exception):
                     child.wait(timeout=600)
-            print(f"{prog}: interrupted; {interrupted}", file=sys.stderr)
+            report(f"{prog}: interrupted; {interrupted}")
             raise SystemExit(EXIT_INTERRUPTED) from None
         except UsageError as error:
-            print(f"{prog}: error: {error}", file=sys.stderr)
+            report(f"{prog}: error: {error}")
             raise SystemExit(EXIT_USAGE) from None
         except OSError as error:
-            print(f"{prog}: error: could not write {error.filename or ''} ({error.strerror or error}); "
-                  f"files already written are whole", file=sys.stderr)
+            report(f"{prog}: error: could not write {error.filename or ''} "
+                   f"({error.strerror or first_line(error)}); files already written are whole")
             raise SystemExit(EXIT_USAGE) from None
+        finally:
+            _CLAIMS.pop()

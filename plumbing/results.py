@@ -2,7 +2,6 @@
 missing), telling whether they come from the current code, and making a missing or stale run
 (trained in a scratch folder and moved in whole, or re-scored from its weights)."""
 
-import json
 import math
 import os
 import shutil
@@ -14,11 +13,12 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from plumbing import UsageError, first_line
+from plumbing import UsageError
 from common import NUM_PIXELS, PIXEL_MAX, positive_int
-from plumbing.checkpoints import load_trained, scoring_fingerprint, weights_fingerprint
-from plumbing.files import SCRATCH, family_lock, remove_stale, save_json
-from plumbing.processes import SIGNALS, run_child
+from plumbing.checkpoints import load_trained, pair_problem, scoring_fingerprint, weights_fingerprint
+from plumbing.files import (
+    SCRATCH, DamagedFile, arrays_checksum, family_lock, read_json, read_npy, read_npz, remove_stale, save_json)
+from plumbing.processes import SIGNALS, emit, run_child
 from plumbing.registry import ROOT, model_class, output_paths, stem
 from plumbing.runs import DEFAULT_THREADS, MAX_SAMPLES
 
@@ -128,15 +128,10 @@ def kind_ok(value, kind):
 def read_metrics(path, keys=ROW_KEYS):
     """(metrics, None) when `path` is a metrics file with `keys` of the right types (dict key ->
     "number", "int", "str", "bool", "dict", a "?" allows null); else (None, what is wrong)."""
-    path = Path(path)
-    if not path.is_file():
-        return None, "is missing"
     try:
-        if path.stat().st_size > MAX_METRICS_BYTES:
-            return None, f"is {path.stat().st_size} bytes, more than a metrics file holds"
-        metrics = json.loads(path.read_text())
-    except (OSError, UnicodeDecodeError, ValueError) as error:
-        return None, f"is unreadable ({first_line(error)})"
+        metrics = read_json(path, MAX_METRICS_BYTES)
+    except DamagedFile as error:
+        return None, error.problem
     if not isinstance(metrics, dict):
         return None, f"is a JSON {type(metrics).__name__}, not an object"
     missing = [k for k in keys if k not in metrics]
@@ -149,24 +144,28 @@ def read_metrics(path, keys=ROW_KEYS):
     return metrics, None
 
 
+def pixel_rows(max_rows):
+    """A header check for read_npy / read_npz: (N, 64) with 1 <= N <= max_rows."""
+    def check(shape, dtype):
+        if len(shape) != 2 or shape[1] != NUM_PIXELS or not 1 <= shape[0] <= max_rows:
+            return f"has shape {shape}; expected (N, 64) with 1 <= N <= {max_rows}"
+    return check
+
+
 def read_labelled_samples(path, max_rows=MAX_SAMPLES):
     """((x (N, 64) float32, y (N,) int64), None) from a conditional run's NAME_conditional_samples.npz;
     (None, what is wrong) otherwise (checked like read_samples)."""
-    path = Path(path)
-    if not path.is_file():
-        return None, "is missing"
+    def labels(shape, dtype):
+        if len(shape) != 1 or not 1 <= shape[0] <= max_rows or dtype.kind not in "iu":
+            return f"has labels y of shape {shape} and type {dtype}; expected (N,) integers"
+
     try:
-        with np.load(path, allow_pickle=False) as archive:
-            if not {"x", "y"} <= set(archive.files):
-                return None, f"holds {sorted(archive.files)}, not x and y"
-            x, y = archive["x"], archive["y"]
-    except Exception as error:  # numpy's parsers raise OSError, ValueError, EOFError, SyntaxError ... on damage
-        return None, f"is unreadable ({first_line(error)})"
-    if x.ndim != 2 or x.shape[1] != NUM_PIXELS or not 1 <= len(x) <= max_rows or y.shape != (len(x),):
+        arrays = read_npz(path, dict(x=pixel_rows(max_rows), y=labels))
+    except DamagedFile as error:
+        return None, error.problem
+    x, y = arrays["x"].astype(np.float32), arrays["y"]
+    if y.shape != (len(x),):
         return None, f"has x {x.shape} and y {y.shape}; expected (N, 64) and (N,)"
-    if x.dtype.kind not in "biuf" or y.dtype.kind not in "iu":
-        return None, f"holds x {x.dtype} and y {y.dtype}, not pixels and class labels"
-    x = x.astype(np.float32)
     if not are_pixels(x) or y.min() < 0 or y.max() > 9:
         return None, "holds values that are not pixels on 0..16 or classes 0..9"
     return (x, y.astype(np.int64)), None
@@ -176,28 +175,10 @@ def read_samples(path, max_rows=MAX_SAMPLES):
     """(samples (N, 64) float32, None) from a NAME_samples.npy; (None, what is wrong) for a missing,
     truncated, mis-shaped, oversized or non-finite file. The header is checked before any data
     is read, so a header claiming 10^12 rows costs nothing."""
-    path = Path(path)
-    if not path.is_file():
-        return None, "is missing"
     try:
-        with open(path, "rb") as f:
-            version = np.lib.format.read_magic(f)
-            read_header = {(1, 0): np.lib.format.read_array_header_1_0,
-                           (2, 0): np.lib.format.read_array_header_2_0}.get(version)
-            if read_header is None:
-                return None, f"is an .npy file of format {version}"
-            shape, _, dtype = read_header(f)
-            offset = f.tell()
-        if dtype.hasobject or dtype.kind not in "biuf":
-            return None, f"holds {dtype}, not numbers"
-        if len(shape) != 2 or shape[1] != NUM_PIXELS or not 1 <= shape[0] <= max_rows:
-            return None, f"has shape {shape}; expected (N, 64) with 1 <= N <= {max_rows}"
-        if path.stat().st_size < offset + shape[0] * shape[1] * dtype.itemsize:
-            return None, "is truncated"
-        samples = np.load(path, allow_pickle=False)
-    except Exception as error:  # numpy's parsers raise OSError, ValueError, EOFError, SyntaxError ... on damage
-        return None, f"is unreadable ({first_line(error)})"
-    samples = samples.astype(np.float32)
+        samples = read_npy(path, pixel_rows(max_rows)).astype(np.float32)
+    except DamagedFile as error:
+        return None, error.problem
     if not are_pixels(samples):
         return None, "holds values that are not pixels on 0..16 (NaN, infinite or out of range)"
     return samples, None
@@ -248,11 +229,17 @@ def current_run(name, script, out, train, threads, flags=(), keys=ROW_KEYS, samp
     def usable():
         metrics, problem = read_metrics(out / f"{run}_metrics.json", keys)
         pixels = None
-        if metrics is not None and samples:
+        if metrics is not None:
+            problem = mixed_run(out, run, run != name, metrics)
+        if metrics is not None and samples and not problem:
             path = output_paths(out, run, run != name)["npy"]
             pixels, problem = (read_labelled_samples if run != name else read_samples)(path)
+            if pixels is not None and isinstance(metrics.get("samples_sha256"), str) and \
+                    arrays_checksum(*(pixels if run != name else (pixels,))) != metrics["samples_sha256"]:
+                problem = ("holds other samples than its metrics were measured on: a run stopped while it replaced "
+                           "its files; run it again")
             problem = problem and f"{path} {problem}"
-        elif problem:
+        elif problem and metrics is None:
             problem = f"{out / f'{run}_metrics.json'} {problem}" if problem != "is missing" else None
         return (None if problem else metrics), pixels, problem
 
@@ -262,8 +249,8 @@ def current_run(name, script, out, train, threads, flags=(), keys=ROW_KEYS, samp
     status = "retrain" if metrics is None else run_status(metrics, script, flags)
     if status != "current" and train and (ROOT / script).is_file():
         rescore = status == "rescore" and output_paths(out, run)["weights"].is_file()
-        print(f"leaderboard: {'re-scoring' if rescore else 'training'} {name} with its defaults "
-              f"{' '.join(flags)} ({script})", flush=True)
+        emit(f"leaderboard: {'re-scoring' if rescore else 'training'} {name} with its defaults "
+             f"{' '.join(flags)} ({script})")
         failed = train_into(out, name, script, threads, flags, rescore=rescore)
         if failed:
             print(f"leaderboard: {failed}", file=sys.stderr)
@@ -272,6 +259,21 @@ def current_run(name, script, out, train, threads, flags=(), keys=ROW_KEYS, samp
             if problem:
                 print(f"leaderboard: {problem}", file=sys.stderr)
     return None if metrics is None else (metrics, pixels)
+
+
+def mixed_run(out, run, conditional, metrics):
+    """"OUT/RUN.pt holds other weights ..." when the weights file beside `metrics` does not hold the
+    weights they record (checkpoints.pair_problem), else None; a missing or damaged weights file
+    is left to the readers that load it."""
+    path = output_paths(out, run, conditional)["weights"]
+    if not isinstance(metrics.get("weights_sha256"), str) or not path.is_file():
+        return None
+    try:
+        checkpoint = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception:  # a damaged file: load_trained says what is wrong, in one line
+        return None
+    problem = pair_problem(checkpoint, metrics) if isinstance(checkpoint, dict) else None
+    return problem and f"{path} {problem}"
 
 
 def current_metrics(name, script, out, train, threads, flags=()):

@@ -23,9 +23,9 @@ from plumbing.checkpoints import (
     check_model_size, fingerprints, load_checkpoint, load_weights_into, save_resume, save_weights,
     train_state_from, weights_checksum)
 from plumbing.files import (
-    check_out, family_lock, finite_or_none, image_grid, labelled, remove_stale, save_arrays, save_curve, save_gif,
-    save_image, save_json)
-from plumbing.processes import SIGNALS, StopNow
+    arrays_checksum, check_out, family_lock, finite_or_none, image_grid, labelled, remove_stale, save_arrays, save_curve,
+    save_gif, save_image, save_json)
+from plumbing.processes import SIGNALS, StopNow, emit, report
 from plumbing.quality import (
     NonFiniteSamples, announced, check_samples, conditional_quality, frechet_to, generative_classifier,
     sample_quality)
@@ -33,11 +33,15 @@ from plumbing.registry import ROOT, output_paths, stem
 
 
 def digit_list(text):
-    """--digits: "3,7" -> (3, 7), each a class 0..9, none twice."""
+    """--digits: "3,7" -> (3, 7), each a class 0..9, none twice (as numbers: 03 is 3)."""
     parts = [part.strip() for part in text.split(",")]
-    if not all(part.isdigit() and int(part) < NUM_CLASSES for part in parts) or len(set(parts)) < len(parts):
+    if not all(part.isascii() and part.isdigit() and int(part) < NUM_CLASSES for part in parts):
         raise argparse.ArgumentTypeError(f"expected distinct digits 0-9 separated by commas (e.g. 3,7), got {text!r}")
-    return tuple(int(part) for part in parts)
+    digits = tuple(int(part) for part in parts)
+    if len(set(digits)) < len(digits):
+        raise argparse.ArgumentTypeError(f"expected distinct digits 0-9 separated by commas (e.g. 3,7), got {text!r} "
+                                         f"(a class twice)")
+    return digits
 
 
 def threads_flag(value):
@@ -102,6 +106,7 @@ def make_parser(script, doc, *, epochs, batch_size, lr, patience, ema=0.0, gif_e
 
 def parse_args(parser, argv=None):
     args = parser.parse_args(argv)
+    asked_samples = args.num_samples is not None  # not a default
     if args.epochs is None:
         args.epochs = 2 if args.quick else args._full_epochs
     if args.num_samples is None:
@@ -112,9 +117,13 @@ def parse_args(parser, argv=None):
         parser.error("--resume and --sample-only exclude each other")
     if args.digits is not None and not args.conditional:
         parser.error("--digits picks the classes of a conditional model; add --conditional")
-    if args.conditional and args.num_samples < len(args.digits or range(NUM_CLASSES)):
-        parser.error(f"--num-samples {args.num_samples} is fewer than the {len(args.digits or range(NUM_CLASSES))} "
-                     f"classes to draw")
+    classes = len(args.digits or range(NUM_CLASSES))
+    if args.conditional and args.num_samples < classes:
+        parser.error(f"--num-samples {args.num_samples} is fewer than the {classes} classes to draw")
+    # equal shares per class, the rest not drawn: said when the count or the classes were asked for
+    if args.conditional and (asked_samples or args.digits) and args.num_samples % classes:
+        print(f"{parser.prog}: note: --num-samples {args.num_samples} shared by {classes} classes draws "
+              f"{args.num_samples // classes} of each, {args.num_samples // classes * classes} in all", file=sys.stderr)
     if args.num_samples > MAX_SAMPLES:  # refused up front: the quality measures compare every pair
         parser.error(f"--num-samples {args.num_samples} is too many "
                      f"(at most {MAX_SAMPLES}: the sample-quality measures compare every pair of samples)")
@@ -254,6 +263,23 @@ class RunHooks(Hooks):
         self.saver.finish(state.epoch)
 
 
+# a sampler setting of magnitude outside this range means nothing in float32 arithmetic (a temperature of
+# 1e-45 divides logits into inf, and torch.multinomial fails on the NaN probabilities): refused where parsed
+FLOAT_SETTING_RANGE = (1e-30, 1e30)
+
+
+def unusable_float(settings):
+    """The one-line reason a float field of the dataclass `settings` is unusable (nonzero and of
+    magnitude outside FLOAT_SETTING_RANGE), or None."""
+    low, high = FLOAT_SETTING_RANGE
+    for field in dataclasses.fields(settings):
+        value = getattr(settings, field.name)
+        if isinstance(value, float) and value != 0 and not low <= abs(value) <= high:
+            return (f"argument --{field.name.replace('_', '-')}: {value:g} is outside what float32 sampling can "
+                    f"use (0, or a magnitude from {low:g} to {high:g})")
+    return None
+
+
 def main(model_class, doc, argv=None, *, settle=None, extra_flags=None, **training):
     """A family script's main(): its flags (the shared ones with the script's training defaults
     `training`, one per field of model_class.Config and .Sampling, and extra_flags(parser)'s),
@@ -269,6 +295,9 @@ def main(model_class, doc, argv=None, *, settle=None, extra_flags=None, **traini
                     model_class.Sampling)
     args = parse_args(parser, argv)
     config, sampling = options_from(args, model_class.Config), options_from(args, model_class.Sampling)
+    unusable = unusable_float(sampling)
+    if unusable:
+        parser.error(unusable)
     if settle:
         try:
             config, sampling = settle(args, config, sampling)
@@ -284,18 +313,17 @@ def run(args, model_class, config, sampling=None):
         try:
             code = _run(args, model_class, config, sampling)
         except UsageError as error:
-            print(f"{args.prog}: error: {error}", file=sys.stderr)
+            report(f"{args.prog}: error: {error}")
             code = EXIT_USAGE
         except OSError as error:  # a failed write: the files written before it, and the old ones, are whole
-            print(f"{args.prog}: error: could not write {error.filename or args.out} "
-                  f"({error.strerror or error}); files already written are whole", file=sys.stderr)
+            report(f"{args.prog}: error: could not write {error.filename or args.out} "
+                   f"({error.strerror or first_line(error)}); files already written are whole")
             code = EXIT_USAGE
         except NonFiniteSamples as error:
-            print(f"{args.prog}: error: {error}; no output written, the files already in {args.out} are untouched",
-                  file=sys.stderr)
+            report(f"{args.prog}: error: {error}; no output written, the files already in {args.out} are untouched")
             code = EXIT_NONFINITE
         except (KeyboardInterrupt, StopNow):
-            print(f"{args.prog}: interrupted; files already written are whole", file=sys.stderr)
+            report(f"{args.prog}: interrupted; files already written are whole")
             code = EXIT_INTERRUPTED
     if code:
         raise SystemExit(code)
@@ -377,54 +405,69 @@ def _run_locked(args, model_class, config, sampling, out, device):
     model.eval()
     SIGNALS.hold()
     metrics = _final_outputs(model, splits, labels, args, device, paths, state, reason, write_training)
-    print(json.dumps(finite_or_none({k: metrics[k] for k in (
+    emit(json.dumps(finite_or_none({k: metrics[k] for k in (
         "model", "test_nll_nats", "test_bpd", "nll_kind", "epochs_run", "best_epoch",
         "train_seconds", "sample_seconds")})))
-    print(summary(metrics, paths, out), file=sys.stderr)
+    report(summary(metrics, paths, out))
     if metrics["interrupted"]:  # exit status and metrics agree; a signal after this point changes neither
         return EXIT_INTERRUPTED
     return EXIT_NONFINITE if reason == "non_finite" else 0
+
+
+@contextlib.contextmanager
+def evaluating():
+    """The evaluation and sampling with the run's settings: a failure of the maths there (an
+    extreme sampler setting: a temperature near 0 gives torch.multinomial NaN probabilities; a
+    count too large for memory) is one line, exit 2, and nothing is written."""
+    try:
+        yield
+    except (RuntimeError, ValueError, ZeroDivisionError, OverflowError, IndexError, MemoryError) as error:
+        raise UsageError(f"evaluation or sampling failed with these settings ({type(error).__name__}: "
+                         f"{first_line(error, '')}); nothing written: try other sampling settings") from None
 
 
 def _final_outputs(model, splits, labels, args, device, paths, state, reason, write_training=lambda: None):
     """Evaluate the best state on the test split and write samples, images and metrics; the
     samples are checked before anything is written (write_training first: weights, curve, GIF)."""
     out, name, show = Path(args.out), paths["weights"].stem, shows_progress(args)
-    conditional = model.conditional
-    given = [labels["test"]] if conditional else []  # a conditional model's NLL is -log p(x | y)
-    test_nll, nll_seconds = None, dict(wall=None, cpu=None)
-    if model.nll_kind:
-        with announced(f"{name}: test NLL of {len(splits['test'])} images", show), timed(device) as nll_seconds, \
-                seeded(args.seed + 3, device), torch.no_grad():
-            test_nll = float(batched(model.test_nll, splits["test"], *given).mean())
-    with announced(f"{name}: other metrics", show), seeded(args.seed + 5, device):
-        extra = model.extra_metrics(splits, labels)
-        images = model.extra_images(splits)
-    if conditional:
-        with announced(f"{name}: generative classifier on {len(splits['test'])} images", show), \
-                timed(device) as classify_seconds, seeded(args.seed + 6, device), torch.no_grad():
-            predicted = generative_classifier(model, splits["test"], labels["train"])
-        extra.update(generative_classifier_accuracy=None if predicted is None else
-                     float((predicted == labels["test"]).double().mean()),
-                     generative_classifier_seconds=None if predicted is None else round(classify_seconds["wall"], 2))
+    with evaluating():  # nothing is written before its end
+        conditional = model.conditional
+        given = [labels["test"]] if conditional else []  # a conditional model's NLL is -log p(x | y)
+        test_nll, nll_seconds = None, dict(wall=None, cpu=None)
+        if model.nll_kind:
+            with announced(f"{name}: test NLL of {len(splits['test'])} images", show), timed(device) as nll_seconds, \
+                    seeded(args.seed + 3, device), torch.no_grad():
+                test_nll = float(batched(model.test_nll, splits["test"], *given).mean())
+        with announced(f"{name}: other metrics", show), seeded(args.seed + 5, device):
+            extra = model.extra_metrics(splits, labels)
+            images = model.extra_images(splits)
+        if conditional:
+            with announced(f"{name}: generative classifier on {len(splits['test'])} images", show), \
+                    timed(device) as classify_seconds, seeded(args.seed + 6, device), torch.no_grad():
+                predicted = generative_classifier(model, splits["test"], labels["train"])
+            extra.update(generative_classifier_accuracy=None if predicted is None else
+                         float((predicted == labels["test"]).double().mean()),
+                         generative_classifier_seconds=None if predicted is None else
+                         round(classify_seconds["wall"], 2))
 
-    # a conditional model draws num_samples // k of each of the k classes asked for, class by class
-    digits = torch.tensor(args.digits or range(NUM_CLASSES), device=device)
-    drawn = digits.repeat_interleave(args.num_samples // len(digits)) if conditional else None
-    with announced(f"{name}: {args.num_samples} samples", show), timed(device) as sample_seconds:
-        samples = draw_samples(model, args.num_samples if drawn is None else len(drawn), args.seed + 4, device,
-                               labels=drawn).cpu()
-    check_samples(samples, "the sampler")
-    other_samplers = {}
-    # each other sampler timed and scored like the main one; skipped after an interrupt, to be quick;
-    # they draw from p(x) (a conditional run has only its sampler of p(x | y))
-    for sampler_name, sampler in ({} if reason == "interrupted" or conditional else model.samplers()).items():
-        with announced(f"{name}: {args.num_samples} samples, sampler {sampler_name}", show), \
-                timed(device) as seconds:
-            other = draw_samples(model, args.num_samples, args.seed + 5, device, sampler=sampler).cpu()
-        check_samples(other, f"sampler {sampler_name}")
-        other_samplers[sampler_name] = dict(seconds=round(seconds["wall"], 3), cpu_seconds=round(seconds["cpu"], 3),
-                                            frechet_distance=sample_quality(other.numpy(), out, extended=False)["frechet_distance"])
+        # a conditional model draws num_samples // k of each of the k classes asked for, class by class
+        digits = torch.tensor(args.digits or range(NUM_CLASSES), device=device)
+        drawn = digits.repeat_interleave(args.num_samples // len(digits)) if conditional else None
+        with announced(f"{name}: {args.num_samples} samples", show), timed(device) as sample_seconds:
+            samples = draw_samples(model, args.num_samples if drawn is None else len(drawn), args.seed + 4, device,
+                                   labels=drawn).cpu()
+        check_samples(samples, "the sampler")
+        other_samplers = {}
+        # each other sampler timed and scored like the main one; skipped after an interrupt, to be quick;
+        # they draw from p(x) (a conditional run has only its sampler of p(x | y))
+        for sampler_name, sampler in ({} if reason == "interrupted" or conditional else model.samplers()).items():
+            with announced(f"{name}: {args.num_samples} samples, sampler {sampler_name}", show), \
+                    timed(device) as seconds:
+                other = draw_samples(model, args.num_samples, args.seed + 5, device, sampler=sampler).cpu()
+            check_samples(other, f"sampler {sampler_name}")
+            frechet = sample_quality(other.numpy(), out, extended=False)["frechet_distance"]
+            other_samplers[sampler_name] = dict(seconds=round(seconds["wall"], 3), cpu_seconds=round(seconds["cpu"], 3),
+                                                frechet_distance=frechet)
 
     write_training()
     save_image(out / "_Digit_real_image.png", image_grid(splits["test"][:64]))
@@ -432,10 +475,12 @@ def _final_outputs(model, splits, labels, args, device, paths, state, reason, wr
         per_class = len(drawn) // len(digits)
         rows = samples.view(len(digits), per_class, NUM_PIXELS)[:, :10]
         save_image(paths["grid"], image_grid(rows.reshape(-1, NUM_PIXELS), nrow=rows.shape[1]))
-        save_arrays(paths["npy"], dict(x=samples.numpy().astype(np.float32), y=drawn.cpu().numpy().astype(np.int64)))
+        written_samples = samples.numpy().astype(np.float32), drawn.cpu().numpy().astype(np.int64)
+        save_arrays(paths["npy"], dict(zip("xy", written_samples)))
     else:
         save_image(paths["grid"], image_grid(samples[:64]))
-        save_arrays(paths["npy"], samples.numpy().astype(np.float32))
+        written_samples = (samples.numpy().astype(np.float32),)
+        save_arrays(paths["npy"], written_samples[0])
     for suffix, (pixels, nrow) in images.items():
         save_image(out / f"{name}_{suffix}.png", image_grid(pixels, nrow=nrow))
     metrics = dict(
@@ -459,6 +504,8 @@ def _final_outputs(model, splits, labels, args, device, paths, state, reason, wr
         sampling=dataclasses.asdict(model.sampling), argv=args.argv,
         changed_settings=getattr(args, "changed_settings", None),
         weights_sha256=weights_checksum(state.best_weights),
+        # the samples' checksum: a reader refuses samples and metrics of two runs (a write stopped half-way)
+        samples_sha256=arrays_checksum(*written_samples),
         **fingerprints(sys.modules[type(model).__module__].__file__, ROOT),
         train_flags=dict(epochs=args.epochs, batch_size=args.batch_size, lr=args.lr,
                          patience=args.patience, ema=args.ema),
@@ -492,11 +539,14 @@ def summary(metrics, paths, out):
         quality = (f"p(x | y): class accuracy {m['class_accuracy']:.3f}, per-class Frechet distance mean "
                    + ("n/a" if per_class is None else f"{per_class:.2f}") + ", generative classifier accuracy "
                    + ("n/a" if classifier is None else f"{classifier:.3f}") + f"; {quality}")
+    trained = m["stopped"] != "sample_only"  # --sample-only writes no weights, curve, GIF or resume file
     return "\n".join([
         f"{m['model']}: {likelihood}; {quality}, copy rate {m['copy_rate']:.3f}, "
         f"coverage {m['class_coverage']:.3f}; {state}{m['epochs_run']} epochs (best {m['best_epoch']}), "
         f"trained {m['train_seconds']:.0f} s on {m['threads']} thread(s), {m['num_samples']} samples in "
         f"{m['sample_seconds']:.2f} s",
-        f"  weights {paths['weights']} (training state for --resume: {paths['resume']})",
-        f"  samples {paths['npy']}, {paths['grid']}; curve {paths['curve']}; GIF {paths['gif']}",
+        f"  weights {paths['weights']} " + (f"(training state for --resume: {paths['resume']})" if trained
+                                            else "(read, not written: --sample-only)"),
+        f"  samples {paths['npy']}, {paths['grid']}" + (f"; curve {paths['curve']}" if trained else "")
+        + (f"; GIF {paths['gif']}" if trained and paths["gif"].is_file() else ""),
         f"  metrics {paths['metrics']}" + (f"; also {', '.join(str(out / e) for e in extra)}" if extra else "")])

@@ -71,7 +71,8 @@ def test_cleanup_removes_only_this_projects_stale_temporaries(tmp_path):
     (tmp_path / ".ARM.pt.tmp-digits-999999999.pt").mkdir()
     (tmp_path / ".target").write_bytes(b"linked")
     (tmp_path / ".ARM_samples.npy.tmp-digits-999999998.npy").symlink_to(tmp_path / ".target")
-    ours = [tmp_path / files.temporary_name("ARM_metrics.json", 999999999)]
+    ours = [tmp_path / files.temporary_name("ARM_metrics.json", 999999999),
+            tmp_path / files.temporary_name("ARM.pt", 999999999, tag="0a1b2c3d")]
     for path in ours:
         path.write_bytes(b"{\"trunc")
     alive = tmp_path / files.temporary_name("ARM.pt", os.getppid())  # a live process's: left alone
@@ -87,8 +88,9 @@ def test_cleanup_removes_only_this_projects_stale_temporaries(tmp_path):
 def test_atomic_write_uses_the_marked_temporary_name(tmp_path):
     seen = []
     files.atomic_write(tmp_path / "a.json", lambda tmp: (seen.append(tmp.name), tmp.write_text("{}")))
-    assert seen == [files.temporary_name("a.json")] and files.TEMP_MARKER in seen[0]
-    assert seen[0].endswith(f"{os.getpid()}.json") and file_bytes(tmp_path) == {"a.json": b"{}"}
+    tag = seen[0].rsplit("-", 1)[1].split(".")[0]  # random: a name no one can plant a link at in advance
+    assert seen == [files.temporary_name("a.json", tag=tag)] and files.TEMP_MARKER in seen[0]
+    assert seen[0].endswith(f"{os.getpid()}-{tag}.json") and file_bytes(tmp_path) == {"a.json": b"{}"}
 
 
 def test_a_run_in_a_folder_of_user_files_touches_none_of_them(tmp_path, capsys):
