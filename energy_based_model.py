@@ -201,8 +201,8 @@ class EBM(common.DigitsModel):
 
     @torch.no_grad()
     def complete(self, x, missing, steps=None):
-        """Inpainting, x (B, 64) pixels, missing (B, 64) bool; steps: SGLD steps (default: six
-        times those of sampling, chosen on the validation split: docs/inpainting.md). Short-run SGLD from uniform noise on the missing pixels, the observed ones
+        """Inpainting, x (B, 64) pixels, missing (B, 64) bool; steps: SGLD steps (default: those
+        of sampling; longer chains gained no more than the noise: docs/inpainting.md). Short-run SGLD from uniform noise on the missing pixels, the observed ones
         clamped (the energy always sees them exact). Unconditional: one chain per input on E(x).
         Conditional: one chain per class on E(v, y), then one of the 10 completions v_y drawn with
         probability softmax_y(-E(v_y, y) / T), p(x, y) at the chain's own temperature
@@ -213,7 +213,7 @@ class EBM(common.DigitsModel):
         labels = common.sample_labels(self, len(v), x.device)  # conditional: 0..9 for every input
         energy = self.chain_energy(labels)
         start = torch.where(hidden, uniform_noise(len(v), common.NUM_PIXELS, x.device), v)
-        chains = self.langevin(lambda u: energy(torch.where(hidden, u, v)), start, steps or 6 * self.steps())
+        chains = self.langevin(lambda u: energy(torch.where(hidden, u, v)), start, steps or self.steps())
         chains = torch.where(hidden, chains, v)
         if self.conditional:
             energies = energy(chains).view(len(x), classes)

@@ -103,18 +103,15 @@ def built_in_masks(n, seed):
     return masks
 
 
-def read_array(file, flag):
-    """An array from a .npy file a user names (no pickles); a missing or unreadable file, or one
-    that holds no array, a one-line plumbing.UsageError naming the flag."""
+def read_array(file, flag, check=lambda shape, dtype: None):
+    """An array from a .npy file a user names, read by files.read_npy (a regular file, no pickles,
+    its header checked by check(shape, dtype) -> a problem or None before the data is read); any
+    problem a one-line plumbing.UsageError naming the flag."""
     try:
-        array = np.load(Path(file), allow_pickle=False)
-    except FileNotFoundError:
-        raise plumbing.UsageError(f"{flag}: no file {file}") from None
-    except (OSError, ValueError) as error:
-        raise plumbing.UsageError(f"{flag}: {file} is not a readable .npy array ({plumbing.first_line(error)})") from None
-    if not isinstance(array, np.ndarray):
-        raise plumbing.UsageError(f"{flag}: {file} holds {type(array).__name__}, not an array")
-    return array
+        return files.read_npy(Path(file), check)
+    except files.DamagedFile as error:
+        raise plumbing.UsageError(f"{flag}: no file {file}" if error.problem == "is missing" else
+                                  f"{flag}: {file} is not a readable .npy array ({error.problem})") from None
 
 
 def load_extra_mask(file, n, taken=()):
@@ -125,7 +122,7 @@ def load_extra_mask(file, n, taken=()):
     name = path.stem if NAME_PATTERN.fullmatch(path.stem) else "extra"
     if name in taken:
         raise plumbing.UsageError(f"--extra-mask {file}: the name {name!r} is taken; rename the file")
-    array = as_mask(read_array(file, "--extra-mask"), f"--extra-mask: {file}")
+    array = as_mask(read_array(file, "--extra-mask", pixel_shape), f"--extra-mask: {file}")
     if array.shape == (common.NUM_PIXELS,):
         array = array[None]
     if array.ndim != 2 or array.shape[1] != common.NUM_PIXELS or len(array) == 0:
@@ -133,6 +130,14 @@ def load_extra_mask(file, n, taken=()):
                                 f"with N >= 1")
     check_rows(array, f"--extra-mask: {file}")
     return name, array[np.arange(n) % len(array)]
+
+
+def pixel_shape(shape, dtype):
+    """A read_array check, from the header: (64,), (8, 8), (N, 64) or (N, 8, 8) with N >= 1 (each
+    reader then asks for the shapes it takes)."""
+    one = ((common.NUM_PIXELS,), (SIDE, SIDE))
+    if shape not in one and not (len(shape) in (2, 3) and shape[0] >= 1 and shape[1:] in one):
+        return f"has shape {shape}; expected (64,), (8, 8), (N, 64) or (N, 8, 8)"
 
 
 def as_mask(array, where):
@@ -658,6 +663,9 @@ def load_completers(models, args, out, device, splits):
                 skipped[family.name] = reason
             else:
                 completers.append(model)
+    family_names = [f.name for f in registry.FAMILIES]
+    if set(models) & set(family_names):  # families were asked for: if none loaded, a table already there stays
+        files.keep_table(out / "inpaint.md", [c for c in completers if c.name in family_names])
     for name, make in (("GaussianMixture", lambda: GaussianMixtureCompleter(splits, args.seed)),
                        ("Nearest neighbour", lambda: NearestNeighbourCompleter(splits["train"])),
                        ("Independent pixels", lambda: IndependentPixelsCompleter(splits["train"]))):
@@ -674,7 +682,7 @@ def complete_everything(args):
     models = chosen_models(args, [f.name for f in registry.FAMILIES] + list(BASELINES))
     device = runs.choose_device(args.device)  # before --out is made: a refused device leaves nothing
     out = results.out_folder(args.out)
-    files.check_out(out)
+    processes.claim_out(out, "inpaint.py")  # OUT/.inpaint.lock-digits until the run ends
     pixels, labels = common.load_digits_arrays()
     splits, label_splits = common.split_arrays(pixels), common.split_arrays(labels)
     digits, digit_labels = splits[args.split], label_splits[args.split]
@@ -735,7 +743,6 @@ def complete_everything(args):
     table = markdown(rows, mask_info, family_names_run, seconds, cpu_seconds, skipped, setup, verdict_)
     table += (f"\nThe classifier's accuracy on the whole {args.split} digits is {true_accuracy:.3f}; \"Observed only\" "
               f"classifies the inputs with the missing pixels at 0.\n")
-    files.publish_table(out / "inpaint.md", table, registry.ROOT)
     shown = [int(np.flatnonzero(digit_labels[:setup["copied"]] == digit)[0]) for digit in (2, 5, 8)
              if (digit_labels[:setup["copied"]] == digit).any()][:3] or [0]
     caption = (f": hidden pixels dark red; per family {COPIES} draws, then the most likely of {args.pick} "
@@ -744,22 +751,24 @@ def complete_everything(args):
                     {m: d[:, shown] for (m, k), d in drawn.items() if k == mask_name},
                     {m: (b[shown] if b is not None else None) for (m, k), b in committed.items() if k == mask_name})
               for mask_name in missing]
-    save_panels(out / "inpaint.png", panels)
-    save_completions(out / "inpaint_completions.npz", {f"{model}/{mask}": c for (model, mask), c in completions.items()})
-    files.save_json(out / "inpaint.json", dict(
-        masks=mask_info, rows=rows, verdict=verdict_, family_seconds=seconds, family_cpu_seconds=cpu_seconds,
-        skipped=skipped, setup=setup,
-        classifier_accuracy_on_digits=true_accuracy, classifier_reported_accuracy=classifier_accuracy,
-        seed=args.seed, copies=COPIES, device=str(device),
-        threads=torch.get_num_threads(), seconds=round(time.perf_counter() - start, 2),
-        argv=args.argv))
-    print(table)
+    with processes.SIGNALS.held():  # the four files complete, then a signal's exit 130
+        files.publish_table(out / "inpaint.md", table, registry.ROOT)
+        save_panels(out / "inpaint.png", panels)
+        save_completions(out / "inpaint_completions.npz", {f"{model}/{mask}": c for (model, mask), c in completions.items()})
+        files.save_json(out / "inpaint.json", dict(
+            masks=mask_info, rows=rows, verdict=verdict_, family_seconds=seconds, family_cpu_seconds=cpu_seconds,
+            skipped=skipped, setup=setup,
+            classifier_accuracy_on_digits=true_accuracy, classifier_reported_accuracy=classifier_accuracy,
+            seed=args.seed, copies=COPIES, device=str(device),
+            threads=torch.get_num_threads(), seconds=round(time.perf_counter() - start, 2),
+            argv=args.argv))
+    processes.emit(table)
 
 
 def read_user_digits(file):
     """--input FILE.npy -> (N, 64) float pixels: (N, 64) or (N, 8, 8) numbers on 0..16 (integers,
     or floats that are whole); anything else a one-line plumbing.UsageError."""
-    array = read_array(file, "--input")
+    array = read_array(file, "--input", pixel_shape)
     if array.dtype == bool or not (np.issubdtype(array.dtype, np.integer) or np.issubdtype(array.dtype, np.floating)):
         raise plumbing.UsageError(f"--input: {file} holds {array.dtype}; expected numbers on 0..16")
     if array.ndim == 3 and array.shape[1:] == (SIDE, SIDE):
@@ -780,7 +789,7 @@ def read_user_mask(text, n):
         return np.repeat(built_in_masks(1, 0)[text], n, 0)
     if not text.endswith(".npy"):
         raise plumbing.UsageError(f"--mask: expected one of {', '.join(FIXED_MASKS)} or a .npy file, got {text!r}")
-    array = as_mask(read_array(text, "--mask"), f"--mask: {text}")
+    array = as_mask(read_array(text, "--mask", pixel_shape), f"--mask: {text}")
     if array.shape in ((common.NUM_PIXELS,), (SIDE, SIDE)):
         array = np.repeat(array.reshape(1, -1), n, 0)
     elif array.shape in ((n, common.NUM_PIXELS), (n, SIDE, SIDE)):
@@ -800,7 +809,7 @@ def complete_yours(args):
     models = chosen_models(args, [f.name for f in registry.FAMILIES])
     device = runs.choose_device(args.device)
     out = results.out_folder(args.out)
-    files.check_out(out)
+    processes.claim_out(out, "inpaint.py")
     torch.set_num_threads(args.threads)
     splits = common.split_arrays(common.load_digits_arrays()[0])
     x, missing = torch.from_numpy(x_np).float().to(device), torch.from_numpy(missing_np).to(device)
@@ -829,11 +838,12 @@ def complete_yours(args):
     shown = list(range(min(len(x), 12)))
     title = (f"{args.input.name}, mask {Path(args.mask).name}: hidden pixels dark red; per family {COPIES} draws, then "
              f"the most likely of {args.pick} (grey: no likelihood to rank by)")
-    save_panels(out / "inpaint_input.png", [panel(title, x.cpu()[shown], missing.cpu()[shown], None,
-                                                  {m: d[:, shown] for m, d in draws.items()},
-                                                  {m: (b[shown] if b is not None else None) for m, b in committed.items()})])
-    save_completions(out / "inpaint_input.npz", dict(arrays, input=x.cpu(), mask=missing.cpu().to(torch.uint8)))
-    print(f"inpaint: wrote {out / 'inpaint_input.png'} and {out / 'inpaint_input.npz'}")
+    picture = panel(title, x.cpu()[shown], missing.cpu()[shown], None, {m: d[:, shown] for m, d in draws.items()},
+                    {m: (b[shown] if b is not None else None) for m, b in committed.items()})
+    with processes.SIGNALS.held():
+        save_panels(out / "inpaint_input.png", [picture])
+        save_completions(out / "inpaint_input.npz", dict(arrays, input=x.cpu(), mask=missing.cpu().to(torch.uint8)))
+    processes.emit(f"inpaint: wrote {out / 'inpaint_input.png'} and {out / 'inpaint_input.npz'}")
 
 
 if __name__ == "__main__":

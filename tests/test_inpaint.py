@@ -418,7 +418,7 @@ def test_input_completes_the_users_digits_into_a_picture(tmp_path):
     (np.zeros((2, 64)), "everything.npy", "hides no pixel or every pixel"),
     (np.zeros((2, 64)), "nothing.npy", "hides no pixel or every pixel"),
     (np.zeros((2, 64)), "three_rows.npy", "for the 2 digits of --input"),
-    (np.zeros((2, 63)), "bottom", "expected (N, 64) or (N, 8, 8)"),
+    (np.zeros((2, 63)), "bottom", "has shape (2, 63)"),
     (np.full((2, 64), 17.0), "bottom", "outside the whole numbers 0..16"),
     (np.full((2, 64), np.nan), "bottom", "outside the whole numbers 0..16"),
     (np.zeros((2, 64)), "middle", "expected one of bottom, top, left, right, centre"),
