@@ -682,7 +682,6 @@ def complete_everything(args):
     models = chosen_models(args, [f.name for f in registry.FAMILIES] + list(BASELINES))
     device = runs.choose_device(args.device)  # before --out is made: a refused device leaves nothing
     out = results.out_folder(args.out)
-    processes.claim_out(out, "inpaint.py")  # OUT/.inpaint.lock-digits until the run ends
     pixels, labels = common.load_digits_arrays()
     splits, label_splits = common.split_arrays(pixels), common.split_arrays(labels)
     digits, digit_labels = splits[args.split], label_splits[args.split]
@@ -693,6 +692,7 @@ def complete_everything(args):
     for file in args.extra_mask:
         name, mask = load_extra_mask(file, n, taken=(*MASK_NAMES, *masks))
         masks[name], descriptions[name] = mask, f"--extra-mask {Path(file).name}"
+    processes.claim_out(out, "inpaint.py")  # after the masks are read: a refused one makes no folder
     torch.set_num_threads(args.threads)
     show = not args.no_progress and sys.stderr.isatty()
     classifier, classifier_accuracy = quality.digit_classifier(out)

@@ -3,6 +3,7 @@ closed form, the ARM's exact conditional against brute-force enumeration, observ
 every family's complete(), and a smoke run."""
 
 import itertools
+import os
 import json
 
 import numpy as np
@@ -435,6 +436,18 @@ def test_input_refusals_are_one_line_exit_2_and_write_nothing(tmp_path, capsys, 
     err = capsys.readouterr().err.strip()
     assert code == 2 and message in err and len(err.splitlines()) == 1
     assert not out.exists()
+
+
+def test_a_fifo_as_mask_or_input_is_refused_at_once_and_makes_no_folder(tmp_path, capsys):
+    fifo = tmp_path / "fifo.npy"
+    os.mkfifo(fifo)
+    for argv in (["--extra-mask", str(fifo), "--models", "Independent pixels"],
+                 ["--input", str(fifo), "--mask", "bottom"], ["--input", str(tmp_path / "none.npy"), "--mask", str(fifo)]):
+        np.save(tmp_path / "none.npy", np.zeros((1, 64)))
+        code = run_main(inpaint.main, argv + ["--no-train", "--out", str(tmp_path / "out")])
+        err = capsys.readouterr().err
+        assert code == 2 and "is a FIFO, not a file" in err, err
+        assert not (tmp_path / "out").exists()
 
 
 def test_input_without_mask_is_refused(tmp_path, capsys):
