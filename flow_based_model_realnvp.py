@@ -434,9 +434,10 @@ class RealNVP(common.DigitsModel):
     @torch.no_grad()
     def complete(self, x, missing, steps=30, step_size=0.05, first_width=3.0, last_width=0.5):
         """Inpainting by Langevin dynamics in the flow's latent space, where the prior N(0, I) is
-        round and chains mix (as in posterior sampling with a flow prior, e.g. Whang et al. 2021,
-        "Composing Normalizing Flows for Inverse Problems"): z <- z + e / 2 grad log pi(z) +
-        sqrt(e) eps on pi(z) = N(z; 0, I) N(v_o(z); x_o + 1/2, w_k^2 I), v = f^-1(z), the observed
+        round and chains mix (posterior sampling with a flow prior; Whang et al. 2021, "Composing
+        Normalizing Flows for Inverse Problems", fit a variational posterior there instead):
+        z <- z + e / 2 grad log pi(z) + sqrt(e) eps on pi(z) = N(z; 0, I) N(v_o(z); x_o + 1/2,
+        w_k^2 I), v = f^-1(z), the observed
         pixels' tie to their box centres tightened geometrically from first_width to last_width
         (pixel units) over `steps` steps of size e = step_size (chosen on the validation split:
         docs/inpainting.md); then the bin floor(v_m) of the missing pixels."""
