@@ -220,7 +220,7 @@ def busy_table(out, families=BUSY_FAMILIES):
 
 def write(out, stem, table, data):
     with processes.SIGNALS.held():  # both files complete, then a signal's exit 130
-        files.publish_table(out / f"{stem}.md", table, registry.ROOT)
+        files.write_table(out / f"{stem}.md", table)
         files.save_json(out / f"{stem}.json", data)
     processes.emit(table)
 

@@ -752,7 +752,7 @@ def complete_everything(args):
                     {m: (b[shown] if b is not None else None) for (m, k), b in committed.items() if k == mask_name})
               for mask_name in missing]
     with processes.SIGNALS.held():  # the four files complete, then a signal's exit 130
-        files.publish_table(out / "inpaint.md", table, registry.ROOT)
+        files.write_table(out / "inpaint.md", table)
         save_panels(out / "inpaint.png", panels)
         save_completions(out / "inpaint_completions.npz", {f"{model}/{mask}": c for (model, mask), c in completions.items()})
         files.save_json(out / "inpaint.json", dict(

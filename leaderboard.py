@@ -333,7 +333,7 @@ def conditional_board(out, train, threads, seed):
     panels.append(("Real (val)", real_x[order], real_y[order]))
     table = conditional_markdown(rows, real["classifier_test_accuracy"])
     with processes.SIGNALS.held():
-        files.publish_table(out / "conditional.md", table, registry.ROOT)
+        files.write_table(out / "conditional.md", table)
         files.save_json(out / "conditional.json", rows)
         picture([(name, _class_rows(x, y)) for name, x, y in panels], out / "conditional.png", nrow=10, count=100)
     processes.emit(table)
@@ -431,7 +431,7 @@ def seed_table(out, seeds, train, threads):
               "seed and draws its samples with it; the Frechet distance uses the same classifier for all."]
     table = "\n".join(lines) + "\n"
     with processes.SIGNALS.held():
-        files.publish_table(out / "seeds.md", table, registry.ROOT)
+        files.write_table(out / "seeds.md", table)
         files.save_json(out / "seeds.json", dict(seeds=list(seeds), rows=rows))
     processes.emit(table)
 
@@ -505,8 +505,8 @@ def leaderboard(args, out):
 
     table = markdown(rows, real["classifier_test_accuracy"])
     with processes.SIGNALS.held():  # the four files and the pages' copies complete, then a signal's exit 130
-        files.publish_table(out / "leaderboard.md", table, registry.ROOT)
-        files.publish_table(out / "headline.md", headline(rows), registry.ROOT)
+        files.write_table(out / "leaderboard.md", table)
+        files.write_table(out / "headline.md", headline(rows))
         files.save_json(out / "leaderboard.json", rows)
         picture(panels, out / "leaderboard.png")
     processes.emit(table)

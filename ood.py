@@ -550,7 +550,7 @@ def score_everything(args):
 
 
 def write_outputs(out, table, all_scores, recommended, sets, data):
-    files.publish_table(out / "ood.md", table, registry.ROOT)
+    files.write_table(out / "ood.md", table)
     best = all_scores[recommended["model"]]
     raw = next(k for k in best if k in ("NLL", "energy", "score-norm"))
     panels = [(f"{recommended['model']} {recommended['score']}", best[recommended["score"]]),

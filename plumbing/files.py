@@ -324,7 +324,7 @@ def save_curve(path, history, best_epoch, name, objective, val_objective=None):
 
 def readme_block(name):
     """The markers around a page's copy of results/NAME (e.g. "leaderboard.md")."""
-    return f"<!-- results/{name}: written by the script that writes the file -->\n", f"<!-- end results/{name} -->\n"
+    return f"<!-- results/{name}: copied by publish.py -->\n", f"<!-- end results/{name} -->\n"
 
 
 def pages(root):
@@ -332,22 +332,34 @@ def pages(root):
     return [path for path in [Path(root) / "README.md", *sorted((Path(root) / "docs").glob("*.md"))] if path.is_file()]
 
 
-def publish_table(path, text, root):
-    """Write the markdown table `text` to path; when path is in the results/ of the repository at
-    `root`, also replace the copy of it between the readme_block markers in whichever page holds
-    it (README.md or docs/*.md), so no page drifts from results/ (a test checks every block)."""
-    path = Path(path)
-    atomic_write(path, lambda tmp: tmp.write_text(text))
-    if path.resolve().parent != Path(root).resolve() / "results":
-        return
-    begin, end = readme_block(path.name)
+def write_table(path, text):
+    """Write the markdown table `text` to path, and nothing else: a tool's run never rewrites
+    README.md or docs/ (publish_pages, run by hand with publish.py, copies the tables there)."""
+    atomic_write(Path(path), lambda tmp: tmp.write_text(text))
+
+
+BLOCK = re.compile(r"(<!-- results/(\S+): copied by publish.py -->\n)(.*?)(<!-- end results/\2 -->\n)", re.S)
+
+
+def publish_pages(root, write=True):
+    """Replace the copy of every results table between its readme_block markers in README.md and
+    docs/*.md under `root` with results/NAME as it is (a block whose file is missing stays); the
+    pages that change (with write=False, the pages that would change, none written)."""
+    results, changed = Path(root) / "results", []
     for page in pages(root):
         current = page.read_text()
-        if begin in current and end in current:
-            head, rest = current.split(begin, 1)
-            updated = head + begin + text.rstrip("\n") + "\n" + end + rest.split(end, 1)[1]
-            if updated != current:
+
+        def copy(match):
+            source = results / match.group(2)
+            return match.group(0) if not source.is_file() else (
+                match.group(1) + source.read_text().rstrip("\n") + "\n" + match.group(4))
+
+        updated = BLOCK.sub(copy, current)
+        if updated != current:
+            if write:
                 atomic_write(page, lambda tmp: tmp.write_text(updated))
+            changed.append(page)
+    return changed
 
 
 def keep_table(path, scored):

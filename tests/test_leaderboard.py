@@ -8,7 +8,10 @@ import numpy as np
 import pytest
 
 import common
+import inpaint
 import leaderboard
+import publish
+from conftest import run_main
 from plumbing import files, quality, registry, results
 
 
@@ -71,7 +74,7 @@ def test_baselines_are_finite_and_in_the_expected_order(splits):
 def test_page_copies_of_results_tables_equal_the_files():
     """README and docs/*.md restate results/*.md only between readme_block markers, each table in
     one page, and each copy is the file."""
-    pattern = r"<!-- results/(\S+): written by the script that writes the file -->\n(.*?)<!-- end results/\1 -->"
+    pattern = r"<!-- results/(\S+): copied by publish.py -->\n(.*?)<!-- end results/\1 -->"
     blocks = [block for page in files.pages(registry.ROOT) for block in re.findall(pattern, page.read_text(), re.S)]
     names = [name for name, _ in blocks]
     assert len(names) == len(set(names)), names
@@ -81,15 +84,38 @@ def test_page_copies_of_results_tables_equal_the_files():
         assert text == (registry.ROOT / "results" / name).read_text().rstrip("\n") + "\n", name
 
 
-def test_publish_table_rewrites_the_readme_block_only_for_the_repository_results(tmp_path, monkeypatch):
+def test_write_table_touches_no_page_and_publish_copies_every_block(tmp_path, monkeypatch, capsys):
     begin, end = files.readme_block("t.md")
     (tmp_path / "results").mkdir()
+    (tmp_path / "docs").mkdir()
     (tmp_path / "README.md").write_text(f"intro\n{begin}old\n{end}outro\n")
-    files.publish_table(tmp_path / "results" / "t.md", "| a |\n|---|\n", tmp_path)
+    (tmp_path / "docs" / "page.md").write_text(f"x\n{files.readme_block('gone.md')[0]}kept\n{files.readme_block('gone.md')[1]}")
+    files.write_table(tmp_path / "results" / "t.md", "| a |\n|---|\n")
+    assert (tmp_path / "README.md").read_text() == f"intro\n{begin}old\n{end}outro\n"  # a run writes only its file
+    monkeypatch.setattr(registry, "ROOT", tmp_path)
+    assert publish.main(["--check"]) == 1 and "README.md differs from results/" in capsys.readouterr().out
+    assert (tmp_path / "README.md").read_text() == f"intro\n{begin}old\n{end}outro\n"
+    assert publish.main([]) == 0
     assert (tmp_path / "README.md").read_text() == f"intro\n{begin}| a |\n|---|\n{end}outro\n"
-    assert (tmp_path / "results" / "t.md").read_text() == "| a |\n|---|\n"
-    files.publish_table(tmp_path / "t.md", "other\n", tmp_path)  # not results/: README untouched
-    assert "other" not in (tmp_path / "README.md").read_text()
+    assert "kept" in (tmp_path / "docs" / "page.md").read_text()  # no results/gone.md: the block stays
+    assert publish.main(["--check"]) == 0
+
+
+def test_a_tool_run_into_the_repositorys_results_leaves_readme_and_docs_alone(tmp_path, monkeypatch):
+    """A user's run of a tool (inpaint.py here) into the project's results/ writes its files there
+    and no page: README.md and docs/ change only by publish.py."""
+    root = tmp_path / "repo"
+    (root / "docs").mkdir(parents=True)
+    begin, end = files.readme_block("inpaint.md")
+    (root / "README.md").write_text("front\n")
+    (root / "docs" / "inpainting.md").write_text(f"page\n{begin}shipped\n{end}")
+    before = {p: p.read_text() for p in files.pages(root)}
+    monkeypatch.setattr(registry, "ROOT", root)
+    monkeypatch.setattr(results, "ROOT", root)
+    code = run_main(inpaint.main, ["--models", "Nearest neighbour", "--masks", "bottom", "--no-train", "--pick", "draw",
+                                   "--copied", "4", "--no-progress"])
+    assert code == 0 and (root / "results" / "inpaint.md").is_file()
+    assert {p: p.read_text() for p in files.pages(root)} == before
 
 
 def test_other_samplers_are_listed_in_the_familys_order():
