@@ -693,6 +693,7 @@ def complete_everything(args):
         name, mask = load_extra_mask(file, n, taken=(*MASK_NAMES, *masks))
         masks[name], descriptions[name] = mask, f"--extra-mask {Path(file).name}"
     processes.claim_out(out, "inpaint.py")  # after the masks are read: a refused one makes no folder
+    args.threads = args.threads or runs.auto_threads()
     torch.set_num_threads(args.threads)
     show = not args.no_progress and sys.stderr.isatty()
     classifier, classifier_accuracy = quality.digit_classifier(out)
@@ -810,6 +811,7 @@ def complete_yours(args):
     device = runs.choose_device(args.device)
     out = results.out_folder(args.out)
     processes.claim_out(out, "inpaint.py")
+    args.threads = args.threads or runs.auto_threads()
     torch.set_num_threads(args.threads)
     splits = common.split_arrays(common.load_digits_arrays()[0])
     x, missing = torch.from_numpy(x_np).float().to(device), torch.from_numpy(missing_np).to(device)

@@ -452,8 +452,7 @@ def main(argv=None):
                              "results/; a relative path is taken from the current directory)")
     parser.add_argument("--no-train", action="store_true",
                         help="do not run model scripts; use only the metrics already in --out")
-    parser.add_argument("--threads", type=common.positive_int, default=runs.DEFAULT_THREADS,
-                        help="CPU threads for the model runs (default %(default)s)")
+    parser.add_argument("--threads", type=runs.threads_flag, default=None, metavar="N|auto", help=results.THREADS_HELP)
     parser.add_argument("--seed", type=common.nonnegative_int, default=0, help="baselines' seed (default 0)")
     parser.add_argument("--conditional", action="store_true",
                         help="only the conditional table: every family's --conditional run (trained when "
@@ -469,6 +468,7 @@ def main(argv=None):
 
 def leaderboard(args, out):
     processes.claim_out(out, "leaderboard.py")
+    args.threads = args.threads or runs.auto_threads()
     torch.set_num_threads(args.threads)
     if args.seeds is not None:
         seed_table(out, list(dict.fromkeys(args.seeds)), not args.no_train, args.threads)

@@ -496,6 +496,7 @@ def score_everything(args):
         name, images = load_extra_set(spec, taken=(*sets, "test", "val"))
         sets[name] = images
     processes.claim_out(out, "ood.py")
+    args.threads = args.threads or runs.auto_threads()
     torch.set_num_threads(args.threads)
     inputs = dict(val=splits["val"], test=splits["test"], **sets)  # val: calibration only
 

@@ -20,13 +20,16 @@ from plumbing.files import (
     SCRATCH, DamagedFile, arrays_checksum, family_lock, read_json, read_npy, read_npz, remove_stale, save_json)
 from plumbing.processes import SIGNALS, emit, run_child
 from plumbing.registry import ROOT, model_class, output_paths, stem
-from plumbing.runs import DEFAULT_THREADS, MAX_SAMPLES
+from plumbing.runs import MAX_AUTO_THREADS, MAX_SAMPLES, threads_flag
+
+
+THREADS_HELP = (f"CPU threads for torch and for training a missing family: a count, or auto (the default): the "
+                f"idle cores when the tool starts, at most {MAX_AUTO_THREADS}, so a busy machine gets one thread")
 
 
 def add_machine_flags(parser):
     """--threads, --device and --no-progress, as ood.py and inpaint.py take them."""
-    parser.add_argument("--threads", type=positive_int, default=DEFAULT_THREADS,
-                        help="CPU threads for torch and for training a missing family (default %(default)s)")
+    parser.add_argument("--threads", type=threads_flag, default=None, metavar="N|auto", help=THREADS_HELP)
     parser.add_argument("--device", default="auto", choices=("auto", "cpu", "cuda", "mps"),
                         help="auto picks cuda, then mps, then cpu (default %(default)s)")
     parser.add_argument("--no-progress", action="store_true", help="no progress bar or lines")

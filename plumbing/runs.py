@@ -152,7 +152,6 @@ RESULT_NEUTRAL = ("out", "threads", "no_progress", "checkpoint_seconds", "resume
 MAX_AUTO_THREADS = 2
 
 
-DEFAULT_THREADS = min(MAX_AUTO_THREADS, os.cpu_count() or 1)
 
 
 # the resume checkpoint is rewritten at most this often while training, and when training ends:

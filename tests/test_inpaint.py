@@ -366,6 +366,7 @@ def test_smoke_run_writes_every_output(tmp_path, capsys):
     result = json.loads((tmp_path / "inpaint.json").read_text())
     assert list(result["masks"]) == ["bottom", "stripes"]
     assert result["setup"] == dict(split="test", digits=447, draws=8, copied=10)
+    assert 1 <= result["threads"] <= 2  # --threads auto by default: the idle cores, at most 2
     completions = np.load(tmp_path / "inpaint_completions.npz")
     assert sorted(completions.files) == sorted(f"{m}/{k}" for m in ("Independent pixels", "Nearest neighbour")
                                                for k in ("bottom", "stripes"))
@@ -448,6 +449,14 @@ def test_a_fifo_as_mask_or_input_is_refused_at_once_and_makes_no_folder(tmp_path
         err = capsys.readouterr().err
         assert code == 2 and "is a FIFO, not a file" in err, err
         assert not (tmp_path / "out").exists()
+
+
+@pytest.mark.parametrize("value", ["0", "many", "-1"])
+def test_a_bad_thread_count_is_one_line(tmp_path, capsys, value):
+    code = run_main(inpaint.main, ["--threads", value, "--out", str(tmp_path / "out")])
+    err = capsys.readouterr().err
+    assert code == 2 and "--threads" in err and len(err.strip().splitlines()) == 1
+    assert not (tmp_path / "out").exists()
 
 
 def test_input_without_mask_is_refused(tmp_path, capsys):
