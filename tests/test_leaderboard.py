@@ -118,6 +118,17 @@ def test_a_tool_run_into_the_repositorys_results_leaves_readme_and_docs_alone(tm
     assert {p: p.read_text() for p in files.pages(root)} == before
 
 
+def test_the_headline_is_sorted_by_the_test_nll_with_the_rows_without_one_after():
+    rows = json.loads((registry.ROOT / "results" / "leaderboard.json").read_text())
+    table = leaderboard.headline(rows)
+    assert "lower is better" in table.splitlines()[0]
+    cells = [line.split(" | ")[1] for line in table.splitlines()[2:]]
+    numbers = [float(c) for c in cells if c != "-"]
+    assert numbers == sorted(numbers) and len(numbers) == sum(r["test_nll_nats"] is not None for r in rows)
+    assert all(c == "-" for c in cells[len(numbers):])  # the rows without a likelihood come last
+    assert len(cells) == len(rows)
+
+
 def test_other_samplers_are_listed_in_the_familys_order():
     rows = json.loads((registry.ROOT / "results" / "leaderboard.json").read_text())
     sbgm = next(r for r in rows if r["model"] == "SBGM")
