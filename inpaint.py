@@ -337,8 +337,7 @@ def draw_completions(completer, x, missing, draws, copied, *, seed, device, batc
     inputs = torch.cat([x] + [x[:copied]] * (draws - 1))
     masks = torch.cat([missing] + [missing[:copied]] * (draws - 1))
     with common.seeded(seed, device), torch.no_grad():
-        completed = torch.cat([completer.complete(inputs[i:i + batch_size], masks[i:i + batch_size])
-                               for i in range(0, len(inputs), batch_size)])
+        completed = common.batched(completer.complete, inputs, masks, batch_size=batch_size)
     assert completed.shape == inputs.shape, f"{completer.name} returned shape {tuple(completed.shape)}"
     assert torch.equal(completed[~masks], inputs[~masks]), f"{completer.name} changed observed pixels"
     completed = completed.float().cpu().clamp(0, common.PIXEL_MAX)
@@ -354,8 +353,7 @@ def best_of(completer, draws, *, seed, device, batch_size):
     flat = draws.reshape(-1, draws.shape[-1]).to(device)
     try:
         with common.seeded(seed, device), torch.no_grad():
-            scores = torch.cat([completer.completion_nll(flat[i:i + batch_size]).double().cpu()
-                                for i in range(0, len(flat), batch_size)])
+            scores = common.batched(completer.completion_nll, flat, batch_size=batch_size).double().cpu()
     except NotImplementedError:
         return None
     pick = scores.view(draws.shape[:2]).argmin(0)  # (N,)
@@ -387,8 +385,8 @@ def evaluate(completer, x, labels, missing, classifier, *, seed, device, copied,
     try:
         start = time.perf_counter()
         with common.seeded(seed + 1, device), torch.no_grad():
-            metrics["missing_nll"] = float(torch.cat([completer.missing_nll(x[i:i + batch_size], missing[i:i + batch_size])
-                                                      for i in range(0, len(x), batch_size)]).double().mean())
+            metrics["missing_nll"] = float(common.batched(completer.missing_nll, x, missing,
+                                                          batch_size=batch_size).double().mean())
         metrics["nll_seconds"] = round(time.perf_counter() - start, 2)
     except NotImplementedError:
         pass
@@ -724,7 +722,8 @@ def complete_everything(args):
             cpu_seconds[completer.name] = round(time.process_time() - family_cpu + setup["cpu"], 2)
             continue
         rows = [r for r in rows if r["model"] != completer.name]
-        completions = {k: v for k, v in completions.items() if k[0] != completer.name}
+        completions, drawn, committed = ({k: v for k, v in kept.items() if k[0] != completer.name}
+                                         for kept in (completions, drawn, committed))
 
     # references: the true digits, and the observed pixels alone (missing = 0)
     with torch.no_grad():

@@ -338,7 +338,8 @@ def write_table(path, text):
     atomic_write(Path(path), lambda tmp: tmp.write_text(text))
 
 
-BLOCK = re.compile(r"(<!-- results/(\S+): copied by publish.py -->\n)(.*?)(<!-- end results/\2 -->\n)", re.S)
+_BEGIN, _END = (re.escape(marker) for marker in readme_block("NAME"))  # the markers, NAME a placeholder
+BLOCK = re.compile("(" + _BEGIN.replace("NAME", r"(\S+)") + ")(.*?)(" + _END.replace("NAME", r"\2") + ")", re.S)
 
 
 def publish_pages(root, write=True):

@@ -312,11 +312,15 @@ def test_pick_flag_refuses_other_words(text):
 # every family keeps the observed pixels
 
 
+def tiny(name):
+    """An untrained small model of the family `name`, in eval mode (seed 0)."""
+    torch.manual_seed(0)
+    return registry.model_class(name).build(**TINY.get(name, {})).eval()
+
+
 @pytest.mark.parametrize("name", NAMES)
 def test_every_family_keeps_the_observed_pixels(name):
-    cls = registry.model_class(name)
-    torch.manual_seed(0)
-    model = cls.build(**TINY.get(name, {})).eval()
+    model = tiny(name)
     pixels, _ = common.load_digits_arrays()
     x = torch.from_numpy(pixels[1350:1356])
     masks = inpaint.built_in_masks(6, seed=0)
@@ -338,9 +342,7 @@ def test_every_family_keeps_the_observed_pixels(name):
 @pytest.mark.parametrize("name", NAMES)
 def test_every_family_ranks_completions_or_says_it_cannot(name):
     """completion_nll: (B,) finite numbers that rank whole digits, or NotImplementedError."""
-    cls = registry.model_class(name)
-    torch.manual_seed(0)
-    model = cls.build(**TINY.get(name, {})).eval()
+    model = tiny(name)
     pixels, _ = common.load_digits_arrays()
     with torch.no_grad():
         try:
@@ -382,6 +384,30 @@ def test_smoke_run_writes_every_output(tmp_path, capsys):
     assert nearest["committed_accuracy"] == nearest["draw_accuracy_first"]  # it always commits
     assert rows["Independent pixels", "bottom"]["committed_accuracy"] is None  # no likelihood to rank by
     assert rows["Independent pixels", "bottom"]["missing_nll"] > 0
+
+
+def test_a_model_left_out_on_a_later_mask_leaves_nothing_behind(tmp_path, monkeypatch, capsys):
+    """complete() raising NotImplementedError on the second mask: the model is named in one line
+    and none of its first mask's draws reach the table, the picture or the completions."""
+    original = inpaint.IndependentPixelsCompleter.complete
+
+    def complete(self, x, missing):
+        if missing[:, 0].any():  # the left half: column 0 hidden
+            raise NotImplementedError("not on this mask")
+        return original(self, x, missing)
+
+    monkeypatch.setattr(inpaint.IndependentPixelsCompleter, "complete", complete)
+    shown = []
+    real_panel = inpaint.panel
+    monkeypatch.setattr(inpaint, "panel", lambda title, x, missing, truth, draws, committed, **kw: (
+        shown.extend(draws) or shown.extend(committed) or real_panel(title, x, missing, truth, draws, committed, **kw)))
+    code = run_main(inpaint.main, ["--models", "Independent pixels", "Nearest neighbour", "--masks", "bottom", "left",
+                                   "--no-train", "--out", str(tmp_path), "--no-progress", "--copied", "4"])
+    assert code == 0 and "left out Independent pixels: not on this mask" in capsys.readouterr().err
+    assert shown and "Independent pixels" not in shown
+    assert all(not key.startswith("Independent pixels/") for key in np.load(tmp_path / "inpaint_completions.npz").files)
+    assert {r["model"] for r in json.loads((tmp_path / "inpaint.json").read_text())["rows"]} >= {"Nearest neighbour"}
+    assert "Independent pixels" not in {r["model"] for r in json.loads((tmp_path / "inpaint.json").read_text())["rows"]}
 
 
 def test_val_split_completes_the_validation_digits(tmp_path):

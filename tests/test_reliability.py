@@ -19,6 +19,7 @@ import torch
 import autoregressive_model as arm_script
 import plumbing
 from conftest import run_main
+from test_robustness import alive
 from plumbing import checkpoints, files, registry, results, runs
 
 ROOT = registry.ROOT
@@ -88,14 +89,6 @@ def test_a_run_into_a_folder_of_planted_links_writes_none_through(tmp_path, outs
 
 # -----------------------------------------------------------------------------
 # principle 3: children die with their parent; SIGHUP is SIGTERM
-
-
-def alive(pid):
-    try:
-        state = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0]
-    except OSError:
-        return False
-    return state != "Z"
 
 
 def wait_for(condition, seconds=60, proc=None):
