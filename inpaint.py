@@ -693,7 +693,7 @@ def complete_everything(args):
     processes.claim_out(out, "inpaint.py")  # after the masks are read: a refused one makes no folder
     args.threads = args.threads or runs.auto_threads()
     torch.set_num_threads(args.threads)
-    show = not args.no_progress and sys.stderr.isatty()
+    show = not args.no_progress
     classifier, classifier_accuracy = quality.digit_classifier(out)
     x = torch.from_numpy(digits).to(device)
     missing = {name: torch.from_numpy(mask).to(device) for name, mask in masks.items()}
@@ -703,7 +703,7 @@ def complete_everything(args):
     for index, completer in enumerate(completers):
         family_start, family_cpu = time.perf_counter(), time.process_time()
         for mask_index, (mask_name, mask) in enumerate(missing.items()):
-            with quality.announced(f"inpaint: {completer.name} on {mask_name}", show):
+            with processes.announced(f"inpaint: {completer.name} on {mask_name}", show):
                 try:
                     metrics, first, draws, best = evaluate(
                         completer, x, digit_labels, mask, classifier, seed=args.seed + 1000 * index + mask_index,

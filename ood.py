@@ -505,20 +505,17 @@ def score_everything(args):
     independent = independent_pixel_nll(splits["train"])
     baselines = {"Independent pixels": independent, "Pixel Markov": markov}
 
-    from tqdm import tqdm
-
     rows, all_scores, skipped, seconds = [], {}, {}, {}
     families = [f for f in registry.FAMILIES if registry.model_class(f.name).ood_kind is not None]
-    bar = tqdm(families, disable=args.no_progress or not sys.stderr.isatty(), desc="ood", unit="family")
-    for family in bar:
-        bar.set_postfix(family=family.name)
+    for number, family in enumerate(families, 1):
         scoring = SCORING.get(family.name, Scoring())
         model, reason = results.load_family(family, out, not args.no_train, args.threads, device, scoring.sampling)
         if model is None:
             print(f"ood: skipped {family.name}: {reason}", file=sys.stderr)
             skipped[family.name] = reason
             continue
-        with common.timed(device) as took:
+        with processes.announced(f"ood: {family.name} ({number} of {len(families)} families)",
+                                 not args.no_progress), common.timed(device) as took:
             stat, mirrored = family_statistics(model, scoring, inputs, args.seed, device)
         seconds[family.name] = dict(wall=round(took["wall"], 2), cpu=round(took["cpu"], 2))
         scores = derived_scores(model.ood_kind, stat, mirrored, background)

@@ -279,6 +279,20 @@ def labelled(image, text):
     return np.asarray(canvas)
 
 
+def with_row_labels(image, labels):
+    """A white margin left of a uint8 (H, W) grid of len(labels) equal rows, each row's label
+    written beside its middle (e.g. the class a conditional model was asked for)."""
+    from PIL import Image, ImageDraw
+
+    margin, pitch = 16, image.shape[0] / max(len(labels), 1)
+    canvas = Image.new("L", (image.shape[1] + margin, image.shape[0]), color=255)
+    canvas.paste(Image.fromarray(image), (margin, 0))
+    draw = ImageDraw.Draw(canvas)
+    for row, label in enumerate(labels):
+        draw.text((4, int(row * pitch + pitch / 2) - 6), str(label), fill=0)
+    return np.asarray(canvas)
+
+
 def save_gif(path, frames, last_frame_seconds=2.0, frame_seconds=0.2):
     """frames: list of uint8 (H, W), in training order; the last one is held longer."""
     import imageio.v3 as iio

@@ -16,6 +16,7 @@ import signal
 import subprocess
 import sys
 import threading
+import time
 from pathlib import Path
 
 from plumbing import EXIT_INTERRUPTED, EXIT_USAGE, UsageError, first_line
@@ -154,6 +155,47 @@ def report(text):
     """A line on stderr that can't fail (a closed terminal: SIGHUP's usual cause)."""
     with contextlib.suppress(OSError, ValueError):
         print(text, file=sys.stderr, flush=True)
+
+
+@contextlib.contextmanager
+def announced(text, enabled):
+    """A status line on stderr around a slow phase (when enabled): "ARM: test NLL ... 4.2 s" on a
+    terminal; in a log, a line as it starts and one with its time as it ends."""
+    tty = enabled and sys.stderr.isatty()
+    if enabled:
+        print(f"{text} ...", end="" if tty else "\n", file=sys.stderr, flush=True)
+    start = time.perf_counter()
+    yield
+    if enabled:
+        seconds = time.perf_counter() - start
+        print(f" {seconds:.1f} s" if tty else f"{text}: {seconds:.1f} s", file=sys.stderr, flush=True)
+
+
+class Progress:
+    """Progress on stderr: a bar on a terminal; in a log (stderr a file or a pipe) a line at most every
+    `every` seconds and at the last step, so a long run is never silent; nothing when not enabled."""
+
+    def __init__(self, desc, total, enabled=True, initial=0, unit="epoch", every=10.0):
+        from tqdm import tqdm
+
+        self.desc, self.total, self.done, self.unit, self.every = desc, total, initial, unit, every
+        self.lines = enabled and not sys.stderr.isatty()
+        self.bar = tqdm(total=total, initial=initial, disable=not enabled or self.lines, desc=desc, unit=unit)
+        self.start = self.said = time.perf_counter()
+
+    def update(self, **postfix):
+        """One step done; postfix: the numbers to show beside it (e.g. train=1.234)."""
+        self.done += 1
+        self.bar.set_postfix(postfix, refresh=False)
+        self.bar.update(1)
+        now = time.perf_counter()
+        if self.lines and (now - self.said >= self.every or self.done >= self.total):
+            self.said = now
+            numbers = "".join(f", {key} {value}" for key, value in postfix.items())
+            report(f"{self.desc}: {self.unit} {self.done}/{self.total}{numbers} ({now - self.start:.0f} s)")
+
+    def close(self):
+        self.bar.close()
 
 
 def emit(text):

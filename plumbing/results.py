@@ -48,7 +48,7 @@ TRAINING_KEYS = ("epochs_run", "best_epoch", "best_val_objective", "stopped", "t
 def train_into(out, name, script, threads, flags=(), extra=(), stdout=None, rescore=False):
     """Run `script` with its defaults (and `flags`) in a scratch folder in `out`; a finished run
     (exit 0, metrics not interrupted) replaces the family's files in `out`, moved in under its
-    lock with the metrics last. rescore: no training; the run loads OUT's weights (--sample-only),
+    lock with the metrics last. rescore: no training; the run loads OUT's weights (--sample-only --evaluate),
     scores them with the current code and keeps the training record of OUT's metrics. Returns
     None, or a one-line reason why `out` is unchanged."""
     out.mkdir(parents=True, exist_ok=True)
@@ -66,7 +66,7 @@ def train_into(out, name, script, threads, flags=(), extra=(), stdout=None, resc
             if problem:
                 return f"{paths['metrics']} {problem}; {out} is unchanged"
             shutil.copy2(paths["weights"], scratch)
-            extra = (*extra, "--sample-only")
+            extra = (*extra, "--sample-only", "--evaluate")
         command = [sys.executable, str(ROOT / script), "--no-progress", "--threads", str(threads),
                    "--out", str(scratch), *extra, *flags]
         code = run_child(command, cwd=ROOT, stdout=stdout)
@@ -207,6 +207,24 @@ def run_status(metrics, script, flags=()):
     return "current" if metrics.get("scoring_code_sha256") == scoring_fingerprint(ROOT / script, ROOT) else "rescore"
 
 
+def stale_reason(metrics, script, flags=()):
+    """Why a metrics file is not the current default run (with `flags`), in a few words; None when
+    it is."""
+    changed, wanted = metrics.get("changed_settings"), _settings(flags)
+    if metrics.get("stopped") == "sample_only" and not metrics.get("evaluated", True):
+        return "it comes from --sample-only (samples only, no test NLL)"
+    if metrics.get("quick") is not False:
+        return "it comes from a --quick run"
+    if metrics.get("interrupted") is not False or metrics.get("stopped") == "non_finite":
+        return "its run did not finish"
+    other = {k: v for k, v in changed.items() if k not in wanted} if isinstance(changed, dict) else {}
+    if other:
+        return "its run changed settings (" + ", ".join(f"{k}={v}" for k, v in other.items()) + ")"
+    status = run_status(metrics, script, flags)
+    return {"current": None, "rescore": "the scoring code changed since (re-scored from the weights when trained)",
+            "retrain": "the model's code or settings changed since"}[status]
+
+
 def is_current(metrics, script, flags=()):
     return run_status(metrics, script, flags) == "current"
 
@@ -250,6 +268,10 @@ def current_run(name, script, out, train, threads, flags=(), keys=ROW_KEYS, samp
     if problem:
         print(f"leaderboard: {problem}; treated as missing", file=sys.stderr)
     status = "retrain" if metrics is None else run_status(metrics, script, flags)
+    if status != "current" and metrics is not None and not train:
+        print(f"leaderboard: {out / f'{run}_metrics.json'} is not the current default run: "
+              f"{stale_reason(metrics, script, flags)}; listed as stale (without --no-train it is made again; "
+              f"`git checkout results/` restores the shipped files)", file=sys.stderr)
     if status != "current" and train and (ROOT / script).is_file():
         rescore = status == "rescore" and output_paths(out, run)["weights"].is_file()
         emit(f"leaderboard: {'re-scoring' if rescore else 'training'} {name} with its defaults "

@@ -24,10 +24,10 @@ from plumbing.checkpoints import (
     train_state_from, weights_checksum)
 from plumbing.files import (
     arrays_checksum, check_out, family_lock, finite_or_none, image_grid, labelled, remove_stale, save_arrays, save_curve,
-    save_gif, save_image, save_json)
-from plumbing.processes import SIGNALS, StopNow, emit, report
+    save_gif, save_image, save_json, with_row_labels)
+from plumbing.processes import SIGNALS, Progress, StopNow, announced, emit, report
 from plumbing.quality import (
-    NonFiniteSamples, announced, check_samples, conditional_quality, frechet_to, generative_classifier,
+    NonFiniteSamples, check_samples, conditional_quality, frechet_to, generative_classifier,
     sample_quality)
 from plumbing.registry import ROOT, output_paths, stem
 
@@ -95,11 +95,19 @@ def make_parser(script, doc, *, epochs, batch_size, lr, patience, ema=0.0, gif_e
                            help="with --conditional: the classes to draw, e.g. 3,7 (default all ten); "
                                 "--num-samples are shared equally among them")
     run_group.add_argument("--sample-only", action="store_true",
-                           help="load the weights OUT/NAME.pt (shipped in results/) and write samples and "
-                                "metrics without training")
+                           help="no training: load the weights OUT/NAME.pt (or --weights) and write samples, "
+                                "their picture and their quality into OUT")
+    run_group.add_argument("--weights", type=Path, default=None, metavar="FILE",
+                           help="with --sample-only: the weights to sample (default OUT/NAME.pt), e.g. "
+                                "--weights results/DDPM.pt --out my_samples samples the shipped weights and "
+                                "leaves results/ as it is")
+    run_group.add_argument("--evaluate", action="store_true",
+                           help="with --sample-only: also the test NLL, the generative classifier, the other "
+                                "samplers and the family's own metrics and pictures, as after training")
     run_group.add_argument("--quick", action="store_true",
                            help="a tiny run for smoke tests: 2 epochs, small data subsets, 64 samples")
-    run_group.add_argument("--no-progress", action="store_true", help="no progress bar")
+    run_group.add_argument("--no-progress", action="store_true",
+                           help="no progress on stderr (by default a bar on a terminal, a line every 10 s in a log)")
     parser.set_defaults(_full_epochs=epochs, _full_samples=num_samples)
     return parser
 
@@ -115,6 +123,9 @@ def parse_args(parser, argv=None):
         args.gif_every = 1  # several frames even in a 2-epoch run
     if args.resume and args.sample_only:
         parser.error("--resume and --sample-only exclude each other")
+    for flag, value in (("--weights", args.weights is not None), ("--evaluate", args.evaluate)):
+        if value and not args.sample_only:
+            parser.error(f"{flag} goes with --sample-only (a training run evaluates its own weights)")
     if args.digits is not None and not args.conditional:
         parser.error("--digits picks the classes of a conditional model; add --conditional")
     classes = len(args.digits or range(NUM_CLASSES))
@@ -143,7 +154,8 @@ def parse_args(parser, argv=None):
 MAX_SAMPLES = 10_000  # --num-samples at most: the sample-quality measures hold an N x N distance matrix
 
 
-RESULT_NEUTRAL = ("out", "threads", "no_progress", "checkpoint_seconds", "resume", "device")  # not settings
+RESULT_NEUTRAL = ("out", "threads", "no_progress", "checkpoint_seconds", "resume", "device",  # not settings
+                  "weights", "evaluate")
 
 
 # 2 torch threads trained eight of nine families 1.1-1.6x faster than 1 on an idle 2-core machine
@@ -235,10 +247,8 @@ class RunHooks(Hooks):
     cached in OUT."""
 
     def __init__(self, name, state, checkpoint, checkpoint_seconds, out, progress, epochs):
-        from tqdm import tqdm
-
         self.saver = _Throttled(checkpoint, checkpoint_seconds, state.epoch)
-        self.bar = tqdm(total=epochs, initial=state.epoch, disable=not progress, desc=name, unit="epoch")
+        self.bar = Progress(name, epochs, enabled=progress, initial=state.epoch)
         self.sample_distance = lambda samples, reference: frechet_to(samples, reference, out)
 
     @contextlib.contextmanager
@@ -253,9 +263,7 @@ class RunHooks(Hooks):
 
     def after_epoch(self, state, means, val):
         self.saver.maybe(state.epoch)
-        self.bar.set_postfix(train=f"{means['train']:.3f}", val=f"{val:.3f}",
-                             best=f"{state.best_val:.3f}@{state.best_epoch}")
-        self.bar.update(1)
+        self.bar.update(train=f"{means['train']:.3f}", val=f"{val:.3f}", best=f"{state.best_val:.3f}@{state.best_epoch}")
 
     def after_training(self, state):
         self.bar.close()
@@ -353,9 +361,14 @@ def _run_locked(args, model_class, config, sampling, out, device):
     state = TrainState(best_weights=cpu_state(model))
     train_flags = dict(batch_size=args.batch_size, lr=args.lr, ema=args.ema, seed=args.seed, quick=args.quick)
 
+    weights_path = args.weights or paths["weights"]
     if args.sample_only:
-        shipped = load_checkpoint(paths["weights"], name, config, "weights", f"make it with: {make_command}")
-        state = train_state_from(dict(shipped, best_weights=shipped["weights"]), paths["weights"])
+        shipped = ROOT / "results" / paths["weights"].name
+        hint = (f"sample the shipped ones into {out} with --weights {_shown(shipped)}, or make them with: {make_command}"
+                if args.weights is None and shipped.is_file() and shipped.resolve() != paths["weights"].resolve()
+                else f"make it with: {make_command}")
+        checkpoint = load_checkpoint(weights_path, name, config, "weights", hint)
+        state = train_state_from(dict(checkpoint, best_weights=checkpoint["weights"]), weights_path)
     elif args.resume:
         saved = load_checkpoint(paths["resume"], name, config, "resume",
                                 f"--resume continues a run made on this machine (the repository ships "
@@ -400,14 +413,14 @@ def _run_locked(args, model_class, config, sampling, out, device):
         else:  # no frame drawn in this run: the previous run's GIF must not stand beside its weights
             paths["gif"].unlink(missing_ok=True)
 
-    load_weights_into(model, state.best_weights, paths["weights"])
+    load_weights_into(model, state.best_weights, weights_path)
     model.eval()
     SIGNALS.hold()
-    metrics = _final_outputs(model, splits, labels, args, device, paths, state, reason, write_training)
+    metrics, written = _final_outputs(model, splits, labels, args, device, paths, state, reason, write_training)
     emit(json.dumps(finite_or_none({k: metrics[k] for k in (
         "model", "test_nll_nats", "test_bpd", "nll_kind", "epochs_run", "best_epoch",
         "train_seconds", "sample_seconds")})))
-    report(summary(metrics, paths, out))
+    report(summary(metrics, written, weights_path))
     if metrics["interrupted"]:  # exit status and metrics agree; a signal after this point changes neither
         return EXIT_INTERRUPTED
     return EXIT_NONFINITE if reason == "non_finite" else 0
@@ -427,20 +440,23 @@ def evaluating():
 
 def _final_outputs(model, splits, labels, args, device, paths, state, reason, write_training=lambda: None):
     """Evaluate the best state on the test split and write samples, images and metrics; the
-    samples are checked before anything is written (write_training first: weights, curve, GIF)."""
-    out, name, show = Path(args.out), paths["weights"].stem, shows_progress(args)
+    samples are checked before anything is written (write_training first: weights, curve, GIF).
+    --sample-only evaluates only the samples unless --evaluate. Returns (metrics, paths written)."""
+    out, name, show = Path(args.out), paths["weights"].stem, not args.no_progress
+    evaluate = args.evaluate or not args.sample_only
     with evaluating():  # nothing is written before its end
         conditional = model.conditional
         given = [labels["test"]] if conditional else []  # a conditional model's NLL is -log p(x | y)
-        test_nll, nll_seconds = None, dict(wall=None, cpu=None)
-        if model.nll_kind:
+        test_nll, nll_seconds, extra, images = None, dict(wall=None, cpu=None), {}, {}
+        if model.nll_kind and evaluate:
             with announced(f"{name}: test NLL of {len(splits['test'])} images", show), timed(device) as nll_seconds, \
                     seeded(args.seed + 3, device), torch.no_grad():
                 test_nll = float(batched(model.test_nll, splits["test"], *given).mean())
-        with announced(f"{name}: other metrics", show), seeded(args.seed + 5, device):
-            extra = model.extra_metrics(splits, labels)
-            images = model.extra_images(splits)
-        if conditional:
+        if evaluate:
+            with announced(f"{name}: other metrics", show), seeded(args.seed + 5, device):
+                extra = model.extra_metrics(splits, labels)
+                images = model.extra_images(splits)
+        if conditional and evaluate:
             with announced(f"{name}: generative classifier on {len(splits['test'])} images", show), \
                     timed(device) as classify_seconds, seeded(args.seed + 6, device), torch.no_grad():
                 predicted = generative_classifier(model, splits["test"], labels["train"])
@@ -459,7 +475,8 @@ def _final_outputs(model, splits, labels, args, device, paths, state, reason, wr
         other_samplers = {}
         # each other sampler timed and scored like the main one; skipped after an interrupt, to be quick;
         # they draw from p(x) (a conditional run has only its sampler of p(x | y))
-        for sampler_name, sampler in ({} if reason == "interrupted" or conditional else model.samplers()).items():
+        others = {} if reason == "interrupted" or conditional or not evaluate else model.samplers()
+        for sampler_name, sampler in others.items():
             with announced(f"{name}: {args.num_samples} samples, sampler {sampler_name}", show), \
                     timed(device) as seconds:
                 other = draw_samples(model, args.num_samples, args.seed + 5, device, sampler=sampler).cpu()
@@ -469,24 +486,32 @@ def _final_outputs(model, splits, labels, args, device, paths, state, reason, wr
                                                 frechet_distance=frechet)
 
     write_training()
+    written = [] if args.sample_only else ([paths["weights"], paths["resume"], paths["curve"]]
+                                           + [paths["gif"]] * bool(state.frames))
     save_image(out / "_Digit_real_image.png", image_grid(splits["test"][:64]))
-    if conditional:  # row k: samples of the k-th class asked for
+    if conditional:  # rows of each class asked for, labelled with it; at least a 10 x 10 grid in all
         per_class = len(drawn) // len(digits)
-        rows = samples.view(len(digits), per_class, NUM_PIXELS)[:, :10]
-        save_image(paths["grid"], image_grid(rows.reshape(-1, NUM_PIXELS), nrow=rows.shape[1]))
+        shown = min(per_class, 10 * max(1, 10 // len(digits)))  # 100 of one class, 50 of each of two, ...
+        classes = samples.view(len(digits), per_class, NUM_PIXELS)[:, :shown]
+        row_labels = [str(d) for d in digits.tolist() for _ in range(math.ceil(shown / 10))]
+        grid = image_grid(classes.reshape(-1, NUM_PIXELS) if shown <= 10 else
+                          _padded_rows(classes, 10).reshape(-1, NUM_PIXELS), nrow=min(shown, 10))
+        save_image(paths["grid"], with_row_labels(grid, row_labels))
         written_samples = samples.numpy().astype(np.float32), drawn.cpu().numpy().astype(np.int64)
         save_arrays(paths["npy"], dict(zip("xy", written_samples)))
     else:
         save_image(paths["grid"], image_grid(samples[:64]))
         written_samples = (samples.numpy().astype(np.float32),)
         save_arrays(paths["npy"], written_samples[0])
+    written += [paths["npy"], paths["grid"], out / "_Digit_real_image.png"]
     for suffix, (pixels, nrow) in images.items():
         save_image(out / f"{name}_{suffix}.png", image_grid(pixels, nrow=nrow))
+        written.append(out / f"{name}_{suffix}.png")
     metrics = dict(
         model=model.name, conditional=conditional, digits=None if drawn is None else digits.tolist(),
-        test_nll_nats=test_nll,
+        evaluated=evaluate, test_nll_nats=test_nll,
         test_bpd=nats_to_bpd(test_nll) if test_nll is not None else None,
-        nll_kind=model.nll_kind, epochs_run=state.epoch, best_epoch=state.best_epoch,
+        nll_kind=model.nll_kind if evaluate else None, epochs_run=state.epoch, best_epoch=state.best_epoch,
         best_val_objective=state.best_val if math.isfinite(state.best_val) else None,
         objective=model.objective, val_objective=model.val_objective or model.objective,
         stopped=reason, interrupted=reason == "interrupted" or bool(SIGNALS.received),
@@ -513,39 +538,62 @@ def _final_outputs(model, splits, labels, args, device, paths, state, reason, wr
                    else sample_quality(samples.numpy(), out))
     metrics["interrupted"] = metrics["interrupted"] or bool(SIGNALS.received)
     save_json(paths["metrics"], metrics)
-    return metrics
+    return metrics, written + [paths["metrics"]]
+
+
+def _padded_rows(classes, width):
+    """(K, S, 64) samples of K classes -> (K, R, width, 64): each class's S samples in rows of `width`,
+    the last row filled out with blank (zero) cells."""
+    k, count, pixels = classes.shape
+    rows = math.ceil(count / width)
+    padded = classes.new_zeros(k, rows * width, pixels)
+    padded[:, :count] = classes
+    return padded.view(k, rows, width, pixels)
 
 
 def shows_progress(args):
-    """Progress bars and phase lines go to stderr when it is a terminal, unless --no-progress."""
-    return not args.no_progress and sys.stderr.isatty()
+    """Progress bars (on a terminal) or lines (in a log) go to stderr, unless --no-progress."""
+    return not args.no_progress
 
 
-def summary(metrics, paths, out):
-    """The few lines a person reads at the end of a run: headline numbers, where the files went."""
+def _shown(path):
+    """A path as a person would type it here: relative to the current folder when inside it."""
+    path = Path(path)
+    try:
+        return str(path.resolve().relative_to(Path.cwd().resolve()))
+    except ValueError:
+        return str(path)
+
+
+def summary(metrics, written, weights):
+    """The few lines a person reads at the end of a run: headline numbers and the files it wrote
+    (weights: the file trained, or read by --sample-only)."""
     m, nll = metrics, metrics["test_nll_nats"]
     likelihood = (f"test NLL {nll:.2f} nats/image ({m['test_bpd']:.3f} bits/dim, {m['nll_kind'].replace('_', ' ')})"
-                  if nll is not None else "no likelihood")
+                  if nll is not None else "no likelihood" if m["evaluated"] else "test NLL not computed (--evaluate)")
     frechet = "n/a" if m["frechet_distance"] is None else f"{m['frechet_distance']:.2f}"
-    state = "interrupted, " if m["interrupted"] else ""
-    run = paths["weights"].stem
-    extra = sorted(p.name for p in out.glob(f"{run}_*.png") if p not in paths.values()
-                   and (m["conditional"] or not p.name.startswith(f"{run}_conditional_")))
     quality = f"Frechet distance {frechet}"
     if m["conditional"]:
         classifier = m.get("generative_classifier_accuracy")
         per_class = m["frechet_mean_over_classes"]
-        quality = (f"p(x | y): class accuracy {m['class_accuracy']:.3f}, per-class Frechet distance mean "
-                   + ("n/a" if per_class is None else f"{per_class:.2f}") + ", generative classifier accuracy "
-                   + ("n/a" if classifier is None else f"{classifier:.3f}") + f"; {quality}")
-    trained = m["stopped"] != "sample_only"  # --sample-only writes no weights, curve, GIF or resume file
-    return "\n".join([
-        f"{m['model']}: {likelihood}; {quality}, copy rate {m['copy_rate']:.3f}, "
-        f"coverage {m['class_coverage']:.3f}; {state}{m['epochs_run']} epochs (best {m['best_epoch']}), "
-        f"trained {m['train_seconds']:.0f} s on {m['threads']} thread(s), {m['num_samples']} samples in "
-        f"{m['sample_seconds']:.2f} s",
-        f"  weights {paths['weights']} " + (f"(training state for --resume: {paths['resume']})" if trained
-                                            else "(read, not written: --sample-only)"),
-        f"  samples {paths['npy']}, {paths['grid']}" + (f"; curve {paths['curve']}" if trained else "")
-        + (f"; GIF {paths['gif']}" if trained and paths["gif"].is_file() else ""),
-        f"  metrics {paths['metrics']}" + (f"; also {', '.join(str(out / e) for e in extra)}" if extra else "")])
+        some = m["digits"] is not None and len(m["digits"]) < NUM_CLASSES
+        quality = (f"p(x | y): class accuracy {m['class_accuracy']:.3f}, Frechet distance to the test digits of "
+                   + ("the same class" if not some or len(m["digits"]) > 1 else f"class {m['digits'][0]}")
+                   + (", mean over classes " if not some or len(m["digits"]) > 1 else ": ")
+                   + ("n/a" if per_class is None else f"{per_class:.2f}")
+                   + ("" if classifier is None else f", generative classifier accuracy {classifier:.3f}")
+                   + f"; {quality}" + (" to the test digits of all ten classes (which samples of only "
+                                       f"{', '.join(map(str, m['digits']))} can't match)" if some else ""))
+    state = "interrupted, " if m["interrupted"] else ""
+    if m["stopped"] == "sample_only":
+        made = (f"sampled {m['num_samples']} in {m['sample_seconds']:.2f} s on {m['threads']} thread(s) "
+                f"from {_shown(weights)} ({m['epochs_run']} epochs of training)")
+    else:
+        made = (f"{state}{m['epochs_run']} epochs (best {m['best_epoch']}), trained {m['train_seconds']:.0f} s on "
+                f"{m['threads']} thread(s), {m['num_samples']} samples in {m['sample_seconds']:.2f} s")
+    folders = {}
+    for path in written:
+        folders.setdefault(str(Path(_shown(path)).parent), []).append(Path(path).name)
+    return "\n".join([f"{m['model']}: {likelihood}; {quality}, copy rate {m['copy_rate']:.3f}, "
+                      f"coverage {m['class_coverage']:.3f}; {made}"]
+                     + [f"  wrote into {folder}/: {', '.join(names)}" for folder, names in folders.items()])

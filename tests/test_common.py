@@ -154,12 +154,44 @@ def test_sample_only_reproduces_samples_and_metrics_without_training(tmp_path, c
     metrics_before = json.loads((tmp_path / "ARM_metrics.json").read_text())
     checkpoint_before = (tmp_path / "ARM.pt").read_bytes()
     (tmp_path / "ARM_samples.npy").unlink()
+    capsys.readouterr()
+    # by default only the samples, their picture and their quality: no NLL, and the summary says so
     assert run_main(arm_script.main, TINY + ["--sample-only", "--out", str(tmp_path)]) == 0
     assert np.array_equal(np.load(tmp_path / "ARM_samples.npy"), before)
     metrics = json.loads((tmp_path / "ARM_metrics.json").read_text())
+    assert metrics["test_nll_nats"] is None and metrics["evaluated"] is False and metrics["stopped"] == "sample_only"
+    assert metrics["frechet_distance"] == pytest.approx(metrics_before["frechet_distance"], abs=1e-6)
+    err = capsys.readouterr().err
+    assert "sampled 64 in" in err and "trained" not in err and "not computed (--evaluate)" in err
+    wrote = err.split("wrote into ")[1]
+    assert "ARM_samples.npy" in wrote and "ARM.pt" not in wrote and "curve" not in wrote and "gif" not in wrote
+    # --evaluate: the numbers of the training run, from the weights alone
+    assert run_main(arm_script.main, TINY + ["--sample-only", "--evaluate", "--out", str(tmp_path)]) == 0
+    metrics = json.loads((tmp_path / "ARM_metrics.json").read_text())
     assert metrics["test_nll_nats"] == pytest.approx(metrics_before["test_nll_nats"], abs=1e-4)
-    assert metrics["epochs_run"] == metrics_before["epochs_run"]
+    assert metrics["epochs_run"] == metrics_before["epochs_run"] and metrics["evaluated"] is True
     assert (tmp_path / "ARM.pt").read_bytes() == checkpoint_before
+
+
+def test_sample_only_reads_weights_from_anywhere_and_writes_only_into_out(tmp_path, capsys):
+    """--weights FILE samples weights kept elsewhere (the shipped ones) into another --out; the
+    folder of the weights is left as it was, and a missing OUT/NAME.pt names --weights."""
+    shipped, mine = tmp_path / "shipped", tmp_path / "mine"
+    assert run_main(arm_script.main, TINY + ["--out", str(shipped)]) == 0
+    before = {p.name: p.read_bytes() for p in shipped.iterdir() if p.is_file()}
+    capsys.readouterr()
+    assert run_main(arm_script.main, TINY + ["--sample-only", "--out", str(mine)]) == 2
+    assert "with --weights results/ARM.pt" in capsys.readouterr().err  # the shipped weights, named
+    assert run_main(arm_script.main, TINY + ["--sample-only", "--out", str(mine), "--weights",
+                                             str(shipped / "ARM.pt")]) == 0
+    assert {p.name: p.read_bytes() for p in shipped.iterdir() if p.is_file()} == before
+    assert np.array_equal(np.load(mine / "ARM_samples.npy"), np.load(shipped / "ARM_samples.npy"))
+    assert not (mine / "ARM.pt").exists()
+    err = capsys.readouterr().err
+    assert f"from {shipped / 'ARM.pt'}" in err
+    with pytest.raises(SystemExit) as stopped:
+        arm_script.main(TINY + ["--weights", str(shipped / "ARM.pt"), "--out", str(mine)])
+    assert stopped.value.code == 2 and "goes with --sample-only" in capsys.readouterr().err
 
 
 # --- bad checkpoints -------------------------------------------------------------
@@ -366,7 +398,7 @@ def test_sigint_during_sample_only_is_one_line_and_exit_130(tmp_path):
     assert run_main(vae_script.main, tiny_vae + ["--epochs", "1", "--out", str(tmp_path)]) == 0
     env = dict(os.environ, PYTHONPATH=str(ROOT))
     proc = subprocess.Popen([sys.executable, str(ROOT / "variational_autoencoder.py"), *tiny_vae[:-1], "300000",
-                             "--threads", "1", "--sample-only", "--out", str(tmp_path)],
+                             "--threads", "1", "--sample-only", "--evaluate", "--out", str(tmp_path)],
                             env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     time.sleep(20)  # loading done, the test NLL under way (300000 importance samples per image take minutes)
     proc.send_signal(signal.SIGINT)
@@ -383,9 +415,11 @@ def test_a_run_ends_with_a_short_human_summary(tmp_path, capsys):
     assert run_main(arm_script.main, TINY + ["--epochs", "1", "--out", str(tmp_path)]) == 0
     captured = capsys.readouterr()
     assert json.loads(captured.out.strip().splitlines()[-1])["model"] == "ARM"
-    lines = captured.err.strip().splitlines()[-4:]
-    assert lines[0].startswith("ARM: test NLL ") and "Frechet distance" in lines[0]
-    assert str(tmp_path / "ARM.pt") in lines[1] and str(tmp_path / "ARM_metrics.json") in lines[3]
+    lines = captured.err.strip().splitlines()[-2:]
+    assert lines[0].startswith("ARM: test NLL ") and "Frechet distance" in lines[0] and "trained" in lines[0]
+    assert lines[1].startswith(f"  wrote into {tmp_path}/: ARM.pt, ")
+    written = lines[1].split(": ", 1)[1].split(", ")
+    assert set(written) == {p.name for p in tmp_path.iterdir() if not p.name.startswith(("_digit_", "."))}
 
 
 def test_a_full_disk_is_an_os_error_naming_the_file_and_the_old_file_stays(tmp_path):

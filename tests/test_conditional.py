@@ -169,6 +169,31 @@ def test_sample_only_of_a_conditional_run_refuses_unconditional_weights(tmp_path
     assert code == 2 and "holds a model of p(x)" in err and len(err.strip().splitlines()) == 1
 
 
+def test_the_grid_of_a_few_classes_has_100_cells_and_row_labels(tmp_path, capsys):
+    """--digits 7 draws a 10 x 10 grid of sevens (not a strip of 10), two classes 5 rows each; a
+    white margin left of the grid carries each row's class; the summary explains the Frechet
+    distance to all ten classes."""
+    from PIL import Image
+
+    import autoregressive_model
+
+    tiny = ["--quick", "--out", str(tmp_path), "--channels", "8", "--layers", "2", "--members", "1", "--conditional"]
+    assert run_main(autoregressive_model.main, tiny) == 0
+    sizes = {}
+    for digits, count in (("7", 100), ("3,7", 100), ("0,1,2,3,4,5,6,7,8,9", 100)):
+        capsys.readouterr()
+        assert run_main(autoregressive_model.main, tiny + ["--sample-only", "--digits", digits,
+                                                           "--num-samples", str(count)]) == 0
+        err = capsys.readouterr().err
+        assert ("can't match" in err) == (digits != "0,1,2,3,4,5,6,7,8,9")
+        with Image.open(tmp_path / "ARM_conditional_samples.png") as image:
+            grid = np.asarray(image.convert("L"))
+        sizes[digits] = grid.shape
+        assert (grid[:, :16] == 255).mean() > 0.8 and (grid[:, :16] < 128).any()  # a white margin with labels
+    cell = 4 * 9  # 8 pixels and a 1-pixel border, upscaled 4 times
+    assert sizes["7"] == sizes["3,7"] == sizes["0,1,2,3,4,5,6,7,8,9"] == (10 * cell + 4, 16 + 10 * cell + 4)
+
+
 def test_run_settings_and_stems_of_conditional_runs():
     assert results._settings(("--seed", "1", "--conditional")) == {"seed": "1", "conditional": "True"}
     assert results._settings(("--conditional", "--seed", "2")) == {"conditional": "True", "seed": "2"}

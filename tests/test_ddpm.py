@@ -280,7 +280,7 @@ def test_smoke_every_output_and_sample_only_with_the_other_sampler(tmp_path):
         assert timing["seconds"] > 0 and timing["cpu_seconds"] > 0 and timing["frechet_distance"] > 0
     assert metrics["sampling"] == dict(sampler="ddim", ddim_steps=10, guidance=ddpm_script.DDPMSampling().guidance)
     assert metrics["num_samples"] == 64
-    assert run_main(ddpm_script.main, TINY + ["--out", str(tmp_path), "--sample-only",
+    assert run_main(ddpm_script.main, TINY + ["--out", str(tmp_path), "--sample-only", "--evaluate",
                                               "--sampler", "ancestral"]) == 0
     again = json.loads((tmp_path / "DDPM_metrics.json").read_text())
     assert again["sampling"]["sampler"] == "ancestral"

@@ -169,8 +169,8 @@ def test_smoke_every_output_and_sample_only_with_another_sampler(tmp_path):
     samples = (tmp_path / "FM_samples.npy").read_bytes()
     assert run_main(fm_script.main, TINY + ["--out", str(tmp_path), "--sample-only"]) == 0
     assert (tmp_path / "FM_samples.npy").read_bytes() == samples  # the same seed, the same samples
-    assert run_main(fm_script.main, TINY + ["--out", str(tmp_path), "--sample-only", "--sampler", "euler",
-                                            "--sample-steps", "2", "--no-compare-samplers"]) == 0
+    assert run_main(fm_script.main, TINY + ["--out", str(tmp_path), "--sample-only", "--evaluate",
+                                            "--sampler", "euler", "--sample-steps", "2", "--no-compare-samplers"]) == 0
     again = json.loads((tmp_path / "FM_metrics.json").read_text())
     assert again["sampling"]["sampler"] == "euler" and again["other_samplers"] == {}
     assert again["test_nll_nats"] == pytest.approx(metrics["test_nll_nats"])  # same weights, same NLL seed

@@ -348,8 +348,8 @@ def test_smoke_every_output_and_sample_only_with_other_steps(tmp_path):
     samples = (tmp_path / "MDM_samples.npy").read_bytes()
     assert run_main(mdm_script.main, TINY + ["--out", str(tmp_path), "--sample-only"]) == 0
     assert (tmp_path / "MDM_samples.npy").read_bytes() == samples  # the same seed, the same samples
-    assert run_main(mdm_script.main, TINY + ["--out", str(tmp_path), "--sample-only", "--sample-steps", "64",
-                                             "--masks-per-level", "2", "--no-compare-samplers"]) == 0
+    assert run_main(mdm_script.main, TINY + ["--out", str(tmp_path), "--sample-only", "--evaluate",
+                                             "--sample-steps", "64", "--masks-per-level", "2", "--no-compare-samplers"]) == 0
     again = json.loads((tmp_path / "MDM_metrics.json").read_text())
     assert again["sampling"]["sample_steps"] == 64 and again["other_samplers"] == {}
     assert again["test_nll_mc_stderr_nats"] > 0

@@ -329,8 +329,8 @@ def test_a_sample_only_summary_names_only_the_files_it_wrote(two_runs, tmp_path,
     capsys.readouterr()
     assert run_main(arm_script.main, TINY + ["--out", str(out), "--sample-only"]) == 0
     summary = capsys.readouterr().err
-    assert "read, not written" in summary and "resume" not in summary and "GIF" not in summary
-    assert "curve" not in summary
+    assert "sampled 8 in" in summary and "from " in summary and "trained" not in summary
+    assert "resume" not in summary and "gif" not in summary and "curve" not in summary and "ARM.pt," not in summary
 
 
 # -----------------------------------------------------------------------------

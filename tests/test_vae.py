@@ -214,7 +214,8 @@ def test_smoke_every_output_and_sample_only_with_more_importance_samples(tmp_pat
             assert image.size[0] > 64
     samples = np.load(tmp_path / "VAE_samples.npy")
     assert np.array_equal(samples, samples.round())  # pixels drawn from the categoricals
-    assert run_main(vae_script.main, TINY + ["--out", str(tmp_path), "--sample-only", "--iwae-samples", "7"]) == 0
+    assert run_main(vae_script.main, TINY + ["--out", str(tmp_path), "--sample-only", "--evaluate",
+                                             "--iwae-samples", "7"]) == 0
     again = json.loads((tmp_path / "VAE_metrics.json").read_text())
     assert again["iwae_samples"] == 7 and again["epochs_run"] == metrics["epochs_run"]
     assert np.array_equal(np.load(tmp_path / "VAE_samples.npy"), samples)
