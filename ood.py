@@ -446,7 +446,7 @@ def ood_figure(panels, sets, rows, examples, recommended=None):
 
     fig = plt.figure(figsize=(7 + 4.6 * len(panels), 14), dpi=90)
     outer = fig.add_gridspec(1, 2, width_ratios=(5, 4.6 * len(panels)), wspace=0.12)
-    right = outer[1].subgridspec(3, len(panels), height_ratios=(1, 2.2, 2.2), hspace=0.45)
+    right = outer[1].subgridspec(3, len(panels), height_ratios=(1, 2.2, 2.2), hspace=0.45, wspace=0.3)
     shown = right[0, :].subgridspec(1, len(examples), wspace=0.15)
     for k, (name, (image, what)) in enumerate(examples.items()):
         ax = fig.add_subplot(shown[0, k])
