@@ -512,67 +512,94 @@ def markdown(rows, masks, families, seconds, cpu_seconds, skipped, setup, verdic
     return "\n".join(lines) + "\n"
 
 
+HIDDEN_RED = (150, 30, 30)
+
+
 def _rgb(grid, mask_grid=None):
     """uint8 (H, W) grey grid -> (H, W, 3); where mask_grid (the grid of a mask, 255 on missing
     pixels, grey padding) is white, a dark red."""
     image = np.repeat(grid[..., None], 3, axis=2)
     if mask_grid is not None:
-        image[mask_grid == 255] = (150, 30, 30)
+        image[mask_grid == 255] = HIDDEN_RED
     return image
 
 
-def panel(title, x, missing, truth, draws, committed, shown=4, scale=3):
+def panel(title, x, missing, truth, draws, committed, shown=4, scale=5, best_of=8):
     """A PIL image: for each input (column group) the true digit (when known) and the input with
-    its hidden pixels dark red, then per model (rows) `shown` draws and the committed completion
-    (a grey cell where there is none). draws: {model: (K, N, 64)}, committed: {model: (N, 64) or
-    None}; x, missing: (N, 64)."""
-    from PIL import Image, ImageDraw
+    its hidden pixels dark red, then per model (rows) `shown` draws and the committed completion,
+    the most likely of `best_of` draws (a grey cell where there is none); a legend and column
+    headings over them. draws: {model: (K, N, 64)}, committed: {model: (N, 64) or None}; x,
+    missing: (N, 64)."""
+    from PIL import Image, ImageDraw, ImageFont
 
-    label_width, strip, gap = 130, 30, 8
+    font, line, gap = ImageFont.load_default(size=12), 16, 12  # size=: Pillow >= 10.1
+    cells = shown + (best_of > 1)  # the committed completion last, where there is one to pick
     blank = torch.full((common.NUM_PIXELS,), common.PIXEL_MAX * 0.35)
 
-    def group(cells, mask=None):  # (shown + 1, 64) -> one strip of cells
-        image = files.image_grid(torch.stack(cells), nrow=len(cells), scale=scale)
-        mask_image = None if mask is None else files.image_grid(torch.stack(mask), nrow=len(cells), scale=scale)
+    def group(strip, mask=None):  # (cells, 64) -> one strip of cells
+        image = files.image_grid(torch.stack(strip), nrow=cells, scale=scale)
+        mask_image = None if mask is None else files.image_grid(torch.stack(mask), nrow=cells, scale=scale)
         return _rgb(image, mask_image)
 
     rows = []
     for i in range(len(x)):
         head = ([truth[i]] if truth is not None else []) + [x[i] * ~missing[i]]
         head_mask = ([torch.zeros(common.NUM_PIXELS)] if truth is not None else []) + [missing[i].float() * common.PIXEL_MAX]
-        head += [blank] * (shown + 1 - len(head))
-        head_mask += [torch.zeros(common.NUM_PIXELS)] * (shown + 1 - len(head_mask))
+        head += [blank] * (cells - len(head))
+        head_mask += [torch.zeros(common.NUM_PIXELS)] * (cells - len(head_mask))
         column = [group(head, head_mask)]
         for model, drawn in draws.items():
             best = committed.get(model)
             column.append(group([drawn[k, i] for k in range(min(shown, len(drawn)))]
-                                + [best[i] if best is not None else blank]))
+                                + [best[i] if best is not None else blank] * (best_of > 1)))
         rows.append(column)
     cell_h, group_w = rows[0][0].shape[0], rows[0][0].shape[1]
-    names = [("true / input" if truth is not None else "input (red: hidden)")] + list(draws)
-    canvas = Image.new("RGB", (label_width + len(rows) * (group_w + gap), strip + len(names) * (cell_h + 2)),
-                       (255, 255, 255))
+    head_names = ["true", "input"] if truth is not None else ["input"]
+    draw_names = [f"draw {k + 1}" for k in range(shown)] + ["best", f"of {best_of}"] * (best_of > 1)
+    legend = [(HIDDEN_RED, "hidden pixels: the model sees the others")] + [
+        ((89, 89, 89), "grey cell: no committed completion (no likelihood to rank draws by)"),
+        (None, f"best of {best_of}: the committed completion, the most likely of {best_of} draws "
+               "under the model's own likelihood, bound or energy")] * (best_of > 1)
+    label_width = int(16 + max(map(font.getlength, draws))) if draws else 60
+    top = line * (2 + len(legend))  # title, legend, headings over the inputs
+    body = top + cell_h + 2 * line + 4  # the inputs, then headings over the draws
+    width = max(label_width + len(rows) * (group_w + gap), 24 + max(font.getlength(t) for _, t in legend))
+    canvas = Image.new("RGB", (int(width), body + len(draws) * (cell_h + 2)), (255, 255, 255))
     draw = ImageDraw.Draw(canvas)
-    draw.text((4, 2), title, fill=(0, 0, 0))
-    for j in range(len(rows)):
-        draw.text((label_width + j * (group_w + gap), 16), f"{shown} draws | best", fill=(90, 90, 90))
-    for r, name in enumerate(names):
-        top = strip + r * (cell_h + 2)
-        draw.text((4, top + cell_h // 2 - 5), name, fill=(0, 0, 0))
-        for j, column in enumerate(rows):
-            canvas.paste(Image.fromarray(column[r]), (label_width + j * (group_w + gap), top))
+    draw.text((4, 0), title, fill=(0, 0, 0), font=ImageFont.load_default(size=14))
+    for k, (color, text) in enumerate(legend):
+        y = line * (k + 1) + 2
+        if color is not None:
+            draw.rectangle((4, y + 1, 15, y + 12), fill=color)
+        draw.text((20, y), text, fill=(0, 0, 0), font=font)
+    for j, column in enumerate(rows):
+        left = label_width + j * (group_w + gap)
+        centres = [left + (9 * k + 5) * scale for k in range(cells)]  # a cell: 1 pixel of padding, then 8
+        for k, name in enumerate(head_names):
+            draw.text((centres[k], top - 2), name, fill=(0, 0, 0), font=font, anchor="md")
+        canvas.paste(Image.fromarray(column[0]), (left, top))
+        for k, name in enumerate(draw_names):  # "best" over "of K", over the last cell
+            draw.text((centres[min(k, shown)], body - 2 - line * (k == shown)), name, fill=(0, 0, 0), font=font,
+                      anchor="md")
+        for r, image in enumerate(column[1:]):
+            canvas.paste(Image.fromarray(image), (left, body + r * (cell_h + 2)))
+    for r, name in enumerate(draws):
+        draw.text((4, body + r * (cell_h + 2) + cell_h // 2), name, fill=(0, 0, 0), font=font, anchor="lm")
     return canvas
 
 
-def save_panels(path, panels):
-    """Panels side by side into one PNG."""
+def save_panels(path, panels, per_row=4):
+    """Panels into one PNG, `per_row` side by side."""
     from PIL import Image
 
-    whole = Image.new("RGB", (sum(p.width + 10 for p in panels), max(p.height for p in panels)), (255, 255, 255))
-    left = 0
-    for image in panels:
-        whole.paste(image, (left, 0))
-        left += image.width + 10
+    rows = [panels[i:i + per_row] for i in range(0, len(panels), per_row)]
+    heights = [max(p.height for p in row) + 16 for row in rows]
+    whole = Image.new("RGB", (max(sum(p.width + 16 for p in row) for row in rows), sum(heights)), (255, 255, 255))
+    for row, top in zip(rows, np.cumsum([0, *heights[:-1]])):
+        left = 0
+        for image in row:
+            whole.paste(image, (left, int(top)))
+            left += image.width + 16
     files.save_image(path, np.asarray(whole))
 
 
@@ -745,11 +772,10 @@ def complete_everything(args):
               f"classifies the inputs with the missing pixels at 0.\n")
     shown = [int(np.flatnonzero(digit_labels[:setup["copied"]] == digit)[0]) for digit in (2, 5, 8)
              if (digit_labels[:setup["copied"]] == digit).any()][:3] or [0]
-    caption = (f": hidden pixels dark red; per family {COPIES} draws, then the most likely of {args.pick} "
-               "(grey: no likelihood to rank by)" if args.pick > 1 else f": hidden pixels dark red; {COPIES} draws")
-    panels = [panel(mask_name + caption * (mask_name == next(iter(missing))), x.cpu()[shown], missing[mask_name].cpu()[shown], x.cpu()[shown],
-                    {m: d[:, shown] for (m, k), d in drawn.items() if k == mask_name},
-                    {m: (b[shown] if b is not None else None) for (m, k), b in committed.items() if k == mask_name})
+    panels = [panel(f"mask {mask_name}: {descriptions[mask_name]}", x.cpu()[shown], missing[mask_name].cpu()[shown],
+                    x.cpu()[shown], {m: d[:, shown] for (m, k), d in drawn.items() if k == mask_name},
+                    {m: (b[shown] if b is not None else None) for (m, k), b in committed.items() if k == mask_name},
+                    best_of=args.pick)
               for mask_name in missing]
     with processes.SIGNALS.held():  # the four files complete, then a signal's exit 130
         files.write_table(out / "inpaint.md", table)
@@ -837,10 +863,9 @@ def complete_yours(args):
     if not draws:
         raise plumbing.UsageError("no family could complete the digits; nothing written")
     shown = list(range(min(len(x), 12)))
-    title = (f"{args.input.name}, mask {Path(args.mask).name}: hidden pixels dark red; per family {COPIES} draws, then "
-             f"the most likely of {args.pick} (grey: no likelihood to rank by)")
-    picture = panel(title, x.cpu()[shown], missing.cpu()[shown], None, {m: d[:, shown] for m, d in draws.items()},
-                    {m: (b[shown] if b is not None else None) for m, b in committed.items()})
+    picture = panel(f"{args.input.name}, mask {Path(args.mask).name}", x.cpu()[shown], missing.cpu()[shown], None,
+                    {m: d[:, shown] for m, d in draws.items()},
+                    {m: (b[shown] if b is not None else None) for m, b in committed.items()}, best_of=args.pick)
     with processes.SIGNALS.held():
         save_panels(out / "inpaint_input.png", [picture])
         save_completions(out / "inpaint_input.npz", dict(arrays, input=x.cpu(), mask=missing.cpu().to(torch.uint8)))

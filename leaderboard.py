@@ -38,6 +38,7 @@ digit classifier. Writes OUT/conditional.md, .json and .png (row c of each grid:
 import argparse
 import math
 import sys
+import textwrap
 import time
 from pathlib import Path
 
@@ -283,22 +284,65 @@ def markdown(rows, accuracy):
     return "\n".join(lines + notes) + "\n"
 
 
-def picture(panels, path, nrow=8, count=64):
-    """One grid of `count` samples in rows of `nrow` per family, side by side, each labelled."""
-    images = [files.labelled(files.image_grid(torch.from_numpy(s[:count]), nrow=nrow, scale=3), name)
-              for name, s in panels]
-    height = max(i.shape[0] for i in images)
-    gap = np.full((height, 8), 255, np.uint8)
-    columns = []
-    for image in images:
-        padded = np.full((height, image.shape[1]), 255, np.uint8)
-        padded[: image.shape[0]] = image
-        columns += [padded, gap]
-    per_row = 5
-    rows = [np.concatenate(columns[2 * i: 2 * (i + per_row)], 1) for i in range(0, len(images), per_row)]
-    width = max(r.shape[1] for r in rows)
-    rows = [np.pad(r, ((0, 8), (0, width - r.shape[1])), constant_values=255) for r in rows]
-    files.save_image(path, np.concatenate(rows, 0))
+def caption(row):
+    """The numbers printed over a leaderboard panel, from its row of the table."""
+    nll, kind = row["test_nll_nats"], row["nll_kind"]
+    first = ("real digits, no model" if row["model"].startswith("Real") else "no likelihood" if nll is None
+             else f"NLL {nll:.2f} nats" + (" (bound)" if kind == "upper_bound" else f" ({kind})"))
+    return [first, f"Frechet {fmt(row['frechet_distance'])}"]
+
+
+CAPTION_NOTE = ("NLL: test negative log-likelihood in nats per image (lower is better; a bound is an upper bound). "
+                "Frechet: distance of the samples to the test digits in a digit classifier's features "
+                "(lower is better).")
+
+
+def conditional_caption(row):
+    """The numbers printed over a conditional panel, from its row of the table."""
+    per_class = row.get("frechet_mean_over_classes")
+    return [f"class accuracy {fmt(row['class_accuracy'], 3)}"] + (
+        [] if per_class is None else [f"per-class Frechet {per_class:.2f}"])
+
+
+CONDITIONAL_NOTE = ("Row c of each grid: samples asked for class c. Class accuracy: the fraction a digit classifier "
+                    "assigns to the class asked for (higher is better). Per-class Frechet: mean over the classes "
+                    "of the distance to that class's test digits (lower is better).")
+
+
+def picture(panels, path, nrow=8, count=64, row_labels=(), note=""):
+    """Each panel's first `count` samples in a grid of rows of `nrow`, five panels to a row; over
+    a grid its name and its numbers, at its left `row_labels` (one per grid row), under the whole
+    picture `note`. panels: (name, samples (N, 64), lines of numbers)."""
+    from PIL import Image, ImageDraw, ImageFont
+
+    font, line, scale, gap, per_row = ImageFont.load_default(size=13), 16, 3, 14, 5  # size=: Pillow >= 10.1
+    margin = 14 if row_labels else 0
+    tiles = []
+    for name, samples, lines in panels:
+        grid = files.image_grid(torch.from_numpy(samples[:count]), nrow=nrow, scale=scale)
+        top = line * (1 + len(lines)) + 3
+        tile = Image.new("L", (margin + grid.shape[1], top + grid.shape[0]), 255)
+        tile.paste(Image.fromarray(grid), (margin, top))
+        draw = ImageDraw.Draw(tile)
+        for k, text in enumerate([name, *lines]):
+            draw.text((margin, k * line), text, fill=0 if k == 0 else 60, font=font)
+        for r, label in enumerate(row_labels):  # the grid's row r: 1 pixel of padding, then 8 pixels
+            draw.text((margin // 2, top + (9 * r + 5) * scale), label, fill=0, font=font, anchor="mm")
+        tiles.append(tile)
+    rows = [tiles[i:i + per_row] for i in range(0, len(tiles), per_row)]
+    width = max(sum(t.width + gap for t in row) for row in rows)
+    heights = [max(t.height for t in row) + gap for row in rows]
+    notes = textwrap.wrap(note, width // 7) if note else []  # ~7 pixels a character at size 13
+    canvas = Image.new("L", (width, sum(heights) + line * len(notes) + 4), 255)
+    draw = ImageDraw.Draw(canvas)
+    for row, top in zip(rows, np.cumsum([0, *heights])):
+        left = 0
+        for tile in row:
+            canvas.paste(tile, (left, int(top)))
+            left += tile.width + gap
+    for k, text in enumerate(notes):
+        draw.text((0, sum(heights) + k * line), text, fill=0, font=font)
+    files.save_image(path, np.asarray(canvas))
 
 
 def conditional_board(out, train, threads, seed):
@@ -337,7 +381,9 @@ def conditional_board(out, train, threads, seed):
     with processes.SIGNALS.held():
         files.write_table(out / "conditional.md", table)
         files.save_json(out / "conditional.json", rows)
-        picture([(name, _class_rows(x, y)) for name, x, y in panels], out / "conditional.png", nrow=10, count=100)
+        picture([(name, _class_rows(x, y), conditional_caption(row)) for (name, x, y), row in zip(panels, rows)],
+                out / "conditional.png", nrow=10, count=100, row_labels=[str(c) for c in range(common.NUM_CLASSES)],
+                note=CONDITIONAL_NOTE)
     processes.emit(table)
 
 
@@ -510,7 +556,8 @@ def leaderboard(args, out):
         files.write_table(out / "leaderboard.md", table)
         files.write_table(out / "headline.md", headline(rows))
         files.save_json(out / "leaderboard.json", rows)
-        picture(panels, out / "leaderboard.png")
+        picture([(name, samples, caption(row)) for (name, samples), row in zip(panels, rows)],
+                out / "leaderboard.png", note=CAPTION_NOTE)
     processes.emit(table)
 
 

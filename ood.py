@@ -422,19 +422,59 @@ def markdown(rows, sets, built_in, recommended, skipped, in_size):
     return "\n".join(lines) + "\n"
 
 
-def picture(path, panels, sets):
-    """ROC curves per set and histograms of the scores, test digits against each set; panels:
-    list of (title, dict input -> scores)."""
+def picture(path, panels, sets, rows, examples, recommended=None):
+    """ood_figure saved as a PNG."""
+    import matplotlib.pyplot as plt
+
+    fig = ood_figure(panels, sets, rows, examples, recommended)
+    files.atomic_write(path, lambda tmp: fig.savefig(tmp, format="png", bbox_inches="tight"))
+    plt.close(fig)
+
+
+def ood_figure(panels, sets, rows, examples, recommended=None):
+    """One example image of each set (examples: name -> ((64,) pixels, what it is)), the AUROC of
+    every (model, score) row on every set (`recommended`, a (model, score), in bold), and for each
+    of `panels` (title, dict input -> scores) the ROC curves and the histograms of the scores, the
+    test digits against each set. No text under 9 pt."""
+    import textwrap
+
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
     from sklearn.metrics import roc_curve
 
-    fig, axes = plt.subplots(2, len(panels), figsize=(5.5 * len(panels), 9), dpi=90, squeeze=False)
+    fig = plt.figure(figsize=(7 + 4.6 * len(panels), 14), dpi=90)
+    outer = fig.add_gridspec(1, 2, width_ratios=(5, 4.6 * len(panels)), wspace=0.12)
+    right = outer[1].subgridspec(3, len(panels), height_ratios=(1, 2.2, 2.2), hspace=0.45, wspace=0.3)
+    shown = right[0, :].subgridspec(1, len(examples), wspace=0.15)
+    for k, (name, (image, what)) in enumerate(examples.items()):
+        ax = fig.add_subplot(shown[0, k])
+        ax.imshow(np.reshape(image, (8, 8)), cmap="gray", vmin=0, vmax=common.PIXEL_MAX)
+        ax.set(xticks=[], yticks=[])
+        ax.set_title(name, fontsize=10, fontweight="bold")
+        ax.set_xlabel(textwrap.fill(what, 20), fontsize=9)
+
+    heat = fig.add_subplot(outer[0])
+    values = np.array([[r["auroc"][s] for s in sets] for r in rows])
+    image = heat.imshow(values, cmap="RdYlGn", vmin=0, vmax=1, aspect="auto")
+    for (i, j), v in np.ndenumerate(values):
+        heat.text(j, i, f"{v:.2f}", ha="center", va="center", fontsize=9)
+    heat.set_xticks(range(len(sets)), sets, rotation=45, ha="left")
+    heat.xaxis.tick_top()
+    heat.set_yticks(range(len(rows)), [f"{r['model']}: {r['score']}" for r in rows], fontsize=9)
+    for i, r in enumerate(rows):
+        if (r["model"], r["score"]) == recommended:
+            heat.get_yticklabels()[i].set_fontweight("bold")
+        if i and r["model"] != rows[i - 1]["model"]:
+            heat.axhline(i - 0.5, color="black", linewidth=1.5)
+    heat.set_title("AUROC of every model and score (rows) on every set (columns):\n1 perfect, 0.5 chance, below 0.5 "
+                   "the set looks more like digits" + ("; bold: recommended" if recommended else ""), pad=35)
+    fig.colorbar(image, ax=heat, orientation="horizontal", fraction=0.025, pad=0.01).set_label("AUROC")
+
     colors = plt.cm.tab10(np.arange(len(sets)) % 10)
     for column, (title, scores) in enumerate(panels):
-        roc, hist = axes[0, column], axes[1, column]
+        roc, hist = fig.add_subplot(right[1, column]), fig.add_subplot(right[2, column])
         for color, name in zip(colors, sets):
             labels = np.r_[np.zeros(len(scores["test"])), np.ones(len(scores[name]))]
             fpr, tpr, _ = roc_curve(labels, np.r_[scores["test"], scores[name]])
@@ -442,7 +482,7 @@ def picture(path, panels, sets):
         roc.plot([0, 1], [0, 1], color="gray", linestyle=":", linewidth=1)
         roc.set(title=f"ROC: {title}", xlabel="false-positive rate (test digits flagged)",
                 ylabel="true-positive rate (OOD flagged)")
-        roc.legend(fontsize=7, title="set (AUROC)", title_fontsize=7)
+        roc.legend(title="set (AUROC)", loc="lower right")
         everything = np.concatenate([scores[k] for k in ("test", *sets)])
         low, high = np.percentile(everything, [0.5, 99.5])
         high = high if high > low else low + 1
@@ -456,10 +496,8 @@ def picture(path, panels, sets):
             hist.hist(np.clip(scores[name], low, high), bins=bins, density=True, histtype="step", color=color,
                       label=name)
         hist.set(title=f"histogram: {title}", xlabel="score (clipped to the 0.5-99.5% range)", ylabel="density")
-        hist.legend(fontsize=7)
-    fig.tight_layout()
-    files.atomic_write(path, lambda tmp: fig.savefig(tmp, format="png"))
-    plt.close(fig)
+        hist.legend()
+    return fig
 
 
 # -----------------------------------------------------------------------------
@@ -543,19 +581,22 @@ def score_everything(args):
             sets=set_info, in_distribution=f"test split ({len(splits['test'])} digits)", calibration="val split",
             rows=rows, recommended=recommended, skipped=skipped, seed=args.seed, device=str(device),
             threads=torch.get_num_threads(), family_seconds=seconds,
-            seconds=round(time.perf_counter() - start, 2), cpu_seconds=round(time.process_time() - cpu_start, 2)))
+            seconds=round(time.perf_counter() - start, 2), cpu_seconds=round(time.process_time() - cpu_start, 2)),
+            splits["test"])
     processes.emit(table)
 
 
-def write_outputs(out, table, all_scores, recommended, sets, data):
+def write_outputs(out, table, all_scores, recommended, sets, data, test):
     files.write_table(out / "ood.md", table)
     best = all_scores[recommended["model"]]
     raw = next(k for k in best if k in ("NLL", "energy", "score-norm"))
-    panels = [(f"{recommended['model']} {recommended['score']}", best[recommended["score"]]),
+    panels = [(f"{recommended['model']} {recommended['score']} (recommended)", best[recommended["score"]]),
               (f"{recommended['model']} {raw}", best[raw])]
     if recommended["model"] != "ARM" and "ARM" in all_scores:  # the exact likelihood and its failure
         panels.append(("ARM NLL", all_scores["ARM"]["NLL"]))
-    picture(out / "ood.png", panels, list(sets))
+    examples = {"test digits": (test[0], "in distribution: the test split"),
+                **{s: (images[0], SET_DESCRIPTIONS.get(s, "--extra-ood file")) for s, images in sets.items()}}
+    picture(out / "ood.png", panels, list(sets), data["rows"], examples, (recommended["model"], recommended["score"]))
     files.save_json(out / "ood.json", data)
 
 

@@ -488,3 +488,28 @@ def test_a_bad_thread_count_is_one_line(tmp_path, capsys, value):
 def test_input_without_mask_is_refused(tmp_path, capsys):
     code = run_main(inpaint.main, ["--input", str(tmp_path / "digits.npy"), "--out", str(tmp_path / "out")])
     assert code == 2 and "--input and --mask go together" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("truth, best_of", [(True, 8), (False, 1)])
+def test_the_picture_says_what_its_colours_columns_and_rows_are(tmp_path, monkeypatch, truth, best_of):
+    from PIL import Image, ImageDraw
+
+    texts, text = [], ImageDraw.ImageDraw.text
+    monkeypatch.setattr(ImageDraw.ImageDraw, "text", lambda self, xy, t, *a, **k: (
+        texts.append(t), text(self, xy, t, *a, **k))[1])
+    pixels, _ = common.load_digits_arrays()
+    x = torch.from_numpy(pixels[:2]).float()
+    missing = torch.from_numpy(inpaint.built_in_masks(2, 0)["bottom"])
+    draws = {name: x.expand(8, 2, 64) for name in ("Nearest neighbour", "Independent pixels")}
+    committed = {"Nearest neighbour": x, "Independent pixels": None}
+    picture = inpaint.panel("mask bottom", x, missing, x if truth else None, draws, committed, best_of=best_of)
+    assert {"mask bottom", "input", *draws, "draw 1", "draw 4"} <= set(texts)
+    assert any(t.startswith("hidden pixels") for t in texts)
+    assert ("true" in texts) == truth and ("best" in texts and "of 8" in texts) == (best_of == 8)
+    assert any(t.startswith("grey cell") for t in texts) == (best_of == 8)
+    assert texts.count("draw 1") == 2 and texts.count("input") == 2  # over each of the two inputs
+    red = np.all(np.asarray(picture) == inpaint.HIDDEN_RED, axis=2)
+    assert red.sum() == 2 * 32 * 5 * 5 + 12 * 12  # the hidden half of each input at 5x, and the legend's swatch
+    inpaint.save_panels(tmp_path / "p.png", [picture] * 5)
+    with Image.open(tmp_path / "p.png") as image:  # four panels to a row, then one
+        assert image.width == 4 * (picture.width + 16) and image.height == 2 * (picture.height + 16)

@@ -148,3 +148,51 @@ def test_pixels_are_finite_and_on_0_to_16(value, ok, tmp_path):
     np.savez(tmp_path / "s.npz", x=x, y=np.zeros(3, np.int64))
     assert (results.read_samples(tmp_path / "s.npy")[1] is None) is ok
     assert (results.read_labelled_samples(tmp_path / "s.npz")[1] is None) is ok
+
+
+def drawn_texts(monkeypatch):
+    """A list that collects every text PIL draws from now on."""
+    from PIL import ImageDraw
+
+    texts, draw = [], ImageDraw.ImageDraw.text
+    monkeypatch.setattr(ImageDraw.ImageDraw, "text", lambda self, xy, text, *a, **k: (
+        texts.append(text), draw(self, xy, text, *a, **k))[1])
+    return texts
+
+
+def test_every_leaderboard_panel_carries_its_rows_numbers(tmp_path, monkeypatch):
+    rows = [dict(model="ARM", test_nll_nats=80.123, nll_kind="exact", frechet_distance=9.662),
+            dict(model="VAE", test_nll_nats=87.0, nll_kind="upper_bound", frechet_distance=11.65),
+            dict(model="GAN", test_nll_nats=None, nll_kind=None, frechet_distance=8.26),
+            dict(model="Real digits (val split)", test_nll_nats=None, nll_kind=None, frechet_distance=16.08)]
+    assert [leaderboard.caption(r) for r in rows] == [
+        ["NLL 80.12 nats (exact)", "Frechet 9.66"], ["NLL 87.00 nats (bound)", "Frechet 11.65"],
+        ["no likelihood", "Frechet 8.26"], ["real digits, no model", "Frechet 16.08"]]
+    texts = drawn_texts(monkeypatch)
+    samples = np.random.default_rng(0).integers(0, 17, (64, 64)).astype(np.float32)
+    leaderboard.picture([(r["model"], samples, leaderboard.caption(r)) for r in rows], tmp_path / "l.png",
+                        note=leaderboard.CAPTION_NOTE)
+    assert {r["model"] for r in rows} | {line for r in rows for line in leaderboard.caption(r)} <= set(texts)
+    assert any(t.startswith("NLL: test negative log-likelihood") for t in texts)
+    from PIL import Image
+
+    with Image.open(tmp_path / "l.png") as image:  # four 8-wide grids of 3x pixels in a row, three lines over them
+        assert 900 <= image.width <= 1000 and 280 <= image.height <= 400
+
+
+def test_every_conditional_grid_has_its_class_rows_and_accuracy(tmp_path, monkeypatch):
+    rows = [dict(model="ARM", class_accuracy=0.9634, frechet_mean_over_classes=34.78),
+            dict(model="Yours", class_accuracy=1.0, frechet_mean_over_classes=None)]
+    assert [leaderboard.conditional_caption(r) for r in rows] == [
+        ["class accuracy 0.963", "per-class Frechet 34.78"], ["class accuracy 1.000"]]
+    texts = drawn_texts(monkeypatch)
+    samples = np.random.default_rng(0).integers(0, 17, (100, 64)).astype(np.float32)
+    labels = [str(c) for c in range(10)]
+    leaderboard.picture([(r["model"], samples, leaderboard.conditional_caption(r)) for r in rows],
+                        tmp_path / "c.png", nrow=10, count=100, row_labels=labels, note=leaderboard.CONDITIONAL_NOTE)
+    assert texts.count("7") == 2 and set(labels) <= set(texts)  # every class at the left of both grids
+    assert {"class accuracy 0.963", "per-class Frechet 34.78", "class accuracy 1.000"} <= set(texts)
+    from PIL import Image
+
+    with Image.open(tmp_path / "c.png") as image:
+        assert 550 <= image.width <= 650 and 300 <= image.height <= 420

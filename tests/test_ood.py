@@ -244,3 +244,30 @@ def test_smoke_run_on_a_tiny_arm_writes_every_output(tmp_path, capsys):
 
     with Image.open(tmp_path / "ood.png") as image:
         assert image.size[0] > 400 and image.size[1] > 400
+
+
+def test_the_picture_names_every_score_and_set_and_shows_each_set_legibly(tmp_path, sets, digits):
+    import matplotlib.pyplot as plt
+    import matplotlib.text
+    from PIL import Image
+
+    names = list(sets)
+    rng = np.random.default_rng(0)
+    scores = {"test": rng.normal(size=50), **{s: rng.normal(2, size=30) for s in names}}
+    rows = [dict(model=m, score=k, auroc={s: rng.random() for s in names}) for m in ("ARM", "VAE")
+            for k in ("NLL", "typicality", "combined")]
+    examples = {"test digits": (digits[0]["test"][0], "in distribution"),
+                **{s: (v[0], ood.SET_DESCRIPTIONS[s]) for s, v in sets.items()}}
+    panels = [("ARM combined (recommended)", scores), ("ARM NLL", scores)]
+    fig = ood.ood_figure(panels, names, rows, examples, ("ARM", "combined"))
+    texts = [t for t in fig.findobj(matplotlib.text.Text) if t.get_text()]
+    labels = {t.get_text() for t in texts}
+    assert {f"{r['model']}: {r['score']}" for r in rows} <= labels  # every row of the heatmap named
+    assert {*names, "test digits"} <= labels and {f"{r['auroc']['blank']:.2f}" for r in rows} <= labels
+    assert {"ROC: ARM NLL", "histogram: ARM NLL"} <= labels
+    assert len([a for a in fig.axes if a.images and a.images[0].get_array().shape == (8, 8)]) == len(names) + 1
+    assert min(t.get_fontsize() for t in texts) >= 9
+    plt.close(fig)
+    ood.picture(tmp_path / "ood.png", panels, names, rows, examples)
+    with Image.open(tmp_path / "ood.png") as image:
+        assert 1200 <= image.width <= 2000 and 800 <= image.height <= 1500
