@@ -379,3 +379,38 @@ def test_compress_decode_refuses_a_fifo_at_once(tmp_path, capsys):
     with pytest.raises(SystemExit) as exit_:
         compress.main(["decode", str(tmp_path / "coded.bin"), str(tmp_path / "out.npy")])
     assert exit_.value.code == 2 and "is a FIFO" in one_line(capsys.readouterr().err)
+
+
+# -----------------------------------------------------------------------------
+# issue 43: a user's runs write only into --out; README.md and docs/ change only by publish.py
+
+
+def test_every_tool_and_a_family_script_leave_readme_and_docs_alone(tmp_path, monkeypatch):
+    """Every tool (leaderboard.py, ood.py, inpaint.py, compress.py) and a family script run with
+    their default --out in a copy of the project whose pages hold the real README.md and docs/:
+    each writes its files into results/, and not one page changes."""
+    import compress
+    import inpaint
+    import leaderboard
+    import ood
+
+    root = tmp_path / "repo"
+    (root / "docs").mkdir(parents=True)
+    for page in files.pages(ROOT):
+        (root / page.relative_to(ROOT)).write_bytes(page.read_bytes())
+    before = {page: page.read_bytes() for page in files.pages(root)}
+    assert len(before) > 5
+    monkeypatch.setattr(registry, "ROOT", root)
+    monkeypatch.setattr(results, "ROOT", root)
+    monkeypatch.chdir(root)
+    out = root / "results"
+    quiet = ["--no-train", "--no-progress", "--threads", "1"]
+    assert run_main(leaderboard.main, ["--no-train", "--threads", "1"]) == 0
+    assert run_main(ood.main, quiet) == 0
+    assert run_main(inpaint.main, [*quiet, "--models", "Nearest neighbour", "--masks", "bottom", "--pick", "draw",
+                                   "--copied", "4"]) == 0
+    compress.main(["--weights", str(ROOT / "results"), "--out", str(out), "--limit", "8"])  # codes on one thread
+    assert run_main(arm_script.main, TINY) == 0  # its default --out: results/ of the current folder
+    written = {p.name for p in out.iterdir()}
+    assert {"leaderboard.md", "ood.md", "inpaint.md", "compress.md", "ARM_metrics.json"} <= written
+    assert {page: page.read_bytes() for page in files.pages(root)} == before
