@@ -37,9 +37,10 @@ numbers on them; the diversity, the mean L2 distance between 4 draws for the sam
 on 0..16): OUT/inpaint_input.png shows each input with its hidden pixels, then each family's 4
 draws and its committed completion; OUT/inpaint_input.npz holds them.
 
-Uses the trained weights OUT/NAME.pt of every family (shipped in results/), trains a family with
-its defaults only when its weights are missing (never with --no-train), and skips a family whose
-weights do not load, with a one-line note.
+Uses the trained weights NAME.pt of every family in --weights (default results/, where they ship),
+trains a family into it with its defaults only when its weights are missing (never with
+--no-train), and skips a family whose weights do not load, with a one-line note; --out only
+receives the tool's own files.
 
 Run:  python inpaint.py                    # writes results/inpaint.md, .json, .png, _completions.npz
       python inpaint.py --models ARM VAE --masks bottom random75 --no-train
@@ -645,12 +646,8 @@ def main(argv=None):
     parser.add_argument("--split", choices=("test", "val"), default="test",
                         help="the digits to complete: test to report, val to choose a method's settings "
                              "(default %(default)s)")
-    parser.add_argument("--out", type=Path, default=None,
-                        help="folder of the trained weights and of inpaint.md, .json, .png and "
-                             "inpaint_completions.npz (default: the project's results/; a relative path is "
-                             "taken from the current directory)")
-    parser.add_argument("--no-train", action="store_true",
-                        help="never train: skip a family whose weights OUT/NAME.pt are missing")
+    results.add_folder_flags(parser, "inpaint.md, .json, .png and inpaint_completions.npz (with --input: "
+                                     "inpaint_input.png and .npz)")
     parser.add_argument("--seed", type=common.seed_int, default=0,
                         help="seed of the random masks and of every completion (default %(default)s)")
     parser.add_argument("--batch-size", type=common.positive_int, default=512,
@@ -682,7 +679,8 @@ def load_completers(models, args, out, device, splits):
     completers, skipped, setup_seconds = [], {}, {}
     for family in registry.FAMILIES:
         if family.name in models:
-            model, reason = results.load_family(family, out, not args.no_train, args.threads, device, tool="inpaint")
+            model, reason = results.load_family(family, results.out_folder(args.weights), not args.no_train,
+                                                  args.threads, device, tool="inpaint")
             if model is None:
                 print(f"inpaint: skipped {family.name}: {reason}", file=sys.stderr)
                 skipped[family.name] = reason
@@ -721,7 +719,7 @@ def complete_everything(args):
     args.threads = args.threads or runs.auto_threads()
     torch.set_num_threads(args.threads)
     show = not args.no_progress
-    classifier, classifier_accuracy = quality.digit_classifier(out)
+    classifier, classifier_accuracy = quality.digit_classifier(results.out_folder(args.weights))
     x = torch.from_numpy(digits).to(device)
     missing = {name: torch.from_numpy(mask).to(device) for name, mask in masks.items()}
     completers, skipped, setup_seconds = load_completers(models, args, out, device, splits)

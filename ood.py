@@ -27,10 +27,10 @@ calibration use the validation split only. Metrics per (model, score, set): AURO
 false-positive rate at 95% true-positive rate (FPR95: the fraction of the set accepted as digits
 by the threshold that accepts 95% of the test digits), both with sklearn.metrics.
 
-Uses the trained weights OUT/NAME.pt of every family (the repository ships them in results/),
-trains a family with its defaults only when its weights are missing or come from an interrupted
-run (not with --no-train; the run trains in a scratch folder and replaces OUT's files only when it
-finishes), and skips a family whose script or weights are absent or damaged, with a one-line note.
+Uses the trained weights NAME.pt of every family in --weights (default results/, where they ship),
+trains a family into it with its defaults only when its weights are missing or come from an
+interrupted run (not with --no-train; the run trains in a scratch folder and replaces the family's
+files only when it finishes), and skips a family whose script or weights are absent or damaged, with a one-line note.
 Ctrl-C or SIGTERM reaches a run it started, which finishes; then ood.py exits 130 in one line.
 
 Run:  python ood.py                      # writes results/ood.md, ood.json, ood.png
@@ -506,11 +506,7 @@ def ood_figure(panels, sets, rows, examples, recommended=None):
 
 def main(argv=None):
     parser = runs.Parser(prog="ood.py", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--out", type=Path, default=None,
-                        help="folder of the trained weights and of ood.md, .json, .png (default: the project's "
-                             "results/; a relative path is taken from the current directory)")
-    parser.add_argument("--no-train", action="store_true",
-                        help="never train: skip a family whose weights OUT/NAME.pt are missing")
+    results.add_folder_flags(parser, "ood.md, .json and .png")
     parser.add_argument("--extra-ood", action="append", default=[], metavar="NAME=FILE.npy",
                         help="add your own set: an (N, 64) or (N, 8, 8) .npy array on 0..16 (rounded to the "
                              "integer grid); repeatable")
@@ -525,7 +521,7 @@ def main(argv=None):
 def score_everything(args):
     start, cpu_start = time.perf_counter(), time.process_time()
     device = runs.choose_device(args.device)  # before --out is made: a refused device leaves nothing
-    out = results.out_folder(args.out)
+    out, weights = results.out_folder(args.out), results.out_folder(args.weights)
     pixels, labels = common.load_digits_arrays()
     splits, label_splits = common.split_arrays(pixels), common.split_arrays(labels)
     sets = built_in_sets(splits["test"], label_splits["test"], args.seed)
@@ -547,7 +543,8 @@ def score_everything(args):
     families = [f for f in registry.FAMILIES if registry.model_class(f.name).ood_kind is not None]
     for number, family in enumerate(families, 1):
         scoring = SCORING.get(family.name, Scoring())
-        model, reason = results.load_family(family, out, not args.no_train, args.threads, device, scoring.sampling)
+        model, reason = results.load_family(family, weights, not args.no_train, args.threads, device,
+                                            scoring.sampling)
         if model is None:
             print(f"ood: skipped {family.name}: {reason}", file=sys.stderr)
             skipped[family.name] = reason

@@ -35,6 +35,19 @@ def add_machine_flags(parser):
     parser.add_argument("--no-progress", action="store_true", help="no progress bar or lines")
 
 
+def add_folder_flags(parser, writes):
+    """--weights (the trained families read, and trained into when missing) and --out (the tool's
+    own files `writes`), both defaulting to the project's results/."""
+    parser.add_argument("--weights", type=Path, default=None, metavar="DIR",
+                        help="folder of the trained weights NAME.pt (default: the project's results/, where they "
+                             "ship); a family missing there is trained into it first (not with --no-train)")
+    parser.add_argument("--out", type=Path, default=None,
+                        help=f"folder for {writes} (default: the project's results/; a relative path is taken from "
+                             f"the current directory)")
+    parser.add_argument("--no-train", action="store_true",
+                        help="never train: skip a family whose weights are missing from --weights")
+
+
 def out_folder(value):
     """--out: a relative path is taken from the current directory; None: the project's results/."""
     return ROOT / "results" if value is None else Path(value).absolute()

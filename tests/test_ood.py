@@ -221,10 +221,13 @@ def test_smoke_run_on_a_tiny_arm_writes_every_output(tmp_path, capsys):
                                       "--channels", "8", "--layers", "2"]) == 0
     extra = tmp_path / "extra.npy"
     np.save(extra, np.random.default_rng(0).integers(0, 17, (20, 8, 8)))
-    assert run_main(ood.main, ["--out", str(tmp_path), "--no-train", "--no-progress",
-                               "--extra-ood", f"mine={extra}"]) == 0
+    weights_before = sorted(p.name for p in tmp_path.iterdir())
+    # the weights read from --weights, the tool's files written into another --out
+    assert run_main(ood.main, ["--weights", str(tmp_path), "--out", str(tmp_path / "mine"), "--no-train",
+                               "--no-progress", "--extra-ood", f"mine={extra}"]) == 0
     assert "skipped EBM" in capsys.readouterr().err  # absent weights: a note, not a failure
-    result = json.loads((tmp_path / "ood.json").read_text())
+    assert sorted(p.name for p in tmp_path.iterdir() if p.name != "mine") == weights_before
+    result = json.loads((tmp_path / "mine" / "ood.json").read_text())
     names = ["noise", "blank", "constant", "inverted", "hflip", "vflip", "corrupted", "natural", "mine"]
     assert list(result["sets"]) == names and result["sets"]["mine"]["size"] == 20
     assert not result["sets"]["mine"]["built_in"]
@@ -239,10 +242,10 @@ def test_smoke_run_on_a_tiny_arm_writes_every_output(tmp_path, capsys):
     best = max(np.mean([r["auroc"][s] for s in names[:-1]]) for r in result["rows"])
     assert recommended["mean_auroc"] == pytest.approx(best)
     assert {"EBM", "ScM"} <= set(result["skipped"])
-    assert "| ARM | combined |" in (tmp_path / "ood.md").read_text().replace("**", "")
+    assert "| ARM | combined |" in (tmp_path / "mine" / "ood.md").read_text().replace("**", "")
     from PIL import Image
 
-    with Image.open(tmp_path / "ood.png") as image:
+    with Image.open(tmp_path / "mine" / "ood.png") as image:
         assert image.size[0] > 400 and image.size[1] > 400
 
 
