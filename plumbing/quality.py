@@ -1,9 +1,6 @@
 """Sample quality: the same numbers for every family and baseline, likelihood or not."""
 
-import contextlib
 import math
-import sys
-import time
 from pathlib import Path
 
 import numpy as np
@@ -11,7 +8,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 from common import (
-    NUM_CLASSES, NUM_PIXELS, PIXEL_MAX, batched, load_digits_arrays, optimizer_step, seeded, split_arrays)
+    NUM_CLASSES, NUM_PIXELS, PIXEL_MAX, batched, draw_samples, load_digits_arrays, optimizer_step, sample_labels,
+    seeded, split_arrays)
 from plumbing.checkpoints import save_checkpoint
 from plumbing.registry import ROOT
 
@@ -167,45 +165,49 @@ def classifier_two_sample_test(samples, real, seed=0, hidden=128, steps=300):
     return accuracy, math.sqrt(accuracy * (1 - accuracy) / len(held))
 
 
-def sample_quality(samples, cache_dir, extended=True):
-    """Sample quality against the test split, the same for every family and baseline.
+def sample_quality(samples, cache_dir, extended=True, split="test", slow=True):
+    """Sample quality against the test split (or split "val", for choosing settings), the same
+    for every family and baseline.
 
     Always: the Frechet distance in the digit classifier's features, the classifier's confidence,
     class coverage (entropy of predicted classes, nats; log 10 = uniform) and copy rate (the
     fraction of samples closer to a training image than 99% of test images are). extended adds
-    measures that do not hinge on one network's features: the Frechet distance's bootstrap
-    standard deviation; the Frechet distance in a second, convolutional classifier's features,
-    with its own; a classifier two-sample test on the pixels (accuracy and standard error); and
-    precision, recall, density and coverage (k = 5) in the first classifier's features."""
+    measures that do not hinge on one network's features: the Frechet distance in a second,
+    convolutional classifier's features; precision, recall, density and coverage (k = 5) in the
+    first classifier's features; and unless slow=False (averaged_quality's later draws) the slow
+    ones, each Frechet distance's bootstrap standard deviation and a classifier two-sample test
+    on the pixels (accuracy and standard error)."""
     pixels, _ = load_digits_arrays()
-    split = {k: torch.from_numpy(v) for k, v in split_arrays(pixels).items()}
+    splits = {k: torch.from_numpy(v) for k, v in split_arrays(pixels).items()}
     samples = torch.as_tensor(np.asarray(samples, np.float32)).clamp(0, PIXEL_MAX)
     classifier, accuracy = digit_classifier(cache_dir)
     enough = len(samples) >= 2  # a covariance needs two samples at least: with fewer, None
     with torch.no_grad():
         probs = classifier(samples).softmax(1)
-        features, reference = classifier.features(samples).numpy(), classifier.features(split["test"]).numpy()
+        features, reference = classifier.features(samples).numpy(), classifier.features(splits[split]).numpy()
     distance = frechet_distance(features, reference) if enough else None
     histogram = torch.bincount(probs.argmax(1), minlength=10).double() / len(samples)
     coverage = -(histogram[histogram > 0] * histogram[histogram > 0].log()).sum().item()
-    threshold = torch.quantile(_nearest_distance(split["test"], split["train"]), 0.01)
-    copy_rate = (_nearest_distance(samples, split["train"]) < threshold).double().mean().item()
+    threshold = torch.quantile(_nearest_distance(splits["test"], splits["train"]), 0.01)
+    copy_rate = (_nearest_distance(samples, splits["train"]) < threshold).double().mean().item()
     quality = dict(frechet_distance=distance, classifier_confidence=probs.max(1).values.mean().item(),
                    class_coverage=coverage, copy_rate=copy_rate, classifier_test_accuracy=accuracy)
     if not extended:
         return quality
-    quality.update(frechet_distance_std=None, frechet_distance_cnn=None, frechet_distance_cnn_std=None,
-                   c2st_accuracy=None, c2st_stderr=None, precision=None, recall=None, density=None, coverage=None)
+    quality.update(frechet_distance_cnn=None, precision=None, recall=None, density=None, coverage=None)
+    if slow:
+        quality.update(frechet_distance_std=None, frechet_distance_cnn_std=None, c2st_accuracy=None, c2st_stderr=None)
     if len(samples) > 10:  # k-nearest-neighbour balls and a two-sample split need a few samples
         cnn, cnn_accuracy = digit_classifier(cache_dir, "cnn")
         with torch.no_grad():
-            cnn_features, cnn_reference = cnn.features(samples).numpy(), cnn.features(split["test"]).numpy()
-        c2st, c2st_stderr = classifier_two_sample_test(samples.numpy(), split["test"].numpy())
-        quality.update(frechet_distance_std=bootstrap_std(frechet_distance, features, reference),
-                       frechet_distance_cnn=frechet_distance(cnn_features, cnn_reference),
-                       frechet_distance_cnn_std=bootstrap_std(frechet_distance, cnn_features, cnn_reference),
-                       cnn_test_accuracy=cnn_accuracy, c2st_accuracy=c2st, c2st_stderr=c2st_stderr,
-                       **precision_recall_density_coverage(reference, features))
+            cnn_features, cnn_reference = cnn.features(samples).numpy(), cnn.features(splits[split]).numpy()
+        quality.update(frechet_distance_cnn=frechet_distance(cnn_features, cnn_reference),
+                       cnn_test_accuracy=cnn_accuracy, **precision_recall_density_coverage(reference, features))
+        if slow:
+            c2st, c2st_stderr = classifier_two_sample_test(samples.numpy(), splits[split].numpy())
+            quality.update(frechet_distance_std=bootstrap_std(frechet_distance, features, reference),
+                           frechet_distance_cnn_std=bootstrap_std(frechet_distance, cnn_features, cnn_reference),
+                           c2st_accuracy=c2st, c2st_stderr=c2st_stderr)
     return quality
 
 
@@ -226,13 +228,90 @@ def conditional_quality(samples, labels, cache_dir, split="test"):
         features, reference = classifier.features(samples).numpy(), classifier.features(test).numpy()
     per_class = {int(c): frechet_distance(features[labels == c], reference[test_classes == c])
                  for c in np.unique(labels) if (labels == c).sum() >= 2}
-    worst = max(per_class, key=per_class.get) if per_class else None
-    quality = sample_quality(samples.numpy(), cache_dir, extended=False) if split == "test" else {}
-    return dict(quality,
+    return dict(sample_quality(samples.numpy(), cache_dir, extended=False, split=split),
                 class_accuracy=float((predicted == labels).mean()),
                 class_accuracy_by_class={int(c): float((predicted[labels == c] == c).mean()) for c in np.unique(labels)},
-                frechet_by_class=per_class, frechet_mean_over_classes=float(np.mean(list(per_class.values())))
-                if per_class else None, frechet_worst_class=worst, frechet_worst=per_class.get(worst))
+                **_per_class_summary(per_class))
+
+
+def _per_class_summary(per_class):
+    """class -> Frechet distance: itself, their mean, the worst and which class it is."""
+    worst = max(per_class, key=per_class.get) if per_class else None
+    return dict(frechet_by_class=per_class,
+                frechet_mean_over_classes=float(np.mean(list(per_class.values()))) if per_class else None,
+                frechet_worst_class=worst, frechet_worst=per_class.get(worst))
+
+
+# -----------------------------------------------------------------------------
+# several draws of samples: one draw of 1000 moves a Frechet distance by units (issue #40)
+
+QUALITY_DRAWS = 5  # sample sets, each from its own seed, whose mean is a run's sample quality
+SEED_STEP = 1000  # draw k's sample seed: the first draw's + 1000 k
+
+# the measures averaged over draws; the others (bootstrap s.d.s, C2ST, classifier accuracies) are the first draw's
+AVERAGED = ("frechet_distance", "frechet_distance_cnn", "classifier_confidence", "class_coverage", "copy_rate",
+            "precision", "recall", "density", "coverage")
+CONDITIONAL_AVERAGED = AVERAGED + ("class_accuracy", "frechet_mean_over_classes")
+
+
+def draw_seeds(first, count=QUALITY_DRAWS):
+    """The sample seeds of `count` draws: `first` (a run's written samples), then first + 1000 k."""
+    return [first + SEED_STEP * k for k in range(count)]
+
+
+def mean_std(values):
+    """(mean, sample standard deviation, n - 1) of floats; (None, None) when any is None; the
+    standard deviation of one value is None (unknown, not zero)."""
+    if any(v is None for v in values):
+        return None, None
+    values = np.asarray(values, np.float64)
+    return float(values.mean()), float(values.std(ddof=1)) if len(values) > 1 else None
+
+
+def over_draws(scores, keys):
+    """One dict of measures from one dict per draw (scores[0] the first draw's): each of `keys`
+    the mean over the draws, beside KEY_seed_std, its standard deviation across the draws (a
+    s.d., n - 1: the noise of one draw; the mean's standard error is it / sqrt(quality_draws));
+    every other key the first draw's; quality_draws the number of draws; first_draw the first
+    draw's own values of `keys` (the single-draw numbers of earlier runs)."""
+    first = scores[0]
+    merged = dict(first, quality_draws=len(scores), first_draw={k: first[k] for k in keys if k in first})
+    for key in merged["first_draw"]:
+        merged[key], merged[f"{key}_seed_std"] = mean_std([s[key] for s in scores])
+    return merged
+
+
+def averaged_quality(draws, cache_dir, split="test", extended=True):
+    """sample_quality of several draws of samples (a list of (N, 64) arrays, each from its own
+    sample seed) against `split`, as over_draws merges them; the slow measures (bootstrap s.d.s,
+    C2ST: about 1.4 s of the 1.7 s of an extended draw of 1000, 1 thread) on the first draw only."""
+    return over_draws([sample_quality(x, cache_dir, extended, split, slow=k == 0) for k, x in enumerate(draws)],
+                      AVERAGED)
+
+
+def averaged_conditional_quality(draws, labels, cache_dir, split="test"):
+    """conditional_quality of several draws (a list of (N, 64) arrays, each from its own sample
+    seed, all of the classes `labels`), as over_draws merges them; each class's Frechet distance
+    and accuracy the mean over the draws, the worst class the worst of those means."""
+    scores = [conditional_quality(x, labels, cache_dir, split) for x in draws]
+    merged = over_draws(scores, CONDITIONAL_AVERAGED)
+    by_class = {key: {c: float(np.mean([s[key][c] for s in scores])) for c in scores[0][key]}
+                for key in ("frechet_by_class", "class_accuracy_by_class")}
+    per_class = _per_class_summary(by_class["frechet_by_class"])
+    del per_class["frechet_mean_over_classes"]  # the mean over draws already, with its spread
+    return {**merged, **by_class, **per_class}
+
+
+def quality_over_seeds(model, first_seed, device, cache_dir, split="val", draws=QUALITY_DRAWS, num_samples=1000):
+    """The validation scorer for choosing settings: `draws` sets of num_samples samples of `model`
+    (seeds draw_seeds(first_seed, draws); a conditional model's classes in turn), their averaged
+    quality against `split` (averaged_quality, or averaged_conditional_quality)."""
+    labels = sample_labels(model, num_samples, device)
+    sets = [draw_samples(model, num_samples, seed, device, labels=labels).cpu().numpy()
+            for seed in draw_seeds(first_seed, draws)]
+    if labels is None:
+        return averaged_quality(sets, cache_dir, split)
+    return averaged_conditional_quality(sets, labels.cpu().numpy(), cache_dir, split)
 
 
 def generative_classifier(model, x, train_labels):
@@ -257,13 +336,3 @@ def check_samples(samples, what):
         raise NonFiniteSamples(f"{bad} of {len(samples)} samples of {what} hold NaN or infinite values "
                                f"(try other sampling settings)")
 
-
-@contextlib.contextmanager
-def announced(text, enabled):
-    """A status line on stderr around a slow phase: "ARM: test NLL ... 4.2 s" (when enabled)."""
-    if enabled:
-        print(f"{text} ...", end="", file=sys.stderr, flush=True)
-    start = time.perf_counter()
-    yield
-    if enabled:
-        print(f" {time.perf_counter() - start:.1f} s", file=sys.stderr, flush=True)

@@ -27,8 +27,8 @@ from plumbing.files import (
     save_gif, save_image, save_json, with_row_labels)
 from plumbing.processes import SIGNALS, Progress, StopNow, announced, emit, report
 from plumbing.quality import (
-    NonFiniteSamples, check_samples, conditional_quality, frechet_to, generative_classifier,
-    sample_quality)
+    NonFiniteSamples, averaged_conditional_quality, averaged_quality, check_samples, draw_seeds,
+    frechet_to, generative_classifier, sample_quality)
 from plumbing.registry import ROOT, output_paths, stem
 
 
@@ -472,6 +472,14 @@ def _final_outputs(model, splits, labels, args, device, paths, state, reason, wr
             samples = draw_samples(model, args.num_samples if drawn is None else len(drawn), args.seed + 4, device,
                                    labels=drawn).cpu()
         check_samples(samples, "the sampler")
+        # more draws with their own seeds, for the quality measures only (a mean and its spread), not
+        # written; skipped after an interrupt, to be quick
+        seeds = [] if reason == "interrupted" else draw_seeds(args.seed + 4)[1:]
+        with announced(f"{name}: {len(seeds)} more draws of {len(samples)} samples for their quality",
+                       show and bool(seeds)), timed(device) as draws_seconds:
+            draws = [samples] + [draw_samples(model, len(samples), seed, device, labels=drawn).cpu() for seed in seeds]
+        for k, more in enumerate(draws[1:], 1):
+            check_samples(more, f"the sampler (quality draw {k + 1})")
         other_samplers = {}
         # each other sampler timed and scored like the main one; skipped after an interrupt, to be quick;
         # they draw from p(x) (a conditional run has only its sampler of p(x | y))
@@ -534,8 +542,15 @@ def _final_outputs(model, splits, labels, args, device, paths, state, reason, wr
         train_flags=dict(epochs=args.epochs, batch_size=args.batch_size, lr=args.lr,
                          patience=args.patience, ema=args.ema),
         other_samplers=other_samplers, **extra)
-    metrics.update(conditional_quality(samples.numpy(), drawn.cpu().numpy(), out) if conditional
-                   else sample_quality(samples.numpy(), out))
+    with timed(device) as quality_seconds:
+        arrays = [x.numpy() for x in draws]
+        metrics.update(averaged_conditional_quality(arrays, drawn.cpu().numpy(), out) if conditional
+                       else averaged_quality(arrays, out))
+    # what the averaged measures add to a run: the extra draws, and scoring every draw (wall and CPU seconds)
+    metrics.update(quality_draws_seconds=round(draws_seconds["wall"], 3),
+                   quality_draws_cpu_seconds=round(draws_seconds["cpu"], 3),
+                   quality_seconds=round(quality_seconds["wall"], 3),
+                   quality_cpu_seconds=round(quality_seconds["cpu"], 3))
     metrics["interrupted"] = metrics["interrupted"] or bool(SIGNALS.received)
     save_json(paths["metrics"], metrics)
     return metrics, written + [paths["metrics"]]

@@ -110,6 +110,23 @@ def test_conditional_quality_of_real_digits_and_of_wrong_labels(tmp_path):
     assert right["frechet_worst"] == max(right["frechet_by_class"].values())
 
 
+def test_conditional_quality_over_draws_is_the_mean_of_each_draws(tmp_path):
+    pixels, classes = common.load_digits_arrays()
+    val, val_classes = common.split_arrays(pixels)["val"], common.split_arrays(classes)["val"]
+    noisy = np.clip(val + np.random.default_rng(0).integers(0, 3, val.shape), 0, 16).astype(np.float32)
+    one, other = (quality.conditional_quality(x, val_classes, tmp_path) for x in (val, noisy))
+    both = quality.averaged_conditional_quality([val, noisy], val_classes, tmp_path)
+    for key in ("class_accuracy", "frechet_mean_over_classes", "frechet_distance"):
+        assert both[key] == pytest.approx((one[key] + other[key]) / 2), key
+        assert both[f"{key}_seed_std"] == pytest.approx(abs(one[key] - other[key]) / math.sqrt(2)), key
+    means = {c: (one["frechet_by_class"][c] + other["frechet_by_class"][c]) / 2 for c in range(10)}
+    assert both["frechet_by_class"] == pytest.approx(means) and both["frechet_worst"] == max(means.values())
+    assert both["frechet_worst_class"] == max(means, key=means.get) and both["quality_draws"] == 2
+    assert both["first_draw"]["class_accuracy"] == one["class_accuracy"]
+    same = quality.averaged_conditional_quality([val, val], val_classes, tmp_path)
+    assert same["class_accuracy"] == one["class_accuracy"] and same["class_accuracy_seed_std"] == 0.0
+
+
 @pytest.mark.parametrize("text, ok", [("3,7", (3, 7)), ("0", (0,)), ("9, 1", (9, 1)), ("3,3", None),
                                       ("10", None), ("3,x", None), ("", None), ("-1", None)])
 def test_digits_flag(text, ok):
@@ -192,6 +209,13 @@ def test_the_grid_of_a_few_classes_has_100_cells_and_row_labels(tmp_path, capsys
         assert (grid[:, :16] == 255).mean() > 0.8 and (grid[:, :16] < 128).any()  # a white margin with labels
     cell = 4 * 9  # 8 pixels and a 1-pixel border, upscaled 4 times
     assert sizes["7"] == sizes["3,7"] == sizes["0,1,2,3,4,5,6,7,8,9"] == (10 * cell + 4, 16 + 10 * cell + 4)
+    # the conditional measures are means over draws; the written samples are the first draw
+    metrics = json.loads((tmp_path / "ARM_conditional_metrics.json").read_text())
+    with np.load(tmp_path / "ARM_conditional_samples.npz") as written:
+        first = quality.conditional_quality(written["x"], written["y"], tmp_path)
+    assert metrics["quality_draws"] == quality.QUALITY_DRAWS and metrics["class_accuracy_seed_std"] is not None
+    assert {k: metrics["first_draw"][k] for k in ("class_accuracy", "frechet_mean_over_classes", "copy_rate")} == {
+        k: first[k] for k in ("class_accuracy", "frechet_mean_over_classes", "copy_rate")}
 
 
 def test_run_settings_and_stems_of_conditional_runs():
@@ -225,8 +249,9 @@ def test_the_per_class_gaussian_mixture_is_a_conditional_model():
     pixels, classes = common.load_digits_arrays()
     splits = common.split_arrays(pixels.astype(np.float64))
     labels = common.split_arrays(classes)
-    nll, predicted, x, y, _, _ = leaderboard.conditional_gaussian_mixture(splits, labels, 20, 0, ks=(1,), regs=(0.1,))
-    assert x.shape == (200, 64) and y.tolist() == sorted(y.tolist()) and np.bincount(y).tolist() == [20] * 10
+    nll, predicted, draws, y, _, _ = leaderboard.conditional_gaussian_mixture(splits, labels, 20, 0, ks=(1,), regs=(0.1,))
+    x = draws[0]
+    assert len(draws) == quality.QUALITY_DRAWS and not np.array_equal(x, draws[1]) and x.shape == (200, 64) and y.tolist() == sorted(y.tolist()) and np.bincount(y).tolist() == [20] * 10
     assert 0 <= x.min() and x.max() <= 16 and nll < 181.3
     assert (predicted == labels["test"]).mean() > 0.85  # a Gaussian per class is a decent classifier
 
@@ -239,3 +264,19 @@ def test_conditional_table_reports_the_families_below_the_target():
     assert "| ARM | 0.900 | 30.00 | 50.00 (8) |" in table and "Class accuracy below 0.95: ARM." in table
     assert "at least 0.95" in leaderboard.conditional_markdown([dict(row, class_accuracy=0.97)], 0.919)
     json.dumps(row)
+
+
+def test_conditional_table_shows_spreads_and_judges_against_the_mixture_with_them():
+    row = dict(model="ARM", current=True, class_accuracy=0.97, class_accuracy_seed_std=0.004,
+               frechet_mean_over_classes=30.0, frechet_mean_over_classes_seed_std=1.0, frechet_worst=50.0,
+               frechet_worst_class=8, frechet_distance=10.0, frechet_distance_seed_std=0.5, copy_rate=0.0,
+               test_nll_nats=70.0, nll_kind="exact", generative_classifier_accuracy=0.95, train_seconds=60.0,
+               sample_seconds=1.0, quality_draws=5)
+    gmm = dict(row, model="GaussianMixture per class", class_accuracy=0.96, frechet_mean_over_classes=33.0,
+               test_nll_nats=120.0)
+    table = leaderboard.conditional_markdown([row, gmm], 0.919)
+    assert "| ARM | 0.970 +- 0.004 | 30.00 +- 1.00 | 50.00 (8) | 10.00 +- 0.50 |" in table
+    # class accuracy: gap 0.01 against 2 sqrt(2 * 0.004^2 / 5) = 0.0036; per-class Frechet: 3 against 1.26
+    assert "- ARM: better on NLL, class accuracy, per-class Frechet; within noise on Frechet (MLP)" in table
+    wide = leaderboard.conditional_markdown([dict(row, class_accuracy_seed_std=0.02), gmm], 0.919)
+    assert "within noise on Frechet (MLP), class accuracy" in wide

@@ -62,9 +62,14 @@ def test_a_missing_or_damaged_shipped_classifier_is_retrained_into_the_cache(tmp
 
 def test_baselines_are_finite_and_in_the_expected_order(splits):
     indep, kind, samples, *_ = leaderboard.independent_categorical(splits, 100, 0)
-    assert kind == "exact" and samples.shape == (100, 64) and samples.max() <= 16
-    gmm, *_, chosen = leaderboard.gaussian_mixture(splits, 100, 0, draws=2)
+    assert kind == "exact" and len(samples) == quality.QUALITY_DRAWS
+    assert all(x.shape == (100, 64) and x.max() <= 16 for x in samples)
+    gmm, _, mixture_samples, *_, chosen = leaderboard.gaussian_mixture(splits, 100, 0, draws=2)
     kde, *_ = leaderboard.kernel_density(splits, 100, 0, bandwidths=(2.0,), draws=2)
+    # each draw its own seed, the first as before (seed 0), the same again for the same seed
+    for draws in (samples, mixture_samples):
+        assert not any(np.array_equal(draws[0], x) for x in draws[1:])
+    assert np.array_equal(leaderboard.independent_categorical(splits, 100, 0)[2][1], samples[1])
     uniform = 64 * math.log(17)
     assert indep == pytest.approx(106.4, abs=0.5)  # measured with numpy, independently of this code
     assert all(math.isfinite(v) for v in (indep, gmm, kde))
@@ -196,3 +201,28 @@ def test_every_conditional_grid_has_its_class_rows_and_accuracy(tmp_path, monkey
 
     with Image.open(tmp_path / "c.png") as image:
         assert 550 <= image.width <= 650 and 300 <= image.height <= 420
+
+
+def _with_spread(row, key, mean, spread, draws=5):
+    return dict(row, **{key: mean, f"{key}_seed_std": spread}, quality_draws=draws)
+
+
+def test_the_tables_show_means_and_spreads_and_the_verdict_uses_them():
+    rows = json.loads((registry.ROOT / "results" / "leaderboard.json").read_text())
+    by_name = {r["model"]: r for r in rows}
+    gmm = _with_spread(by_name["GaussianMixture"], "frechet_distance", 12.0, 1.0)
+    arm = _with_spread(by_name["ARM"], "frechet_distance", 10.0, 1.0)
+    # gap 2 against twice the standard error of the difference, 2 sqrt((1 + 1) / 5) = 1.26: better
+    assert leaderboard.verdict(arm, gmm)["Frechet (MLP)"] == "better"
+    # a spread of 4 across seeds: 2 sqrt((16 + 1) / 5) = 3.69 covers the gap
+    assert leaderboard.verdict(dict(arm, frechet_distance_seed_std=4.0), gmm)["Frechet (MLP)"] == "within noise"
+    assert leaderboard.verdict(dict(arm, frechet_distance=15.0), gmm)["Frechet (MLP)"] == "worse"
+    # without a spread over seeds (one draw, an earlier run): the bootstrap s.d. of the one draw
+    one_draw = {k: v for k, v in arm.items() if not k.endswith("_seed_std") and k != "quality_draws"}
+    assert leaderboard.measures(dict(one_draw, frechet_distance_std=0.7))["Frechet (MLP)"][1] == 0.7
+    assert leaderboard.measures(arm)["Frechet (MLP)"][1] == pytest.approx(1.0 / math.sqrt(5))
+    rows = [gmm if r["model"] == "GaussianMixture" else arm if r["model"] == "ARM" else r for r in rows]
+    table = leaderboard.markdown(rows, 0.919)
+    assert "| ARM | 80.12 | 1.806 | exact | 10.00 +- 1.00 |" in table
+    assert re.search(r"^\| ARM \| 10.00 \+- 1.00 \| [\d.]+ (\+- [\d.]+ )?\|", table, re.M)
+    assert "- ARM: better on " in table and "Frechet (MLP)" in table.split("- ARM: better on ")[1].splitlines()[0]

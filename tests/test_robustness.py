@@ -384,7 +384,8 @@ def test_leaderboard_and_seed_table_run_through_a_damaged_folder(tmp_path, monke
     monkeypatch.setattr(leaderboard, "gaussian_mixture", lambda splits, n, seed: gmm(splits, n, seed, (5,), 1))
     monkeypatch.setattr(leaderboard, "kernel_density", lambda splits, n, seed: kde(splits, n, seed, (2.0,), 1))
     measure = quality.sample_quality  # the short measures: the baselines' extended ones take long
-    monkeypatch.setattr(quality, "sample_quality", lambda samples, cache_dir: measure(samples, cache_dir, extended=False))
+    monkeypatch.setattr(quality, "sample_quality",  # as averaged_quality calls it, once per draw
+                        lambda samples, cache_dir, *args, **kwargs: measure(samples, cache_dir, extended=False))
     (tmp_path / "ARM_metrics.json").write_text('{"model": "ARM", "test_nll')
     (tmp_path / "DDPM_metrics.json").write_text(json.dumps(_metrics(model="DDPM", frechet_distance=None)))
     assert run_main(leaderboard.main, ["--out", str(tmp_path), "--no-train"]) == 0
