@@ -260,7 +260,7 @@ def draw_seeds(first, count=QUALITY_DRAWS):
 
 
 def mean_std(values):
-    """(mean, sample standard deviation, n - 1) of floats; (None, None) when any is None; the
+    """(mean, sample standard deviation (n - 1)) of floats; (None, None) when any is None; the
     standard deviation of one value is None (unknown, not zero)."""
     if any(v is None for v in values):
         return None, None
