@@ -237,14 +237,14 @@ def verdict(row, baseline):
 def headline(rows):
     """README's short table: each row's likelihood and sample quality, from the full leaderboard,
     sorted by the test NLL (lower is better; rows without one after, in the leaderboard's order)."""
-    lines = ["| model | test NLL (nats/image, lower is better) | bits/dim | Frechet distance | precision | recall "
-             "| train s |", "|---|---|---|---|---|---|---|"]
+    lines = ["| model | test NLL (nats/image, lower is better) | bits/dim | Frechet distance (mean of "
+             f"{quality.QUALITY_DRAWS} draws +- s.d.) | precision | recall | train s |", "|---|---|---|---|---|---|---|"]
     ranked = sorted(rows, key=lambda r: (r["test_nll_nats"] is None, r["test_nll_nats"] or 0.0))
     for r in ranked:
         nll = r["test_nll_nats"]
         lines.append(f"| {r['model']}{'' if r.get('current', True) else ' (stale)'} | {fmt(nll, 2)} "
                      f"| {fmt(common.nats_to_bpd(nll) if nll is not None else None, 3)} "
-                     f"| {fmt(r['frechet_distance'])} | {fmt(r.get('precision'), 3)} | {fmt(r.get('recall'), 3)} "
+                     f"| {seed_pm(r, 'frechet_distance')} | {fmt(r.get('precision'), 3)} | {fmt(r.get('recall'), 3)} "
                      f"| {fmt(r['train_seconds'], 0)} |")
     return "\n".join(lines) + "\n"
 
