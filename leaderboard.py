@@ -512,7 +512,8 @@ def seed_table(out, seeds, train, threads):
         if per_seed:
             rows.append(dict(model=name, nll_kind=per_seed[-1]["nll_kind"], runs=per_seed,
                              **{f"{key}_{stat}": value for key in ("test_nll_nats", "frechet_distance")
-                                for stat, value in zip(("mean", "std"), mean_std([r[key] for r in per_seed]))}))
+                                for stat, value in zip(("mean", "std"),
+                                                       quality.mean_std([r[key] for r in per_seed]))}))
     files.keep_table(out / "seeds.md", rows)
     lines = [f"| model | NLL kind | test NLL, seeds {', '.join(map(str, seeds))} | mean +- std "
              f"| Frechet distance, seeds {', '.join(map(str, seeds))} | mean +- std | train s |",
@@ -533,8 +534,6 @@ def seed_table(out, seeds, train, threads):
         files.save_json(out / "seeds.json", dict(seeds=list(seeds), rows=rows))
     processes.emit(table)
 
-
-mean_std = quality.mean_std
 
 
 def main(argv=None):

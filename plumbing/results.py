@@ -14,7 +14,7 @@ import numpy as np
 import torch
 
 from plumbing import UsageError
-from common import NUM_PIXELS, PIXEL_MAX, positive_int
+from common import NUM_PIXELS, PIXEL_MAX
 from plumbing.checkpoints import load_trained, pair_problem, scoring_fingerprint, weights_fingerprint
 from plumbing.files import (
     SCRATCH, DamagedFile, arrays_checksum, family_lock, read_json, read_npy, read_npz, remove_stale, save_json)
@@ -205,37 +205,34 @@ def are_pixels(x):
     return bool(np.isfinite(x).all() and x.min() >= 0 and x.max() <= PIXEL_MAX)
 
 
-def run_status(metrics, script, flags=()):
-    """"current" when a metrics file comes from a finished default run (with `flags`, e.g.
-    ("--seed", "1"), and no other setting changed) of the current code; "rescore" when its
-    weights do but the scoring code changed since (re-scored from the weights, no training);
-    "retrain" otherwise. The settings are judged, not the command line: a resumed default run
-    is a default run."""
-    changed, wanted = metrics.get("changed_settings"), _settings(flags)
-    if not (metrics.get("quick") is False and metrics.get("interrupted") is False
-            and metrics.get("stopped") != "non_finite" and isinstance(changed, dict)
-            and set(changed) == set(wanted) and all(str(changed[k]) == v for k, v in wanted.items())
-            and metrics.get("weights_code_sha256") == weights_fingerprint(ROOT / script, ROOT)):
-        return "retrain"
-    return "current" if metrics.get("scoring_code_sha256") == scoring_fingerprint(ROOT / script, ROOT) else "rescore"
-
-
-def stale_reason(metrics, script, flags=()):
-    """Why a metrics file is not the current default run (with `flags`), in a few words; None when
-    it is."""
+def staleness(metrics, script, flags=()):
+    """(status, why) of a metrics file: "current" when it comes from a finished default run (with
+    `flags`, e.g. ("--seed", "1"), and no other setting changed) of the current code; "rescore"
+    when its weights do but the scoring code changed since (re-scored from the weights, no
+    training); "retrain" otherwise; why: the reason in a few words (None when current). The
+    settings are judged, not the command line: a resumed default run is a default run."""
     changed, wanted = metrics.get("changed_settings"), _settings(flags)
     if metrics.get("stopped") == "sample_only" and not metrics.get("evaluated", True):
-        return "it comes from --sample-only (samples only, no test NLL)"
+        return "retrain", "it comes from --sample-only (samples only, no test NLL)"
     if metrics.get("quick") is not False:
-        return "it comes from a --quick run"
+        return "retrain", "it comes from a --quick run"
     if metrics.get("interrupted") is not False or metrics.get("stopped") == "non_finite":
-        return "its run did not finish"
-    other = {k: v for k, v in changed.items() if k not in wanted} if isinstance(changed, dict) else {}
-    if other:
-        return "its run changed settings (" + ", ".join(f"{k}={v}" for k, v in other.items()) + ")"
-    status = run_status(metrics, script, flags)
-    return {"current": None, "rescore": "the scoring code changed since (re-scored from the weights when trained)",
-            "retrain": "the model's code or settings changed since"}[status]
+        return "retrain", "its run did not finish"
+    if not isinstance(changed, dict):
+        return "retrain", "its metrics do not record the run's settings"
+    if set(changed) != set(wanted) or any(str(changed[k]) != v for k, v in wanted.items()):
+        other = {k: v for k, v in changed.items() if str(v) != wanted.get(k)}
+        return "retrain", "its run changed settings (" + ", ".join(f"{k}={v}" for k, v in other.items()) + ")"
+    if metrics.get("weights_code_sha256") != weights_fingerprint(ROOT / script, ROOT):
+        return "retrain", "the model's code changed since"
+    if metrics.get("scoring_code_sha256") != scoring_fingerprint(ROOT / script, ROOT):
+        return "rescore", "the scoring code changed since (re-scored from the weights when trained)"
+    return "current", None
+
+
+def run_status(metrics, script, flags=()):
+    """staleness's status alone: "current", "rescore" or "retrain"."""
+    return staleness(metrics, script, flags)[0]
 
 
 def is_current(metrics, script, flags=()):
@@ -280,10 +277,10 @@ def current_run(name, script, out, train, threads, flags=(), keys=ROW_KEYS, samp
     metrics, pixels, problem = usable()
     if problem:
         print(f"leaderboard: {problem}; treated as missing", file=sys.stderr)
-    status = "retrain" if metrics is None else run_status(metrics, script, flags)
+    status, why = ("retrain", None) if metrics is None else staleness(metrics, script, flags)
     if status != "current" and metrics is not None and not train:
         print(f"leaderboard: {out / f'{run}_metrics.json'} is not the current default run: "
-              f"{stale_reason(metrics, script, flags)}; listed as stale (without --no-train it is made again; "
+              f"{why}; listed as stale (without --no-train it is made again; "
               f"`git checkout results/` restores the shipped files)", file=sys.stderr)
     if status != "current" and train and (ROOT / script).is_file():
         rescore = status == "rescore" and output_paths(out, run)["weights"].is_file()

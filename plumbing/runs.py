@@ -442,7 +442,7 @@ def _final_outputs(model, splits, labels, args, device, paths, state, reason, wr
     """Evaluate the best state on the test split and write samples, images and metrics; the
     samples are checked before anything is written (write_training first: weights, curve, GIF).
     --sample-only evaluates only the samples unless --evaluate. Returns (metrics, paths written)."""
-    out, name, show = Path(args.out), paths["weights"].stem, not args.no_progress
+    out, name, show = Path(args.out), paths["weights"].stem, shows_progress(args)
     evaluate = args.evaluate or not args.sample_only
     with evaluating():  # nothing is written before its end
         conditional = model.conditional
@@ -500,10 +500,9 @@ def _final_outputs(model, splits, labels, args, device, paths, state, reason, wr
     if conditional:  # rows of each class asked for, labelled with it; at least a 10 x 10 grid in all
         per_class = len(drawn) // len(digits)
         shown = min(per_class, 10 * max(1, 10 // len(digits)))  # 100 of one class, 50 of each of two, ...
-        classes = samples.view(len(digits), per_class, NUM_PIXELS)[:, :shown]
-        row_labels = [str(d) for d in digits.tolist() for _ in range(math.ceil(shown / 10))]
-        grid = image_grid(classes.reshape(-1, NUM_PIXELS) if shown <= 10 else
-                          _padded_rows(classes, 10).reshape(-1, NUM_PIXELS), nrow=min(shown, 10))
+        rows = _padded_rows(samples.view(len(digits), per_class, NUM_PIXELS)[:, :shown], min(shown, 10))
+        row_labels = [str(d) for d in digits.tolist() for _ in range(rows.shape[1])]
+        grid = image_grid(rows.reshape(-1, NUM_PIXELS), nrow=rows.shape[2])
         save_image(paths["grid"], with_row_labels(grid, row_labels))
         written_samples = samples.numpy().astype(np.float32), drawn.cpu().numpy().astype(np.int64)
         save_arrays(paths["npy"], dict(zip("xy", written_samples)))

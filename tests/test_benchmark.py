@@ -9,7 +9,7 @@ from torch import nn
 import benchmark
 import common
 import leaderboard
-from plumbing import checkpoints, registry
+from plumbing import checkpoints, quality, registry
 
 
 def test_matmul_flops_count_linear_layers_forward_and_backward():
@@ -69,7 +69,7 @@ def test_seed_table_gives_mean_and_spread_of_each_family(tmp_path, monkeypatch):
     assert row["frechet_distance_std"] == pytest.approx(8**0.5)
     table = (tmp_path / "seeds.md").read_text()
     assert "| ARM | exact | 80.00, 82.00 | 81.00 +- 1.41 | 20.00, 24.00 | 22.00 +- 2.83 | 10, 10 |" in table
-    assert leaderboard.mean_std([1.0, None]) == (None, None)
+    assert quality.mean_std([1.0, None]) == (None, None)
 
 
 def test_speed_table_reads_the_run_and_times_the_step_on_each_thread_count(tmp_path, monkeypatch):
