@@ -13,6 +13,7 @@ import secrets
 import shutil
 import stat
 import tempfile
+import tokenize
 from pathlib import Path
 
 import numpy as np
@@ -152,7 +153,8 @@ def _read_npy_stream(f, path, size, check, max_bytes):
         if read_header is None:
             raise DamagedFile(path, f"is an .npy file of format {version}, which is not read here")
         shape, fortran, dtype = read_header(f)  # the header alone: no data read yet
-    except (ValueError, EOFError, SyntaxError, TypeError) as error:
+    # numpy parses the header with ast and tokenize: their errors mean a damaged header too
+    except (ValueError, EOFError, SyntaxError, TypeError, tokenize.TokenError) as error:
         raise DamagedFile(path, f"has a damaged .npy header ({first_line(error)})") from None
     if dtype.hasobject or dtype.kind not in "biuf":
         raise DamagedFile(path, f"holds {dtype}, not numbers")

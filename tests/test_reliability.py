@@ -414,3 +414,13 @@ def test_every_tool_and_a_family_script_leave_readme_and_docs_alone(tmp_path, mo
     written = {p.name for p in out.iterdir()}
     assert {"leaderboard.md", "ood.md", "inpaint.md", "compress.md", "ARM_metrics.json"} <= written
     assert {page: page.read_bytes() for page in files.pages(root)} == before
+
+
+def test_an_npy_header_numpy_cannot_tokenize_is_one_damaged_file(tmp_path):
+    """A header cut inside its brackets makes numpy's parser raise tokenize.TokenError: a damaged
+    file like any other, never a traceback (found by the property test of issue #43's round)."""
+    header = b"{'descr': '<f4', 'fortran_order': False, 'shape': (8, \n"
+    path = tmp_path / "cut.npy"
+    path.write_bytes(b"\x93NUMPY\x01\x00" + len(header).to_bytes(2, "little") + header + b"\x00" * 64)
+    with pytest.raises(files.DamagedFile, match="damaged .npy header"):
+        files.read_npy(path)
