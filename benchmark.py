@@ -10,7 +10,9 @@ step, counted with torch.utils.flop_counter's formulas from the shapes (forward 
 every network evaluation of the step, e.g. the EBM's Langevin chains), the seconds per step, and
 so the achieved fraction of this machine's fp32 matmul throughput, measured on 1024 x 1024
 products at the same thread count. The share of an epoch spent in training steps shows what the
-rest (validation, GIF frames) costs. The busy table runs ARM's and DDPM's default runs beside one
+rest (validation, GIF frames) costs. Beside it, each default run against an earlier table
+(--before, by default results/benchmark_before.json: the runs before the speed round): training
+seconds, test NLL and Frechet distance before and after, and whether it got worse. The busy table runs ARM's and DDPM's default runs beside one
 CPU-bound process, with the automatic thread count and with 2 threads forced. Nothing here
 depends on a GPU; with --device cuda the step is timed there. Run it on an otherwise idle
 machine, after the default runs (python leaderboard.py).
@@ -119,10 +121,54 @@ def speed_row(name, script, out, splits, labels, device, peaks):
                 seconds_per_1000_samples=metrics["sample_seconds"] * 1000 / metrics["num_samples"],
                 peak_memory_mb=metrics["peak_memory_mb"], step_mflop=flops / 1e6, steps=steps,
                 step_share_of_epoch=min(1.0, steps_per_epoch * step_at_run / epoch_seconds),
+                test_nll_nats=metrics.get("test_nll_nats"), frechet_distance=metrics.get("frechet_distance"),
+                frechet_distance_seed_std=metrics.get("frechet_distance_seed_std"), train_flags=flags,
                 current=results.run_status(metrics, script) != "retrain")  # a re-score keeps the training record
 
 
-def speed_table(out, device, thread_counts):
+def _number(value, digits):
+    return "n/a" if value is None else f"{value:.{digits}f}"
+
+
+def comparison_lines(rows, before):
+    """Markdown lines comparing this table's rows with `before` (an earlier benchmark.json): training
+    seconds, test NLL and the Frechet distance (mean +- s.d. over sample seeds) of each default run.
+    A family counts as worse when its NLL rose by more than NLL_TOLERANCE nats or its Frechet
+    distance by more than the larger of the two s.d.s across sample seeds."""
+    earlier = {row["model"]: row for row in before["rows"]}
+    peaks = before.get("matmul_flops_per_second", {})
+    lines = ["Before and after: each default run of the earlier table (" + (before.get("note") or "an earlier run")
+             + "; measured on a machine of fp32 matmul throughput "
+             + ", ".join(f"{p / 1e9:.0f} GFLOP/s on {t} thread(s)" for t, p in peaks.items())
+             + ") against this one. Worse: test NLL up by more than "
+             f"{NLL_TOLERANCE} nats, or the Frechet distance up by more than the larger s.d. across its sample seeds.",
+             "", "| model | train s before | train s after | faster | test NLL before | after | Frechet before "
+             "| after | verdict |", "|---|---|---|---|---|---|---|---|---|"]
+    totals = [0.0, 0.0]
+    for row in rows:
+        old = earlier.get(row["model"])
+        if old is None:
+            continue
+        totals[0] += old["train_seconds"]
+        totals[1] += row["train_seconds"]
+        worse = []
+        if None not in (old.get("test_nll_nats"), row["test_nll_nats"]) and (
+                row["test_nll_nats"] - old["test_nll_nats"] > NLL_TOLERANCE):
+            worse.append("NLL")
+        spreads = [s for s in (old.get("frechet_distance_seed_std"), row["frechet_distance_seed_std"]) if s is not None]
+        if None not in (old.get("frechet_distance"), row["frechet_distance"]) and spreads and (
+                row["frechet_distance"] - old["frechet_distance"] > max(spreads)):
+            worse.append("Frechet")
+        frechet = lambda r: (f"{_number(r.get('frechet_distance'), 2)} +- {_number(r.get('frechet_distance_seed_std'), 2)}")
+        lines.append(f"| {row['model']} | {old['train_seconds']:.1f} | {row['train_seconds']:.1f} "
+                     f"| {old['train_seconds'] / row['train_seconds']:.2f}x | {_number(old.get('test_nll_nats'), 2)} "
+                     f"| {_number(row['test_nll_nats'], 2)} | {frechet(old)} | {frechet(row)} "
+                     f"| {'worse: ' + ', '.join(worse) if worse else 'not worse'} |")
+    lines += ["", f"Training seconds of these default runs in all: {totals[0]:.0f} before, {totals[1]:.0f} after."]
+    return lines
+
+
+def speed_table(out, device, thread_counts, before=None):
     peaks = {}
     for threads in thread_counts:
         torch.set_num_threads(threads)
@@ -158,6 +204,8 @@ def speed_table(out, device, thread_counts):
                      f"| {100 * s2['matmul_fraction']:.1f}% | {100 * r['step_share_of_epoch']:.0f}% |")
     total = sum(r["train_seconds"] for r in rows)
     lines += ["", f"All {len(rows)} default runs: {total:.0f} s of training in all."]
+    if before is not None:
+        lines += [""] + comparison_lines(rows, before)
     write(out, "benchmark", "\n".join(lines) + "\n",
           dict(device=str(device), thread_counts=list(thread_counts), cpu_count=os.cpu_count(),
                matmul_flops_per_second={str(t): p for t, p in peaks.items()},
@@ -229,6 +277,8 @@ SPEED_KEYS = dict(train_flags="dict", threads="int", epochs_run="int", train_sec
                   train_seconds_to_best="number", sample_seconds="number", num_samples="int",
                   peak_memory_mb="number")
 BUSY_KEYS = dict(threads="int", epochs_run="int", train_seconds="number")
+NLL_TOLERANCE = 0.3  # nats per image: a change of the defaults for speed may cost at most this much test NLL
+BEFORE = ROOT / "results" / "benchmark_before.json"  # the default runs before the speed round (issue #41)
 
 
 def usable_runs(out, families, keys):
@@ -262,6 +312,10 @@ def main(argv=None):
                         help="device of the timed training steps (default %(default)s)")
     parser.add_argument("--threads", type=common.thread_count, nargs="+", default=[1, runs.MAX_AUTO_THREADS],
                         metavar="N", help="CPU thread counts of the timed training steps (default 1 2)")
+    parser.add_argument("--before", type=Path, default=BEFORE,
+                        help="an earlier benchmark.json to compare each default run's training time, test NLL "
+                             "and Frechet distance with (default: results/benchmark_before.json, the runs before "
+                             "the speed round); a missing file leaves the comparison out")
     parser.add_argument("--busy", action="store_true",
                         help=f"only time {' and '.join(BUSY_FAMILIES)}'s default runs beside one CPU-bound process")
     args = parser.parse_args(argv)
@@ -286,7 +340,15 @@ def benchmark(args, out):
             print(f"benchmark.py: error: {error}; no table written", file=sys.stderr)
             raise SystemExit(plumbing.EXIT_NONFINITE) from None
     else:
-        speed_table(out, device, sorted(set(args.threads)))
+        before = None
+        if args.before is not None and args.before.is_file():
+            try:
+                before = files.read_json(args.before)
+                if not isinstance(before.get("rows"), list):
+                    raise files.DamagedFile(f"{args.before} has no rows")
+            except files.DamagedFile as error:
+                raise plumbing.UsageError(f"--before: {error}") from None
+        speed_table(out, device, sorted(set(args.threads)), before)
 
 
 if __name__ == "__main__":

@@ -399,7 +399,7 @@ class RealNVP(common.DigitsModel):
         return self.base_mean[y], self.base_log_std[y]
 
     def configure_optimizer(self, lr):
-        return torch.optim.AdamW(self.parameters(), lr=lr, weight_decay=self.config.weight_decay)
+        return torch.optim.AdamW(self.parameters(), lr=lr, weight_decay=self.config.weight_decay, fused=True)
 
     # --- Beyond the paper: the importance-weighted test bound (Burda et al. 2016), the generative
     #     classifier, inpainting, extra metrics ---

@@ -253,7 +253,7 @@ class GAN(common.DigitsModel):
         return torch.optim.Adam([
             dict(params=self.generator.parameters(), lr=lr, name="generator"),
             dict(params=self.discriminator_parameters(), lr=lr * self.config.d_lr_scale, name="discriminator"),
-        ], betas=betas)
+        ], betas=betas, fused=True)
 
     # --- Beyond the paper: inpainting ---
 
@@ -288,7 +288,7 @@ def settle(args, config, sampling):
 
 def main(argv=None):
     runs.main(GAN, __doc__, argv, settle=settle,
-              epochs=300, batch_size=64, lr=8e-4, patience=100, ema=0.99, gif_every=10)
+              epochs=300, batch_size=64, lr=8e-4, patience=40, ema=0.99, gif_every=10)
 
 
 if __name__ == "__main__":

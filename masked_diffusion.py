@@ -372,7 +372,7 @@ class MDM(common.DigitsModel):
         return order_agnostic_terms(given, target, missing, masks_per_level, MASK)
 
     def configure_optimizer(self, lr):
-        return torch.optim.AdamW(self.parameters(), lr=lr, weight_decay=self.config.weight_decay)
+        return torch.optim.AdamW(self.parameters(), lr=lr, weight_decay=self.config.weight_decay, fused=True)
 
     # --- Beyond the paper: other samplers, the generative classifier, inpainting (complete,
     #     missing_nll), the test bound's standard errors ---
@@ -460,7 +460,8 @@ class MDM(common.DigitsModel):
 
 def main(argv=None):
     # at most 80 epochs, the time budget (the validation bound still falls slowly there: docs/choices.md, MDM)
-    runs.main(MDM, __doc__, argv, epochs=80, batch_size=64, lr=3e-3, patience=15, ema=0.99, gif_every=10)
+    runs.main(MDM, __doc__, argv, epochs=80, batch_size=64, lr=3e-3, patience=15, ema=0.99, gif_every=10,
+              val_every=5)
 
 
 if __name__ == "__main__":

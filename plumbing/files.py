@@ -321,7 +321,10 @@ def save_curve(path, history, best_epoch, name, objective, val_objective=None):
         if key not in ("train", "val"):
             ax.plot(epochs, values, linestyle="--", linewidth=1, label=f"train: {key}")
     val_ax = ax.twinx() if val_objective else ax
-    val_ax.plot(epochs, history["val"], color="tab:orange", label="validation")
+    val = np.array([np.nan if v is None else v for v in history["val"]], dtype=float)
+    validated = ~np.isnan(val)  # every epoch, or every --val-every epochs (None between)
+    val_ax.plot(epochs[validated], val[validated], color="tab:orange", label="validation",
+                marker="." if validated.sum() < len(val) else None, markersize=3)
     if best_epoch:
         val_ax.axvline(best_epoch, color="gray", linestyle="--", linewidth=1,
                        label=f"best epoch {best_epoch} (val {history['val'][best_epoch - 1]:.2f})")

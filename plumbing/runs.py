@@ -56,7 +56,8 @@ class Parser(argparse.ArgumentParser):
         self.exit(EXIT_USAGE, f"{self.prog}: error: {message} (see --help)\n")
 
 
-def make_parser(script, doc, *, epochs, batch_size, lr, patience, ema=0.0, gif_every=1, num_samples=1000):
+def make_parser(script, doc, *, epochs, batch_size, lr, patience, ema=0.0, gif_every=1, val_every=1,
+                num_samples=1000):
     """The flags every script shares; defaults are the script's own. script: its __file__."""
     parser = Parser(prog=Path(script).name, description=doc, formatter_class=argparse.RawDescriptionHelpFormatter)
     train = parser.add_argument_group("training")
@@ -67,6 +68,9 @@ def make_parser(script, doc, *, epochs, batch_size, lr, patience, ema=0.0, gif_e
     train.add_argument("--lr", type=positive_float, default=lr, help="learning rate (default %(default)s)")
     train.add_argument("--patience", type=positive_int, default=patience,
                        help="early stopping: epochs without a better validation objective (default %(default)s)")
+    train.add_argument("--val-every", type=positive_int, default=val_every,
+                       help="compute the validation objective every K epochs and at the last; the best "
+                            "weights are those of a validated epoch (default %(default)s)")
     train.add_argument("--ema", type=unit_interval, default=ema,
                        help="decay of an exponential moving average of the weights used for "
                             "evaluation and sampling; 0 turns it off (default %(default)s)")
@@ -263,7 +267,8 @@ class RunHooks(Hooks):
 
     def after_epoch(self, state, means, val):
         self.saver.maybe(state.epoch)
-        self.bar.update(train=f"{means['train']:.3f}", val=f"{val:.3f}", best=f"{state.best_val:.3f}@{state.best_epoch}")
+        self.bar.update(train=f"{means['train']:.3f}", val="-" if val is None else f"{val:.3f}",  # - : not validated
+                        best=f"{state.best_val:.3f}@{state.best_epoch}")
 
     def after_training(self, state):
         self.bar.close()
@@ -359,7 +364,8 @@ def _run_locked(args, model_class, config, sampling, out, device):
     optimizer = model.configure_optimizer(args.lr)
     ema = EMA(model, args.ema) if args.ema > 0 else None
     state = TrainState(best_weights=cpu_state(model))
-    train_flags = dict(batch_size=args.batch_size, lr=args.lr, ema=args.ema, seed=args.seed, quick=args.quick)
+    train_flags = dict(batch_size=args.batch_size, lr=args.lr, ema=args.ema, val_every=args.val_every,
+                       seed=args.seed, quick=args.quick)
 
     weights_path = args.weights or paths["weights"]
     if args.sample_only:
@@ -396,7 +402,8 @@ def _run_locked(args, model_class, config, sampling, out, device):
                                                           model, optimizer, ema),
                          args.checkpoint_seconds, out, shows_progress(args), args.epochs)
         reason = train(model, data, optimizer, ema, state, epochs=args.epochs, batch_size=args.batch_size,
-                       patience=args.patience, gif_every=args.gif_every, seed=args.seed, hooks=hooks)
+                       patience=args.patience, gif_every=args.gif_every, seed=args.seed,
+                       val_every=args.val_every, hooks=hooks)
         if not state.history["train"]:
             if reason == "interrupted":  # (a non-finite first epoch has said so already)
                 print(f"{name}: no epoch completed; nothing to write", file=sys.stderr)
@@ -539,7 +546,7 @@ def _final_outputs(model, splits, labels, args, device, paths, state, reason, wr
         samples_sha256=arrays_checksum(*written_samples),
         **fingerprints(sys.modules[type(model).__module__].__file__, ROOT),
         train_flags=dict(epochs=args.epochs, batch_size=args.batch_size, lr=args.lr,
-                         patience=args.patience, ema=args.ema),
+                         patience=args.patience, ema=args.ema, val_every=args.val_every),
         other_samplers=other_samplers, **extra)
     with timed(device) as quality_seconds:
         arrays = [x.numpy() for x in draws]

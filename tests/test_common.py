@@ -109,6 +109,16 @@ def test_out_that_is_a_file_exits_2_before_training(tmp_path, capsys):
 # --- reproducibility, resume, sample-only ----------------------------------------
 
 
+def test_the_loop_validates_every_k_epochs_and_keeps_a_validated_best(tmp_path):
+    assert run_main(arm_script.main, TINY + ["--epochs", "5", "--val-every", "2", "--out", str(tmp_path)]) == 0
+    val = history(tmp_path)["val"]
+    validated = [epoch for epoch, value in enumerate(val, start=1) if value is not None]
+    assert len(val) == 5 and validated == [2, 4, 5]  # every 2nd epoch and the last
+    weights = torch.load(tmp_path / "ARM.pt", weights_only=True)
+    assert weights["best_epoch"] in validated and weights["best_val"] == min(val[e - 1] for e in validated)
+    check_outputs(tmp_path, "ARM", "exact")
+
+
 def test_same_seed_same_losses_other_seed_other_losses(tmp_path):
     for name, seed in (("a", "0"), ("b", "0"), ("c", "1")):
         assert run_main(arm_script.main, TINY + ["--seed", seed, "--out", str(tmp_path / name)]) == 0
@@ -120,10 +130,11 @@ def test_same_seed_same_losses_other_seed_other_losses(tmp_path):
 
 def test_resumed_run_ends_with_the_same_losses_as_an_uninterrupted_one(tmp_path):
     straight, resumed = tmp_path / "straight", tmp_path / "resumed"
-    assert run_main(arm_script.main, TINY + ["--epochs", "4", "--out", str(straight)]) == 0
-    assert run_main(arm_script.main, TINY + ["--epochs", "2", "--out", str(resumed)]) == 0
+    every = TINY + ["--val-every", "1"]  # a run validates its last epoch: here the 2-epoch run's 2nd as well
+    assert run_main(arm_script.main, every + ["--epochs", "4", "--out", str(straight)]) == 0
+    assert run_main(arm_script.main, every + ["--epochs", "2", "--out", str(resumed)]) == 0
     assert len(history(resumed)["train"]) == 2 == len(resume_history(resumed)["train"])
-    assert run_main(arm_script.main, TINY + ["--epochs", "4", "--resume", "--out", str(resumed)]) == 0
+    assert run_main(arm_script.main, every + ["--epochs", "4", "--resume", "--out", str(resumed)]) == 0
     assert history(resumed) == history(straight)
     check_outputs(resumed, "ARM", "exact")
     with Image.open(resumed / "ARM_training.gif") as gif:
@@ -579,3 +590,21 @@ def test_residual_mlp_starts_at_zero_and_its_conditioning_matters():
     assert torch.equal(net(x, u), net(x, u)) and not torch.equal(net.train()(x, u), net(x, u))
     plain = common.ResidualMLP(6, 3, 16, 1).eval()
     assert plain.blocks[0].cond is None and plain(x).shape == (4, 3)
+
+
+def test_ema_update_averages_the_weights_and_copies_the_buffers():
+    torch.manual_seed(0)
+    net = torch.nn.Sequential(torch.nn.Linear(3, 4), torch.nn.BatchNorm1d(4))
+    ema = common.EMA(net, decay=0.9)
+    before = {k: v.clone() for k, v in net.state_dict().items()}
+    with torch.no_grad():
+        for p in net.parameters():
+            p.add_(torch.randn_like(p))
+    net(torch.randn(5, 3))  # moves the BatchNorm's running statistics (buffers)
+    ema.update(net)
+    for key, value in net.state_dict().items():
+        if key in ema.parameter_names:  # w_ema <- 0.9 w_ema + 0.1 w
+            assert torch.allclose(ema.shadow[key], 0.9 * before[key] + 0.1 * value, atol=1e-6), key
+        else:
+            assert torch.equal(ema.shadow[key], value), key
+    assert not torch.equal(ema.shadow["0.weight"], net.state_dict()["0.weight"])
