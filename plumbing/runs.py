@@ -408,6 +408,11 @@ def _run_locked(args, model_class, config, sampling, out, device):
             if reason == "interrupted":  # (a non-finite first epoch has said so already)
                 print(f"{name}: no epoch completed; nothing to write", file=sys.stderr)
             return EXIT_INTERRUPTED if reason == "interrupted" else EXIT_NONFINITE
+        if not state.best_epoch:  # stopped before the first validated epoch (--val-every): no best weights yet
+            print(f"{name}: stopped before the first validated epoch (every {args.val_every}); no weights to write"
+                  + (f"; --resume continues from {paths['resume']}" if reason == "interrupted" else ""),
+                  file=sys.stderr)
+            return EXIT_INTERRUPTED if reason == "interrupted" else EXIT_NONFINITE
 
     def write_training():  # called once the samples are known to be finite, before any other output
         if args.sample_only:

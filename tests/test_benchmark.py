@@ -92,3 +92,23 @@ def test_speed_table_reads_the_run_and_times_the_step_on_each_thread_count(tmp_p
         assert step["matmul_fraction"] == pytest.approx(step["achieved_gflops"] * 1e9 / 1e12)
     table = (tmp_path / "benchmark.md").read_text()
     assert "| DDPM (stale) | 2 | 2.00 | 10 | 15.0 | 20.0 | 0.50 | 900 |" in table
+
+
+def test_before_and_after_judges_the_nll_by_its_tolerance_and_the_frechet_distance_by_its_spread():
+    def row(model, seconds, nll, frechet, spread):
+        return dict(model=model, train_seconds=seconds, test_nll_nats=nll, frechet_distance=frechet,
+                    frechet_distance_seed_std=spread)
+    before = dict(note="earlier", matmul_flops_per_second={"2": 1.5e11}, rows=[
+        row("A", 100.0, 80.0, 10.0, 1.0), row("B", 50.0, 90.0, 10.0, 1.0), row("C", 60.0, None, 10.0, 1.0),
+        row("D", 40.0, 70.0, 10.0, 2.0)])
+    after = [row("A", 50.0, 80.0 + benchmark.NLL_TOLERANCE + 0.01, 10.5, 1.0),  # NLL just past the tolerance
+             row("B", 25.0, 90.2, 11.9, 1.5),  # Frechet up 1.9, beyond the larger spread 1.5
+             row("C", 30.0, None, 12.5, 2.0),  # up 2.5, beyond both spreads (1.0, 2.0)
+             row("D", 80.0, 69.0, 11.9, 1.0)]  # within the before spread 2.0
+    lines = benchmark.comparison_lines(after, before)
+    verdict = {line.split(" | ")[0][2:]: line.rsplit(" | ", 2)[-1].rstrip(" |") for line in lines if line.startswith("| ")
+               and not line.startswith("| model")}
+    assert verdict == {"A": "worse: NLL", "B": "worse: Frechet", "C": "worse: Frechet", "D": "not worse"}
+    assert "| A | 100.0 | 50.0 | 2.00x | 80.00 |" in "\n".join(lines)
+    assert lines[-1] == "Training seconds of these default runs in all: 250 before, 185 after."
+    assert "150 GFLOP/s on 2 thread(s)" in lines[0]

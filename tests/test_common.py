@@ -263,7 +263,7 @@ def test_bad_checkpoints_exit_2_with_one_line(damage, words, tmp_path, capsys, m
 def test_a_signal_checkpoints_writes_outputs_and_exits_130(signum, tmp_path):
     env = dict(os.environ, PYTHONPATH=str(ROOT))
     proc = subprocess.Popen([sys.executable, str(ROOT / "autoregressive_model.py"), *TINY, "--threads", "1",
-                             "--epochs", "500", "--patience", "500", "--checkpoint-seconds", "0",
+                             "--epochs", "500", "--patience", "500", "--checkpoint-seconds", "0", "--val-every", "1",
                              "--out", str(tmp_path)],
                             env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     deadline = time.time() + 300
@@ -289,7 +289,7 @@ def test_non_finite_loss_keeps_best_state_writes_outputs_exits_1(tmp_path, capsy
         return loss * math.nan if calls["n"] > 9 else loss  # 4 steps an epoch: epoch 3, step 2
 
     monkeypatch.setattr(arm_script.ARM, "loss", failing_loss)
-    assert run_main(arm_script.main, TINY + ["--epochs", "4", "--out", str(tmp_path)]) == 1
+    assert run_main(arm_script.main, TINY + ["--epochs", "4", "--val-every", "1", "--out", str(tmp_path)]) == 1
     err = capsys.readouterr().err
     assert "non-finite" in err and "epoch 3, step 2" in err
     metrics = check_outputs(tmp_path, "ARM", "exact")
@@ -297,6 +297,30 @@ def test_non_finite_loss_keeps_best_state_writes_outputs_exits_1(tmp_path, capsy
     assert metrics["stopped"] == "non_finite"
     best = torch.load(tmp_path / "ARM.pt", weights_only=True)["weights"]
     assert all(torch.isfinite(v).all() for v in best.values() if v.is_floating_point())
+
+
+def test_a_run_stopped_before_its_first_validation_writes_no_weights_and_can_resume(tmp_path, capsys, monkeypatch):
+    calls = {"n": 0}
+    original = arm_script.ARM.loss
+
+    def interrupted_loss(self, x, y):
+        calls["n"] += self.training
+        if calls["n"] > 9:  # 4 steps an epoch: a signal in epoch 3, before the validation of epoch 5
+            raise KeyboardInterrupt
+        return original(self, x, y)
+
+    monkeypatch.setattr(arm_script.ARM, "loss", interrupted_loss)
+    flags = TINY + ["--epochs", "6", "--val-every", "5", "--out", str(tmp_path)]
+    assert run_main(arm_script.main, flags) == 130
+    err = capsys.readouterr().err.strip().splitlines()
+    assert err[-1] == (f"ARM: stopped before the first validated epoch (every 5); no weights to write; "
+                       f"--resume continues from {tmp_path / 'ARM_resume.pt'}")
+    assert not (tmp_path / "ARM.pt").exists() and not (tmp_path / "ARM_metrics.json").exists()
+    assert resume_history(tmp_path)["val"] == [None, None]  # two epochs kept
+    monkeypatch.setattr(arm_script.ARM, "loss", original)
+    assert run_main(arm_script.main, flags + ["--resume"]) == 0
+    weights = torch.load(tmp_path / "ARM.pt", weights_only=True)
+    assert weights["best_epoch"] in (5, 6) and weights["epoch"] == 6
 
 
 def test_atomic_write_keeps_the_old_file_when_writing_fails(tmp_path):

@@ -131,7 +131,8 @@ def test_sighup_to_a_model_run_stops_training_and_writes_its_outputs(tmp_path):
     out = tmp_path / "out"
     proc = subprocess.Popen([sys.executable, str(ROOT / "autoregressive_model.py"), *TINY, "--threads", "1",
                              "--epochs", "100000", "--patience", "100000", "--checkpoint-seconds", "0",
-                             "--out", str(out)], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+                             "--val-every", "1", "--out", str(out)],
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     wait_for(lambda: (out / "ARM_resume.pt").exists(), proc=proc)
     proc.send_signal(signal.SIGHUP)
     _, stderr = proc.communicate(timeout=120)
