@@ -1,7 +1,8 @@
 """Speed of every family, measured against the machine it runs on.
 
-    python benchmark.py          # OUT/benchmark.md and .json: the speed table below
-    python benchmark.py --busy   # OUT/busy.md and .json: ARM and DDPM beside a CPU-bound process
+    python benchmark.py             # OUT/benchmark.md and .json: the speed table below
+    python benchmark.py --samplers  # OUT/samplers.md and .json: each family's other samplers
+    python benchmark.py --busy      # OUT/busy.md and .json: ARM and DDPM beside a CPU-bound process
 
 The speed table takes, per family, what its default run recorded in OUT/NAME_metrics.json
 (seconds per epoch, seconds to the best validation value, seconds per 1000 samples, peak memory)
@@ -10,10 +11,15 @@ step, counted with torch.utils.flop_counter's formulas from the shapes (forward 
 every network evaluation of the step, e.g. the EBM's Langevin chains), the seconds per step, and
 so the achieved fraction of this machine's fp32 matmul throughput, measured on 1024 x 1024
 products at the same thread count. The share of an epoch spent in training steps shows what the
-rest (validation, GIF frames) costs. Beside it, each default run against an earlier table
+rest (validation, GIF frames) costs. Below it, what the averaged sample-quality measures (5 draws
+of 1000 instead of one, each scored) add to each default and conditional run. Then each default run against an earlier table
 (--before, by default results/benchmark_before.json: the runs before the speed round): training
 seconds, test NLL and Frechet distance before and after, and whether it got worse. The busy table runs ARM's and DDPM's default runs beside one
-CPU-bound process, with the automatic thread count and with 2 threads forced. Nothing here
+CPU-bound process, with the automatic thread count and with 2 threads forced. The sampler
+table puts each family's other samplers (its `samplers()`: fewer or more steps, another solver)
+beside its default one, on the shipped weights: seconds per 1000 samples and the Frechet distance
+over the same sample seeds as the run's own draws, so each draw of another sampler starts from
+the noise of the default's draw, and their paired difference is read with its own spread. Nothing here
 depends on a GPU; with --device cuda the step is timed there. Run it on an otherwise idle
 machine, after the default runs (python leaderboard.py).
 """
@@ -33,8 +39,9 @@ from torch.utils._python_dispatch import TorchDispatchMode
 from torch.utils.flop_counter import flop_registry
 
 import common
+import leaderboard
 import plumbing
-from plumbing import files, processes, registry, results, runs
+from plumbing import checkpoints, files, processes, quality, registry, results, runs
 
 ROOT = registry.ROOT
 SCRIPTS = registry.SCRIPTS  # name -> script (tests narrow it)
@@ -126,10 +133,6 @@ def speed_row(name, script, out, splits, labels, device, peaks):
                 current=results.run_status(metrics, script) != "retrain")  # a re-score keeps the training record
 
 
-def _number(value, digits):
-    return "n/a" if value is None else f"{value:.{digits}f}"
-
-
 def comparison_lines(rows, before):
     """Markdown lines comparing this table's rows with `before` (an earlier benchmark.json): training
     seconds, test NLL and the Frechet distance (mean +- s.d. over sample seeds) of each default run.
@@ -159,12 +162,58 @@ def comparison_lines(rows, before):
         if None not in (old.get("frechet_distance"), row["frechet_distance"]) and spreads and (
                 row["frechet_distance"] - old["frechet_distance"] > max(spreads)):
             worse.append("Frechet")
-        frechet = lambda r: (f"{_number(r.get('frechet_distance'), 2)} +- {_number(r.get('frechet_distance_seed_std'), 2)}")
         lines.append(f"| {row['model']} | {old['train_seconds']:.1f} | {row['train_seconds']:.1f} "
-                     f"| {old['train_seconds'] / row['train_seconds']:.2f}x | {_number(old.get('test_nll_nats'), 2)} "
-                     f"| {_number(row['test_nll_nats'], 2)} | {frechet(old)} | {frechet(row)} "
+                     f"| {old['train_seconds'] / row['train_seconds']:.2f}x | {leaderboard.fmt(old.get('test_nll_nats'))} "
+                     f"| {leaderboard.fmt(row['test_nll_nats'])} | {leaderboard.seed_pm(old, 'frechet_distance')} "
+                     f"| {leaderboard.seed_pm(row, 'frechet_distance')} "
                      f"| {'worse: ' + ', '.join(worse) if worse else 'not worse'} |")
     lines += ["", f"Training seconds of these default runs in all: {totals[0]:.0f} before, {totals[1]:.0f} after."]
+    return lines
+
+
+def extra_draw_scoring_seconds(out, splits, labels):
+    """Seconds to score one more draw of 1000 samples (its fast measures, as averaged_quality and
+    averaged_conditional_quality score every draw after the first): (unconditional, conditional),
+    timed here on the train digits (the cost does not depend on what the samples show), the
+    fastest of three after a first call that loads the classifiers."""
+    x, y = splits["train"].cpu().numpy(), labels["train"].cpu().numpy()
+    score = dict(unconditional=lambda: quality.sample_quality(x, out, slow=False),
+                 conditional=lambda: quality.conditional_quality(x, y, out))
+    fastest = {}
+    for kind, call in score.items():
+        call()
+        times = []
+        for _ in range(3):
+            start = time.perf_counter()
+            call()
+            times.append(time.perf_counter() - start)
+        fastest[kind] = min(times)
+    return fastest["unconditional"], fastest["conditional"]
+
+
+def measures_cost_lines(out, scoring_seconds):
+    """Markdown lines: what the averaged sample-quality measures add to each default and conditional
+    run in `out`: the quality.QUALITY_DRAWS - 1 draws after the first (the run's own seconds) and
+    their scoring (scoring_seconds: one draw's, unconditional and conditional), as a share of the
+    run's wall time from start to metrics (run_seconds). A run recorded before run_seconds was kept
+    shows the share of its training time instead, marked: an upper bound."""
+    extra = quality.QUALITY_DRAWS - 1
+    lines = [f"What the averaged measures add to each run ({quality.QUALITY_DRAWS} draws of 1000 instead of one): "
+             f"the run's seconds for its {extra} extra draws, their scoring ({extra} x one draw's fast measures, "
+             f"timed here: {scoring_seconds[0]:.2f} s unconditional, {scoring_seconds[1]:.2f} s conditional), and "
+             "the two as a share of the run's wall time (training, test NLL, samples, files; * a run recorded "
+             "before its wall time was kept: the share of its training time, an upper bound).", "",
+             "| run | run s | extra draws s | their scoring s | added, share of the run |", "|---|---|---|---|---|"]
+    for name in SCRIPTS:
+        for run, scoring in ((name, extra * scoring_seconds[0]), (f"{name}_conditional", extra * scoring_seconds[1])):
+            metrics, _ = results.read_metrics(out / f"{run}_metrics.json", COST_KEYS)
+            if metrics is None:
+                continue
+            added = metrics["quality_draws_seconds"] + scoring
+            whole = results.kind_ok(metrics.get("run_seconds"), "number") and metrics["run_seconds"]
+            lines.append(f"| {run} | {f'{whole:.1f}' if whole else '-'} | {metrics['quality_draws_seconds']:.2f} "
+                         f"| {scoring:.2f} | {100 * added / (whole or metrics['train_seconds']):.1f}%"
+                         f"{'' if whole else ' *'} |")
     return lines
 
 
@@ -203,13 +252,91 @@ def speed_table(out, device, thread_counts, before=None):
                      f"| {s1['step_ms'] / s2['step_ms']:.2f}x | {s2['achieved_gflops']:.1f} "
                      f"| {100 * s2['matmul_fraction']:.1f}% | {100 * r['step_share_of_epoch']:.0f}% |")
     total = sum(r["train_seconds"] for r in rows)
-    lines += ["", f"All {len(rows)} default runs: {total:.0f} s of training in all."]
+    scoring_seconds = extra_draw_scoring_seconds(out, splits, labels)
+    lines += ["", f"All {len(rows)} default runs: {total:.0f} s of training in all.", ""]
+    lines += measures_cost_lines(out, scoring_seconds)
     if before is not None:
         lines += [""] + comparison_lines(rows, before)
     write(out, "benchmark", "\n".join(lines) + "\n",
           dict(device=str(device), thread_counts=list(thread_counts), cpu_count=os.cpu_count(),
                matmul_flops_per_second={str(t): p for t, p in peaks.items()},
-               torch_version=torch.__version__, rows=rows))
+               torch_version=torch.__version__, rows=rows,
+               extra_draw_scoring_seconds=dict(zip(("unconditional", "conditional"), scoring_seconds))))
+
+
+def sampler_row(model, sampler_name, sampler, seeds, count, out, device):
+    """One sampler of a trained model (None: its default one): a draw of `count` samples from each
+    seed, timed; the draws' Frechet distances to the test digits, their mean and s.d. (as
+    quality.over_draws merges them), and the mean seconds per 1000 samples."""
+    draws, seconds = [], []
+    for seed in seeds:
+        with common.timed(device) as elapsed:
+            draw = common.draw_samples(model, count, seed, device, sampler=sampler).cpu()
+        quality.check_samples(draw, f"{model.name}'s sampler {sampler_name}")
+        draws.append(draw.numpy())
+        seconds.append(elapsed["wall"])
+    scores = [quality.sample_quality(x, out, extended=False) for x in draws]
+    merged = quality.over_draws(scores, ("frechet_distance",))
+    return dict(sampler=sampler_name, seconds_per_1000=1000 * sum(seconds) / len(seconds) / count,
+                frechet_distance=merged["frechet_distance"],
+                frechet_distance_seed_std=merged["frechet_distance_seed_std"],
+                frechet_by_draw=[s["frechet_distance"] for s in scores])
+
+
+def sampler_table(out, device):
+    """Each family with other samplers (model.samplers()), on its weights in OUT: its default
+    sampler and each other one, QUALITY_DRAWS draws of the run's sample count (1000) from its own
+    draw seeds, so the default sampler's numbers are the run's own; the
+    other samplers' Frechet distance beside the default's, and their paired difference draw by
+    draw (the same seed: for an ODE or a deterministic sampler the same starting noise)."""
+    families = []
+    for name, script in SCRIPTS.items():
+        metrics, _ = results.read_metrics(out / f"{name}_metrics.json", SAMPLER_KEYS)  # checked in main
+        family = registry.model_class(name)
+        try:  # the run's sampler settings: its default sampler is the one it drew with
+            sampling = family.Sampling(**metrics["sampling"])
+        except TypeError as error:
+            raise plumbing.UsageError(f"{out / f'{name}_metrics.json'} has sampler settings this code does not "
+                                      f"know ({error}); re-make it with: python leaderboard.py --out {out}") from None
+        model = checkpoints.load_trained(family, out, sampling=sampling, device=device)
+        others = model.samplers()
+        if not others:
+            continue
+        seeds, count = quality.draw_seeds(metrics["seed"] + 4), metrics["num_samples"]  # the run's own draws
+        processes.emit(f"benchmark: {name}'s samplers, {len(seeds)} draws of {count} each")
+        default = sampler_row(model, "default", None, seeds, count, out, device)
+        rows = [default]
+        for sampler_name, sampler in others.items():
+            row = sampler_row(model, sampler_name, sampler, seeds, count, out, device)
+            row["difference"], row["difference_seed_std"] = quality.mean_std(
+                [a - b for a, b in zip(row["frechet_by_draw"], default["frechet_by_draw"])])
+            rows.append(row)
+        families.append(dict(model=name, sampling=metrics["sampling"], rows=rows,
+                             current=results.run_status(metrics, script) != "retrain",
+                             # the default sampler's draws are the run's own: the same numbers as its metrics
+                             matches_run=default["frechet_distance"] == metrics["frechet_distance"]))
+    lines = [f"Each family's other samplers on its shipped weights, on {torch.get_num_threads()} thread(s) "
+             f"({device}): seconds per 1000 samples (the mean over the draws), the Frechet distance (MLP) to "
+             f"the test digits, the mean +- s.d. over {quality.QUALITY_DRAWS} draws of 1000 from the run's own "
+             f"sample seeds, and the difference to the default sampler's Frechet distance on the same seed (mean "
+             f"+- s.d. over the draws; its standard error is that / sqrt({quality.QUALITY_DRAWS})). The default "
+             f"sampler's settings are the run's `sampling`.", "",
+             "| model | sampler | s / 1000 samples | Frechet distance | minus the default's, same seeds |",
+             "|---|---|---|---|---|"]
+    for family in families:
+        for row in family["rows"]:
+            difference = ("-" if row["sampler"] == "default" else
+                          leaderboard.pm(row["difference"], row["difference_seed_std"]))
+            lines.append(f"| {family['model']}{'' if family['current'] else ' (stale)'} | {row['sampler']} "
+                         f"| {row['seconds_per_1000']:.2f} | {leaderboard.seed_pm(row, 'frechet_distance')} "
+                         f"| {difference} |")
+    differ = [f["model"] for f in families if not f["matches_run"]]
+    lines += ["", "The default sampler's draws here give each run's own Frechet distance (its metrics)." if not differ
+              else f"The default sampler's draws here do not give the run's own Frechet distance for {', '.join(differ)} "
+                   f"(made on another machine or torch version, or stale)."]
+    write(out, "samplers", "\n".join(lines) + "\n",
+          dict(device=str(device), threads=torch.get_num_threads(), torch_version=torch.__version__,
+               families=families))
 
 
 # -----------------------------------------------------------------------------
@@ -276,7 +403,10 @@ def write(out, stem, table, data):
 SPEED_KEYS = dict(train_flags="dict", threads="int", epochs_run="int", train_seconds="number",
                   train_seconds_to_best="number", sample_seconds="number", num_samples="int",
                   peak_memory_mb="number")
+COST_KEYS = dict(train_seconds="number", quality_draws_seconds="number")
 BUSY_KEYS = dict(threads="int", epochs_run="int", train_seconds="number")
+SAMPLER_KEYS = dict(seed="int", sampling="dict", frechet_distance="number", epochs_run="int", train_seconds="number",
+                    num_samples="int")
 NLL_TOLERANCE = 0.3  # nats per image: a change of the defaults for speed may cost at most this much test NLL
 BEFORE = ROOT / "results" / "benchmark_before.json"  # the default runs before the speed round (issue #41)
 
@@ -316,8 +446,12 @@ def main(argv=None):
                         help="an earlier benchmark.json to compare each default run's training time, test NLL "
                              "and Frechet distance with (default: results/benchmark_before.json, the runs before "
                              "the speed round); a missing file leaves the comparison out")
-    parser.add_argument("--busy", action="store_true",
+    mode = parser.add_mutually_exclusive_group()
+    mode.add_argument("--busy", action="store_true",
                         help=f"only time {' and '.join(BUSY_FAMILIES)}'s default runs beside one CPU-bound process")
+    mode.add_argument("--samplers", action="store_true",
+                        help="only time and score each family's other samplers beside its default one "
+                             f"({quality.QUALITY_DRAWS} draws of 1000 each, on the largest --threads count)")
     args = parser.parse_args(argv)
     out = results.out_folder(args.out)
     processes.tool("benchmark.py", lambda: benchmark(args, out),
@@ -327,13 +461,16 @@ def main(argv=None):
 def benchmark(args, out):
     device = runs.choose_device(args.device)  # a refused device: one line, before anything runs
     families = list(BUSY_FAMILIES) if args.busy else list(SCRIPTS)
-    usable = usable_runs(out, families, BUSY_KEYS if args.busy else SPEED_KEYS)
+    usable = usable_runs(out, families, BUSY_KEYS if args.busy else SAMPLER_KEYS if args.samplers else SPEED_KEYS)
     missing = [n for n in families if n not in usable]
     if missing:
         raise plumbing.UsageError(f"no usable default runs of {', '.join(missing)} in {out}; make them with: "
                                 f"python leaderboard.py --out {out}")
     processes.claim_out(out, "benchmark.py")
-    if args.busy:
+    if args.samplers:
+        torch.set_num_threads(max(args.threads))
+        sampler_table(out, device)
+    elif args.busy:
         try:
             busy_table(out, families)
         except RunFailed as error:

@@ -444,7 +444,8 @@ class DigitsModel(nn.Module):
         return {}
 
     def samplers(self):
-        """Other samplers, name -> fn(n) -> (n, 64): every run times each and scores its samples."""
+        """Other samplers of p(x), name -> fn(n) -> (n, 64): benchmark.py --samplers times each and
+        scores several draws of its samples beside the default sampler's."""
         return {}
 
     def extra_images(self, splits):

@@ -28,7 +28,8 @@ The test NLL is the variational bound, in nats per image on the discrete 0..16 p
 every term exact (Gaussian KLs in closed form), with one draw of x_t ~ q(x_t | x_0) per term.
 Samplers: ancestral (all T steps, the model whose bound is reported; the last step draws a
 pixel bin from the discretized decoder) and deterministic DDIM on a subsequence of
---ddim-steps steps. The metrics JSON times 1000 samples with each.
+--ddim-steps steps (the default, --sampler); `python benchmark.py --samplers` compares the two
+over several sample seeds.
 
 Conditional model (--conditional): p(x | y) for the ten digit classes, trained with label dropout
 for classifier-free guidance (Ho & Salimans 2022): a class embedding (NUM_CLASSES + 1 rows, the
@@ -147,10 +148,16 @@ class DDPMConfig(common.ModelConfig):
                                          type=common.unit_interval)
 
 
+DDIM_STEPS = {False: 50, True: 25}  # the default --ddim-steps of unconditional and conditional runs
+
+
 @dataclasses.dataclass(frozen=True)
 class DDPMSampling:
     sampler: str = common.option("ddim", "sampler for the samples, grid and GIF", choices=("ddim", "ancestral"))
-    ddim_steps: int = common.option(50, "DDIM steps", type=common.positive_int, quick=10)
+    # 25 for conditional runs: as good on validation (means over 10 sample seeds) in half the time, which
+    # keeps the five test draws within a tenth of a run (docs/choices.md, DDPM)
+    ddim_steps: int = common.option(None, f"DDIM steps (default {DDIM_STEPS[False]}; {DDIM_STEPS[True]} for "
+                                    "conditional runs; 10 with --quick)", type=common.positive_int, quick=10)
     # w = 0.125: chosen on validation (docs/conditional.md, the methods table)
     guidance: float = common.option(0.125, "conditional runs only: classifier-free guidance weight w, "
                                     "eps = (1 + w) eps(x, y) - w eps(x); 0: the plain conditional sampler",
@@ -164,6 +171,9 @@ class DDPM(common.DigitsModel):
     Config, Sampling = DDPMConfig, DDPMSampling
 
     def __init__(self, config=None, sampling=None):
+        config, sampling = config or DDPMConfig(), sampling or DDPMSampling()
+        if sampling.ddim_steps is None:
+            sampling = dataclasses.replace(sampling, ddim_steps=DDIM_STEPS[config.conditional])
         super().__init__(config, sampling)
         c = self.config
         num_steps, schedule, log_t_frac = c.num_steps, c.schedule, c.log_t_frac
@@ -353,8 +363,10 @@ class DDPM(common.DigitsModel):
         return common.pm1_to_pixels(self.ddim(x, steps, y)).round()
 
     def samplers(self):
-        """Both samplers, timed and scored by every run (metrics: other_samplers)."""
-        return dict(ancestral=self.sample_ancestral, ddim=self.sample_ddim)
+        """The sampler that --sampler did not choose: ancestral (all T steps) or DDIM (--ddim-steps)."""
+        others = dict(ancestral=self.sample_ancestral, ddim=self.sample_ddim)
+        del others[self.sampling.sampler]
+        return others
 
     def stratified_steps(self, n, exact, strata, device):
         """[(t (n,), weight)]: the first `exact` steps, then one random step per image in each of

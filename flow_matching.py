@@ -160,9 +160,6 @@ class FMSampling:
     classify_steps: int = common.option(6, "conditional runs only: RK4 steps of the cheaper likelihood ODE "
                                         "(Hutchinson divergence) of the generative classifier",
                                         type=common.positive_int, quick=2)
-    compare_samplers: bool = common.option(True, "do not time and score the other samplers (euler_1, euler_2, "
-                                           "midpoint_2, midpoint_8; metrics other_samplers)",
-                                           flag="--no-compare-samplers")
 
 
 class FM(common.DigitsModel):
@@ -312,8 +309,6 @@ class FM(common.DigitsModel):
         return common.guided(lambda labels: self.velocity(x, t, labels), y, self.sampling.guidance)
 
     def samplers(self):
-        if not self.sampling.compare_samplers:
-            return {}
         chosen = f"{self.sampling.sampler}_{self.sampling.sample_steps}"
         names = [name for name in ("euler_1", "euler_2", "midpoint_2", "midpoint_8") if name != chosen]
 

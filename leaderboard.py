@@ -165,7 +165,7 @@ def model_row(name, script, out, train, threads):
                 train_cpu_seconds=metrics.get("train_cpu_seconds"), epochs=metrics["epochs_run"],
                 best_epoch=metrics["best_epoch"], device=metrics["device"], current=results.is_current(metrics, script),
                 **{k: metrics[k] for k in QUALITY_KEYS}, **{k: metrics.get(k) for k in EXTENDED_KEYS},
-                sampler=metrics.get("sampling", {}), other_samplers=metrics.get("other_samplers") or {}), samples
+                sampler=metrics.get("sampling", {})), samples
 
 
 QUALITY_KEYS = ("frechet_distance", "classifier_confidence", "class_coverage", "copy_rate")
@@ -271,14 +271,6 @@ def markdown(rows, accuracy):
             f"| {r['model']} | {seed_pm(r, 'frechet_distance')} | {seed_pm(r, 'frechet_distance_cnn')} "
             f"| {pm(r.get('c2st_accuracy'), r.get('c2st_stderr'), 3)} | {fmt(r.get('precision'), 3)} "
             f"| {fmt(r.get('recall'), 3)} | {fmt(r.get('density'), 3)} | {fmt(r.get('coverage'), 3)} |")
-    others = [(r, name, o) for r in rows for name, o in (r.get("other_samplers") or {}).items()
-              if isinstance(o, dict)]  # in the order the family lists them
-    if others:
-        lines += ["", "Other samplers of the same weights (each family's `other_samplers`: 1000 samples, seconds "
-                      "on the run's threads, Frechet distance (MLP) to the test digits; the default is the first "
-                      "table's):", "", "| model | sampler | s / 1000 samples | Frechet distance |", "|---|---|---|---|"]
-        lines += [f"| {r['model']} | {name} | {fmt(o.get('seconds'), 2)} | {fmt(o.get('frechet_distance'))} |"
-                  for r, name, o in others]
     by_name = {r["model"]: r for r in rows}
     gmm, indep = by_name["GaussianMixture"], by_name["Independent pixels"]
     deep = [r for r in rows if r["model"] in SCRIPTS]

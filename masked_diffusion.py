@@ -50,8 +50,8 @@ a random order, the model's own distribution; fewer rounds draw several pixels a
 (independently, given the rest): faster, less exact, and better with power > 1, which draws few
 pixels while little is known and many once the context nearly decides them. While every pixel of
 every sample is masked, an unconditional model's conditionals are the same for all of them: that
-first round is one network call for one sample. The metrics time and score the other round counts
-(8, 16, 32) and the exact sampler (other_samplers).
+first round is one network call for one sample. `python benchmark.py --samplers` times and scores
+the other round counts (8, 16, 32) and the exact sampler beside the default.
 `MDM.complete(x, missing)` fills the missing pixels of digits and keeps the observed ones exactly
 (inpainting; one pixel at a time, its default, it draws from the model's own conditional), and
 `MDM.missing_nll(x, missing)` bounds -log p(x_missing | x_observed) the same way (inpaint.py
@@ -268,7 +268,7 @@ class MDMConfig(common.ModelConfig):
 @dataclasses.dataclass(frozen=True)
 class MDMSampling:
     # the cost is linear in the rounds: the fewest rounds that fit the time budget with samples on validation
-    # close to more rounds' (more rounds and the exact sampler are scored in other_samplers)
+    # close to more rounds' (more rounds and the exact sampler: benchmark.py --samplers)
     sample_steps: int = common.option(16, "unmasking rounds of the sampler (64 with --power 1: one pixel at a "
                                       "time, exact)", type=common.positive_int)
     power: float = common.option(2.0, "the sampler has unmasked a fraction (k / rounds)^power after round k: "
@@ -282,9 +282,6 @@ class MDMSampling:
     classify_strata: int = common.option(32, "conditional runs only: strata of the 64 levels m for the generative "
                                          "classifier's bound, one random m and mask in each",
                                          type=common.positive_int)
-    compare_samplers: bool = common.option(True, "do not time and score the sampler at the other round counts "
-                                           "(8, 16, 32) and the exact one (metrics other_samplers)",
-                                           flag="--no-compare-samplers")
 
 
 class MDM(common.DigitsModel):
@@ -380,8 +377,6 @@ class MDM(common.DigitsModel):
     def samplers(self):
         """Other round counts at the same schedule, and the exact sampler: 64 equal rounds of one
         pixel, temperature 1, the model's own distribution."""
-        if not self.sampling.compare_samplers:
-            return {}
         chosen = self.sampling.sample_steps
         others = {f"steps_{k}": torch.no_grad()(lambda n, k=k: self.sample_with(n, k))
                   for k in (8, 16, 32) if k != chosen}

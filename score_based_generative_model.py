@@ -269,7 +269,8 @@ class SBGMConfig(common.ModelConfig):
 # default sampler steps (the second dict with --quick); the default sampler's steps and end chosen on validation
 SAMPLE_STEPS = dict(dpm=8, heun=20, sde=250)
 QUICK_SAMPLE_STEPS = dict(dpm=4, heun=10, sde=20)
-OTHER_SAMPLERS = (("dpm", 4), ("dpm", 16), ("heun", 20))  # beside the default, in other_samplers: fewer and more steps
+# beside the default in benchmark.py --samplers: fewer and more steps, and Heun's method
+OTHER_SAMPLERS = (("dpm", 4), ("dpm", 16), ("heun", 20))
 
 
 @dataclasses.dataclass(frozen=True)
@@ -291,9 +292,6 @@ class SBGMSampling:
     corrector_steps: int = common.option(0, "Langevin corrector steps per reverse-SDE step",
                                          type=common.nonnegative_int)
     snr: float = common.option(0.16, "signal-to-noise ratio of the Langevin corrector", type=common.positive_float)
-    compare_samplers: bool = common.option(True, "do not time and score the samplers " + ", ".join(
-                                           f"{sampler}_{steps}" for sampler, steps in OTHER_SAMPLERS)
-                                           + " (metrics other_samplers)", flag="--no-compare-samplers")
     # w = 0.5: chosen on validation with the dpm sampler, by per-class Frechet distance and class
     # accuracy (docs/choices.md, SBGM)
     guidance: float = common.option(0.5, "conditional runs only: classifier-free guidance weight w, "
@@ -428,8 +426,6 @@ class SBGM(common.DigitsModel):
         """OTHER_SAMPLERS but the chosen one, as "sampler_steps": DPM-Solver++ with fewer and more
         steps than the default, and Heun's method of the same ODE (two calls a step, to t_eps):
         quality against seconds."""
-        if not self.sampling.compare_samplers:
-            return {}
         chosen = (self.sampling.sampler, self.sampling.sample_steps)
         return {f"{sampler}_{steps}": functools.partial(self.sample, sampling=dataclasses.replace(
                     self.sampling, sampler=sampler, sample_steps=steps))

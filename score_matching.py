@@ -20,12 +20,13 @@ every block; its input is x~ / sqrt(sigma_data^2 + sigma^2), about unit variance
 Sampling is annealed Langevin dynamics: from uniform noise on [-1, 1]^64, for each level i run T
 steps with the relative step alpha_i = eps * sigma_i^2 (Algorithm 1's eps / sigma_L^2 written as
 eps), then one denoising step x <- x + sigma_L^2 s(x, sigma_L) (Tweedie's formula for E[x | x~]).
-The step (--rule) is by default Song & Ermon's x <- x + alpha_i / 2 * s(x, sigma_i) + sqrt(alpha_i) z
-(T = 7, eps = 0.1), or the consistent one of Jolicoeur-Martineau et al. 2021 ("Adversarial Score
-Matching and Improved Sampling for Image Generation"): the same drift, with the noise that leaves
-chains at the next step's level, sqrt(max(0, sigma'^2 - (1 - eps / 2)^2 sigma_i^2)) z, where
-Langevin's leaves more (with T = 3, eps = 0.18 it is 2.4x cheaper, and its samples were as good
-within the spread of sample seeds). Sample quality depends mostly on the total relative time L * T * eps.
+The step (--rule) is Song & Ermon's x <- x + alpha_i / 2 * s(x, sigma_i) + sqrt(alpha_i) z
+(the default: T = 3, eps = 0.2333), or the consistent one of Jolicoeur-Martineau et al. 2021
+("Adversarial Score Matching and Improved Sampling for Image Generation"): the same drift, with the
+noise that leaves chains at the next step's level, sqrt(max(0, sigma'^2 - (1 - eps / 2)^2 sigma_i^2)) z,
+where Langevin's leaves more (the default of conditional runs: T = 3, eps = 0.18, whose guided
+samples were better beyond the spread of sample seeds on validation). Sample quality depends
+mostly on the total relative time L * T * eps.
 --single-level (= --noise-levels 1) is the one-level model of intro_dgm: plain Langevin dynamics
 at a single sigma (0.1 unless --sigma-min says otherwise); it gives poorer digits, because chains
 started far from the data follow a score that was only learned near it.
@@ -123,14 +124,15 @@ def annealed_langevin(score, x, sigmas, steps, step_size, denoise=True, rule="la
 
 DATA_SCALE = 0.54  # root mean square distance of a training image's pixels ([-1, 1]) from the mean image
 
-# defaults that depend on the number of levels, chosen by sample quality on the validation split.
-# Several levels (NCSN): the total relative Langevin time L * T * eps counts most (too little leaves
-# the chains short of the data, too much lets them drift where the learned score is poor), so few
-# steps per level do as well as many. The consistent rule (--rule consistent --langevin-steps 3
-# --step-size 0.18), whose chains keep each level's noise rather than more, is 2.4x cheaper but did
-# not give better samples beyond the spread of 10 sample seeds on validation, so Langevin's stays.
+# defaults that depend on the number of levels, chosen by sample quality on the validation split
+# (means over 10 sample seeds, docs/choices.md). Several levels (NCSN): the total relative Langevin
+# time L * T * eps counts most (too little leaves the chains short of the data, too much lets them
+# drift where the learned score is poor), so few steps per level do as well as many; 3 steps keep the
+# five test draws within a tenth of a run. Conditional runs: the consistent rule, whose chains keep
+# each level's noise rather than more, gives better guided samples.
 # One level: intro_dgm's sigma = 0.1 with as many Langevin steps in all (500) and the same relative step.
-DEFAULTS = dict(sigma_min=0.05, langevin_steps=7, step_size=0.1, rule="langevin")
+DEFAULTS = dict(sigma_min=0.05, langevin_steps=3, step_size=0.2333, rule="langevin")
+CONDITIONAL_DEFAULTS = dict(DEFAULTS, step_size=0.18, rule="consistent")
 SINGLE_LEVEL = dict(sigma_min=0.1, langevin_steps=500, step_size=0.1, rule="langevin")
 
 
@@ -159,11 +161,13 @@ class ScMSampling:
         f"{SINGLE_LEVEL['langevin_steps']} with one level; at most 5 with --quick)", type=common.positive_int)
     step_size: float = common.option(
         None, "eps: the Langevin step at level i is eps * sigma_i^2 "
-        f"(default {DEFAULTS['step_size']}; {SINGLE_LEVEL['step_size']} with one level)", type=common.positive_float)
+        f"(default {DEFAULTS['step_size']}; {CONDITIONAL_DEFAULTS['step_size']} for conditional runs; "
+        f"{SINGLE_LEVEL['step_size']} with one level)", type=common.positive_float)
     rule: str = common.option(
         None, "the step: langevin (Song & Ermon 2019: noise sqrt(eps) sigma_i) or consistent (Jolicoeur-Martineau "
         "et al. 2021: the noise that leaves each step's chains at the next step's level) "
-        f"(default {DEFAULTS['rule']}; {SINGLE_LEVEL['rule']} with one level)", choices=RULES)
+        f"(default {DEFAULTS['rule']}; {CONDITIONAL_DEFAULTS['rule']} for conditional runs; "
+        f"{SINGLE_LEVEL['rule']} with one level)", choices=RULES)
     denoise: bool = common.option(True, "skip the final denoising step x + sigma_L^2 s(x, sigma_L)")
     # w = 0.75: chosen on validation by per-class Frechet distance and class accuracy (w = 0 draws the
     # asked class too rarely; docs/choices.md, ScM)
@@ -173,8 +177,8 @@ class ScMSampling:
 
 
 def with_level_defaults(config, sampling):
-    """config and sampling with the fields left None filled from DEFAULTS or SINGLE_LEVEL."""
-    table = SINGLE_LEVEL if config.noise_levels == 1 else DEFAULTS
+    """config and sampling with the fields left None filled from DEFAULTS, CONDITIONAL_DEFAULTS or SINGLE_LEVEL."""
+    table = SINGLE_LEVEL if config.noise_levels == 1 else CONDITIONAL_DEFAULTS if config.conditional else DEFAULTS
     fill = lambda settings: dataclasses.replace(settings, **{  # noqa: E731
         f.name: table[f.name] for f in dataclasses.fields(settings) if getattr(settings, f.name) is None})
     return fill(config), fill(sampling)

@@ -227,11 +227,11 @@ def check_model_size(model_class, config, sampling, source):
 
 # Code that only evaluates a trained model, by name (methods of a model class, or functions of
 # common.py and the family scripts): SCORED writes numbers into a run's metrics, so a change to it
-# re-scores the run from its weights; TOOL_ONLY is used by the tools (ood.py, inpaint.py), which
-# compute afresh on every run, so a change to it leaves the run current. Any other code of the
+# re-scores the run from its weights; TOOL_ONLY is used by the tools (ood.py, inpaint.py, benchmark.py
+# --samplers), which compute afresh on every run, so a change to it leaves the run current. Any other code of the
 # family script, or of common.py, decides the weights: a change to it retrains the run.
-SCORED = ("samplers", "extra_metrics", "extra_images", "class_log_likelihoods")
-TOOL_ONLY = ("complete", "missing_nll", "completion_nll", "ood_score", "repaint")
+SCORED = ("extra_metrics", "extra_images", "class_log_likelihoods")
+TOOL_ONLY = ("samplers", "complete", "missing_nll", "completion_nll", "ood_score", "repaint")
 EVALUATION_ONLY = SCORED + TOOL_ONLY
 
 

@@ -55,7 +55,8 @@ def out_folder(value):
 
 # what a re-scored run keeps of the metrics of the training that made its weights
 TRAINING_KEYS = ("epochs_run", "best_epoch", "best_val_objective", "stopped", "train_seconds", "train_cpu_seconds",
-                 "train_seconds_to_best", "peak_memory_mb", "threads", "argv", "changed_settings", "train_flags")
+                 "train_seconds_to_best", "peak_memory_mb", "threads", "argv", "changed_settings", "train_flags",
+                 "run_seconds")
 
 
 def train_into(out, name, script, threads, flags=(), extra=(), stdout=None, rescore=False):

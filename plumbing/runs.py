@@ -28,7 +28,7 @@ from plumbing.files import (
 from plumbing.processes import SIGNALS, Progress, StopNow, announced, emit, report
 from plumbing.quality import (
     NonFiniteSamples, averaged_conditional_quality, averaged_quality, check_samples, draw_seeds,
-    frechet_to, generative_classifier, sample_quality)
+    frechet_to, generative_classifier)
 from plumbing.registry import ROOT, output_paths, stem
 
 
@@ -351,6 +351,7 @@ def _run(args, model_class, config, sampling):
 
 
 def _run_locked(args, model_class, config, sampling, out, device):
+    started = time.perf_counter()  # the run's wall time, beside what its averaged measures add (issue #40)
     remove_stale(out)
     torch.set_num_threads(args.threads or auto_threads())
     set_seed(args.seed)
@@ -428,7 +429,8 @@ def _run_locked(args, model_class, config, sampling, out, device):
     load_weights_into(model, state.best_weights, weights_path)
     model.eval()
     SIGNALS.hold()
-    metrics, written = _final_outputs(model, splits, labels, args, device, paths, state, reason, write_training)
+    metrics, written = _final_outputs(model, splits, labels, args, device, paths, state, reason, write_training,
+                                      started)
     emit(json.dumps(finite_or_none({k: metrics[k] for k in (
         "model", "test_nll_nats", "test_bpd", "nll_kind", "epochs_run", "best_epoch",
         "train_seconds", "sample_seconds")})))
@@ -450,7 +452,8 @@ def evaluating():
                          f"{first_line(error, '')}); nothing written: try other sampling settings") from None
 
 
-def _final_outputs(model, splits, labels, args, device, paths, state, reason, write_training=lambda: None):
+def _final_outputs(model, splits, labels, args, device, paths, state, reason, write_training=lambda: None,
+                   started=None):
     """Evaluate the best state on the test split and write samples, images and metrics; the
     samples are checked before anything is written (write_training first: weights, curve, GIF).
     --sample-only evaluates only the samples unless --evaluate. Returns (metrics, paths written)."""
@@ -492,19 +495,6 @@ def _final_outputs(model, splits, labels, args, device, paths, state, reason, wr
             draws = [samples] + [draw_samples(model, len(samples), seed, device, labels=drawn).cpu() for seed in seeds]
         for k, more in enumerate(draws[1:], 1):
             check_samples(more, f"the sampler (quality draw {k + 1})")
-        other_samplers = {}
-        # each other sampler timed and scored like the main one; skipped after an interrupt, to be quick;
-        # they draw from p(x) (a conditional run has only its sampler of p(x | y))
-        others = {} if reason == "interrupted" or conditional or not evaluate else model.samplers()
-        for sampler_name, sampler in others.items():
-            with announced(f"{name}: {args.num_samples} samples, sampler {sampler_name}", show), \
-                    timed(device) as seconds:
-                other = draw_samples(model, args.num_samples, args.seed + 5, device, sampler=sampler).cpu()
-            check_samples(other, f"sampler {sampler_name}")
-            frechet = sample_quality(other.numpy(), out, extended=False)["frechet_distance"]
-            other_samplers[sampler_name] = dict(seconds=round(seconds["wall"], 3), cpu_seconds=round(seconds["cpu"], 3),
-                                                frechet_distance=frechet)
-
     write_training()
     written = [] if args.sample_only else ([paths["weights"], paths["resume"], paths["curve"]]
                                            + [paths["gif"]] * bool(state.frames))
@@ -552,7 +542,7 @@ def _final_outputs(model, splits, labels, args, device, paths, state, reason, wr
         **fingerprints(sys.modules[type(model).__module__].__file__, ROOT),
         train_flags=dict(epochs=args.epochs, batch_size=args.batch_size, lr=args.lr,
                          patience=args.patience, ema=args.ema, val_every=args.val_every),
-        other_samplers=other_samplers, **extra)
+        **extra)
     with timed(device) as quality_seconds:
         arrays = [x.numpy() for x in draws]
         metrics.update(averaged_conditional_quality(arrays, drawn.cpu().numpy(), out) if conditional
@@ -561,7 +551,9 @@ def _final_outputs(model, splits, labels, args, device, paths, state, reason, wr
     metrics.update(quality_draws_seconds=round(draws_seconds["wall"], 3),
                    quality_draws_cpu_seconds=round(draws_seconds["cpu"], 3),
                    quality_seconds=round(quality_seconds["wall"], 3),
-                   quality_cpu_seconds=round(quality_seconds["cpu"], 3))
+                   quality_cpu_seconds=round(quality_seconds["cpu"], 3),
+                   # the whole run from its start (after the imports) to here: what those seconds are a share of
+                   run_seconds=None if started is None else round(time.perf_counter() - started, 2))
     metrics["interrupted"] = metrics["interrupted"] or bool(SIGNALS.received)
     save_json(paths["metrics"], metrics)
     return metrics, written + [paths["metrics"]]

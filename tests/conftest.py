@@ -51,6 +51,9 @@ def check_outputs(out, name, nll_kind):
         assert metrics["test_bpd"] == pytest.approx(metrics["test_nll_nats"] / (64 * math.log(2)))
     assert metrics["epochs_run"] >= 1 and 1 <= metrics["best_epoch"] <= metrics["epochs_run"]
     assert metrics["train_seconds"] > 0 and metrics["sample_seconds"] > 0 and metrics["num_params"] > 0
+    # the whole run's seconds hold its phases; other samplers are benchmark.py --samplers', not the run's
+    assert metrics["run_seconds"] >= metrics["train_seconds"] + metrics["quality_draws_seconds"]
+    assert "other_samplers" not in metrics
     weights = torch.load(out / f"{name}.pt", map_location="cpu", weights_only=True)
     assert weights["model_name"] == name and weights["epoch"] == metrics["epochs_run"]
     assert weights["kind"] == "weights" and checkpoints.weights_checksum(weights["weights"]) == weights["weights_sha256"]

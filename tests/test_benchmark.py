@@ -79,9 +79,11 @@ def test_speed_table_reads_the_run_and_times_the_step_on_each_thread_count(tmp_p
     monkeypatch.setattr(benchmark, "matmul_flops_per_second", lambda device: 1e12)
     fast = benchmark.step_speed
     monkeypatch.setattr(benchmark, "step_speed", lambda *a, **k: fast(*a, **k, min_seconds=0.0))
+    monkeypatch.setattr(benchmark, "extra_draw_scoring_seconds", lambda *a: (0.25, 0.1))
     (tmp_path / "DDPM_metrics.json").write_text(json.dumps(dict(
         model="DDPM", train_flags=dict(lr=1e-3, batch_size=64), threads=2, epochs_run=10, train_seconds=20.0,
-        train_seconds_to_best=15.0, sample_seconds=0.5, num_samples=1000, peak_memory_mb=900.0, argv=[])))
+        train_seconds_to_best=15.0, sample_seconds=0.5, num_samples=1000, peak_memory_mb=900.0, argv=[],
+        quality_draws_seconds=2.0, run_seconds=30.0)))
     benchmark.main(["--out", str(tmp_path)])
     data = json.loads((tmp_path / "benchmark.json").read_text())
     row = data["rows"][0]
@@ -92,6 +94,23 @@ def test_speed_table_reads_the_run_and_times_the_step_on_each_thread_count(tmp_p
         assert step["matmul_fraction"] == pytest.approx(step["achieved_gflops"] * 1e9 / 1e12)
     table = (tmp_path / "benchmark.md").read_text()
     assert "| DDPM (stale) | 2 | 2.00 | 10 | 15.0 | 20.0 | 0.50 | 900 |" in table
+    assert "| DDPM | 30.0 | 2.00 | 1.00 | 10.0% |" in table  # (2.0 + 4 x 0.25) / 30
+    assert data["extra_draw_scoring_seconds"] == dict(unconditional=0.25, conditional=0.1)
+
+
+def test_the_cost_of_the_averaged_measures_is_a_share_of_the_run_or_marked_of_its_training(tmp_path, monkeypatch):
+    """(extra draws + (draws - 1) x one draw's scoring) / run_seconds; a run without run_seconds
+    falls back to its training seconds, marked *; a run without the metrics has no row."""
+    monkeypatch.setattr(benchmark, "SCRIPTS", {"DDPM": "ddpm.py", "FM": "flow_matching.py"})
+    (tmp_path / "DDPM_metrics.json").write_text(json.dumps(dict(train_seconds=40.0, quality_draws_seconds=3.0,
+                                                                run_seconds=50.0)))
+    (tmp_path / "DDPM_conditional_metrics.json").write_text(json.dumps(dict(train_seconds=40.0,
+                                                                            quality_draws_seconds=2.0)))
+    lines = benchmark.measures_cost_lines(tmp_path, (0.5, 0.25))
+    extra = benchmark.quality.QUALITY_DRAWS - 1
+    rows = [line for line in lines if line.startswith("| DDPM") or line.startswith("| FM")]
+    assert rows == [f"| DDPM | 50.0 | 3.00 | {extra * 0.5:.2f} | {100 * (3.0 + extra * 0.5) / 50:.1f}% |",
+                    f"| DDPM_conditional | - | 2.00 | {extra * 0.25:.2f} | {100 * (2.0 + extra * 0.25) / 40:.1f}% * |"]
 
 
 def test_before_and_after_judges_the_nll_by_its_tolerance_and_the_frechet_distance_by_its_spread():
@@ -112,3 +131,38 @@ def test_before_and_after_judges_the_nll_by_its_tolerance_and_the_frechet_distan
     assert "| A | 100.0 | 50.0 | 2.00x | 80.00 |" in "\n".join(lines)
     assert lines[-1] == "Training seconds of these default runs in all: 250 before, 185 after."
     assert "150 GFLOP/s on 2 thread(s)" in lines[0]
+
+
+def test_sampler_table_draws_the_runs_own_seeds_and_pairs_each_other_sampler_with_the_default(tmp_path, monkeypatch):
+    """A tiny SBGM run: its default sampler's draws here give the run's own mean Frechet distance,
+    each other sampler has QUALITY_DRAWS draws, and the paired difference is taken draw by draw."""
+    import score_based_generative_model as sbgm_script
+    from conftest import run_main
+
+    assert run_main(sbgm_script.main, ["--quick", "--no-progress", "--out", str(tmp_path), "--hidden", "16",
+                                       "--blocks", "1", "--epochs", "2"]) == 0
+    monkeypatch.setattr(benchmark, "SCRIPTS", {"SBGM": "score_based_generative_model.py"})
+    benchmark.main(["--out", str(tmp_path), "--samplers", "--threads", "1"])
+    family = json.loads((tmp_path / "samplers.json").read_text())["families"][0]
+    metrics = json.loads((tmp_path / "SBGM_metrics.json").read_text())
+    default, *others = family["rows"]
+    assert family["model"] == "SBGM" and family["matches_run"] and not family["current"]  # --quick: not a default run
+    assert default["frechet_distance"] == metrics["frechet_distance"]
+    assert default["frechet_distance_seed_std"] == metrics["frechet_distance_seed_std"]
+    assert [r["sampler"] for r in others] == ["dpm_16", "heun_20"]  # dpm_4 is --quick's default
+    for row in others:
+        assert len(row["frechet_by_draw"]) == quality.QUALITY_DRAWS and row["seconds_per_1000"] > 0
+        differences = [a - b for a, b in zip(row["frechet_by_draw"], default["frechet_by_draw"])]
+        assert row["difference"] == pytest.approx(sum(differences) / len(differences))
+        assert row["frechet_distance"] == pytest.approx(sum(row["frechet_by_draw"]) / quality.QUALITY_DRAWS)
+    table = (tmp_path / "samplers.md").read_text()
+    assert f"| SBGM (stale) | heun_20 | {others[1]['seconds_per_1000']:.2f} | {leaderboard.seed_pm(others[1], 'frechet_distance')} " in table
+    assert "give each run's own Frechet distance" in table
+
+
+def test_sampler_table_needs_a_run(tmp_path, monkeypatch, capsys):
+    monkeypatch.setattr(benchmark, "SCRIPTS", {"SBGM": "score_based_generative_model.py"})
+    with pytest.raises(SystemExit) as stopped:
+        benchmark.main(["--out", str(tmp_path), "--samplers"])
+    assert stopped.value.code == 2 and "no usable default runs of SBGM" in capsys.readouterr().err
+    assert not (tmp_path / "samplers.md").exists()

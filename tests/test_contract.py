@@ -24,8 +24,8 @@ TINY = {
     "DDPM": dict(num_steps=10, hidden=16, blocks=1, ddim_steps=2),
     "VAE": dict(latent=2, hidden=16, channels=4, components=3, iwae_samples=4),
     "GAN": dict(latent=4, hidden=16),
-    "FM": dict(hidden=16, blocks=1, ode_steps=2, compare_samplers=False),
-    "MDM": dict(hidden=8, blocks=1, masks_per_level=1, compare_samplers=False),
+    "FM": dict(hidden=16, blocks=1, ode_steps=2),
+    "MDM": dict(hidden=8, blocks=1, masks_per_level=1),
 }
 CONDITIONAL_TINY = {"VAE": dict(components=10)}  # a conditional VampPrior needs a pseudo-input per class
 NAMES = [family.name for family in registry.FAMILIES]

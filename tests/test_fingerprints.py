@@ -82,13 +82,20 @@ def test_a_scoring_change_rescores_and_a_training_change_retrains(copy_root, mon
 
 
 def test_an_evaluation_method_of_one_family_rescores_that_family_only(copy_root):
-    """ddpm.py's samplers() (an evaluation-only method): the DDPM runs re-score, their weights
-    stay current, and no other family is touched."""
-    edit(copy_root / "ddpm.py", "        return dict(ancestral=self.sample_ancestral, ddim=self.sample_ddim)",
-         "        return dict(ddim=self.sample_ddim, ancestral=self.sample_ancestral)")
+    """ddpm.py's class_log_likelihoods (a SCORED method: the conditional table's generative
+    classifier): the DDPM runs re-score, their weights stay current, and no other family is touched."""
+    edit(copy_root / "ddpm.py", "    def class_log_likelihoods(self, x, exact=6, strata=18):",
+         "    def class_log_likelihoods(self, x, exact=6, strata=20):")
     changed = statuses()
     assert changed.pop(("DDPM", False)) == changed.pop(("DDPM", True)) == "rescore"
     assert set(changed.values()) == {"current"}
+
+
+def test_an_edit_to_the_other_samplers_leaves_every_run_current(copy_root):
+    """samplers() is only benchmark.py --samplers': an edit to it neither retrains nor re-scores."""
+    edit(copy_root / "ddpm.py", "        others = dict(ancestral=self.sample_ancestral, ddim=self.sample_ddim)",
+         "        others = dict(ddim=self.sample_ddim, ancestral=self.sample_ancestral)")
+    assert set(statuses().values()) == {"current"}
 
 
 def test_the_leaderboard_rescores_a_rescore_run_from_its_weights(copy_root, monkeypatch, tmp_path):

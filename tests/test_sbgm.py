@@ -263,9 +263,6 @@ def test_smoke_every_output(tmp_path):
     metrics = check_outputs(tmp_path, "SBGM", "upper_bound")
     assert metrics["test_nll_nats"] < 64 * math.log(17) * 1.2
     assert metrics["test_variational_bound_nats"] < 64 * math.log(17) * 1.2
-    # DPM-Solver++ at 4 and 16 steps and Heun at 20 beside the default (dpm_4 with --quick): timed and scored
-    assert set(metrics["other_samplers"]) == {"dpm_16", "heun_20"}
-    assert all(r["seconds"] > 0 and r["frechet_distance"] > 0 for r in metrics["other_samplers"].values())
     # another sampler on the same checkpoint: settings are not part of the configuration
     assert run_main(sbgm_script.main, ["--quick", "--no-progress", "--out", str(tmp_path), "--hidden", "16",
                                        "--blocks", "1", "--sample-only", "--sampler", "sde"]) == 0
@@ -341,7 +338,6 @@ def test_other_samplers_are_the_odes_at_other_step_counts():
         expected = other.sample(16)
         torch.manual_seed(3)
         assert torch.equal(model.samplers()[name](16), expected)
-    assert not SBGM.build(hidden=16, blocks=1, compare_samplers=False).samplers()
 
 
 # --- conditional model (--conditional) --------------------------------------------------

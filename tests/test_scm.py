@@ -209,6 +209,16 @@ def test_single_level_flag(tmp_path):
     assert metrics["sampling"]["step_size"] == scm_script.SINGLE_LEVEL["step_size"]
 
 
+def test_conditional_runs_take_their_own_sampler_defaults_and_flags_still_win():
+    """Several levels: DEFAULTS unconditional, CONDITIONAL_DEFAULTS conditional; a field given stays."""
+    for conditional, table in ((False, scm_script.DEFAULTS), (True, scm_script.CONDITIONAL_DEFAULTS)):
+        s = ScoreMatching.build(conditional=conditional, hidden=8, blocks=1).sampling
+        assert (s.langevin_steps, s.step_size, s.rule) == (table["langevin_steps"], table["step_size"], table["rule"])
+    assert scm_script.CONDITIONAL_DEFAULTS["rule"] != scm_script.DEFAULTS["rule"]
+    given = ScoreMatching.build(conditional=True, hidden=8, blocks=1, rule="langevin").sampling
+    assert given.rule == "langevin" and given.langevin_steps == scm_script.CONDITIONAL_DEFAULTS["langevin_steps"]
+
+
 def test_sigma_range_is_checked(tmp_path):
     assert run_main(scm_script.main, [*TINY, "--sigma-max", "0.01", "--sigma-min", "0.1",
                                       "--out", str(tmp_path)]) == 2
