@@ -411,3 +411,10 @@ def test_smoke_conditional_run_writes_the_conditional_files(tmp_path):
     assert run_main(sbgm_script.main, ["--quick", "--no-progress", "--out", str(tmp_path), "--hidden", "16",
                                        "--blocks", "1", "--conditional", "--digits", "3,7"]) == 0
     check_conditional_outputs(tmp_path, "SBGM", (3, 7), "upper_bound")
+
+
+def test_conditional_runs_default_to_their_own_dpm_steps_and_a_given_count_stays():
+    assert SBGM.build().sampling.sample_steps == sbgm_script.SAMPLE_STEPS["dpm"] == 8
+    assert SBGM.build(conditional=True).sampling.sample_steps == sbgm_script.CONDITIONAL_SAMPLE_STEPS["dpm"] == 6
+    assert SBGM.build(conditional=True, sampler="heun").sampling.sample_steps == sbgm_script.SAMPLE_STEPS["heun"]
+    assert SBGM.build(conditional=True, sample_steps=3).sampling.sample_steps == 3
