@@ -266,7 +266,7 @@ class SBGMConfig(common.ModelConfig):
                                          type=common.unit_interval)
 
 
-# default sampler steps (the second dict with --quick); the default sampler's steps and end chosen on validation
+# default sampler steps (QUICK_SAMPLE_STEPS with --quick); the default sampler's steps and end chosen on validation
 SAMPLE_STEPS = dict(dpm=8, heun=20, sde=250)
 # conditional runs: 6 DPM-Solver++ steps, better than 8 beyond the spread of sample seeds on validation
 # with guidance, and cheaper (docs/choices.md, SBGM)

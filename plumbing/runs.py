@@ -430,7 +430,7 @@ def _run_locked(args, model_class, config, sampling, out, device):
     model.eval()
     SIGNALS.hold()
     metrics, written = _final_outputs(model, splits, labels, args, device, paths, state, reason, write_training,
-                                      started)
+                                      started=started)
     emit(json.dumps(finite_or_none({k: metrics[k] for k in (
         "model", "test_nll_nats", "test_bpd", "nll_kind", "epochs_run", "best_epoch",
         "train_seconds", "sample_seconds")})))
@@ -452,8 +452,8 @@ def evaluating():
                          f"{first_line(error, '')}); nothing written: try other sampling settings") from None
 
 
-def _final_outputs(model, splits, labels, args, device, paths, state, reason, write_training=lambda: None,
-                   started=None):
+def _final_outputs(model, splits, labels, args, device, paths, state, reason, write_training=lambda: None, *,
+                   started):
     """Evaluate the best state on the test split and write samples, images and metrics; the
     samples are checked before anything is written (write_training first: weights, curve, GIF).
     --sample-only evaluates only the samples unless --evaluate. Returns (metrics, paths written)."""
@@ -553,7 +553,7 @@ def _final_outputs(model, splits, labels, args, device, paths, state, reason, wr
                    quality_seconds=round(quality_seconds["wall"], 3),
                    quality_cpu_seconds=round(quality_seconds["cpu"], 3),
                    # the whole run from its start (after the imports) to here: what those seconds are a share of
-                   run_seconds=None if started is None else round(time.perf_counter() - started, 2))
+                   run_seconds=round(time.perf_counter() - started, 2))
     metrics["interrupted"] = metrics["interrupted"] or bool(SIGNALS.received)
     save_json(paths["metrics"], metrics)
     return metrics, written + [paths["metrics"]]
